@@ -1,0 +1,35 @@
+# One entry point for people and CI. `make test` is the test command.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install lint typecheck test test-fast run up bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy --strict worker emulator
+
+test: lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Without the official SDK test (offline machines) and the slow reliability runs.
+test-fast: lint typecheck
+	$(BIN)/pytest -m "not sdk and not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/guard.py
+	$(BIN)/python bench/emulator.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,282 @@
+"""Typed settings: a TOML profile from `config/` overridden by `SNOWPIPE_*` environment variables.
+
+The one place for configuration and defaults. `load_settings()` returns a validated, frozen
+`Settings` or raises `SettingsError`, whose message names each bad setting and how to fix it.
+
+Profile: `SNOWPIPE_CONFIG` is a profile name (`local` -> `config/local.toml`) or a path to a TOML
+file. Keys in the file are the setting names in lower case without the prefix
+(`account = "..."` for `SNOWPIPE_ACCOUNT`). Environment variables win over the file.
+Secrets (private key, passphrase) come from the environment or from files, never from the repo.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "SNOWPIPE_"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+# Named defaults (see ../shared/DESIGN.md "Tokens" and "Retries").
+DEFAULT_JWT_LIFETIME_SECONDS = 59 * 60  # Snowflake caps key-pair JWTs at one hour
+DEFAULT_REFRESH_MAX_MARGIN_SECONDS = 120.0  # refresh at min(120 s, 20 % of L) before expiry
+DEFAULT_REFRESH_MARGIN_FRACTION = 0.2
+DEFAULT_REFRESH_HARD_MARGIN_SECONDS = 10.0  # closer than this to expiry, callers wait
+DEFAULT_RETRY_ATTEMPTS = 4
+DEFAULT_RETRY_BASE_SECONDS = 0.2
+DEFAULT_RETRY_MULTIPLIER = 1.8
+DEFAULT_RETRY_CAP_SECONDS = 5.0
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Snowpipe Streaming's cap per append, on the wire
+
+_LOOPBACK_NAMES = {"localhost"}
+
+# What to tell a user about a setting that failed validation.
+_FIXES: dict[str, str] = {
+    "account": "set SNOWPIPE_ACCOUNT to your account identifier, e.g. myorg-myaccount",
+    "user": "set SNOWPIPE_USER to the Snowflake user that owns the registered public key",
+    "private_key_path": "point SNOWPIPE_PRIVATE_KEY_PATH at a readable PEM private key file",
+    "private_key": "set SNOWPIPE_PRIVATE_KEY to the PEM text of the private key",
+    "account_url": (
+        "set SNOWPIPE_ACCOUNT_URL to https://<account>.snowflakecomputing.com "
+        "(http:// only for 127.0.0.1, ::1 or localhost)"
+    ),
+    "ca_file": "point SNOWPIPE_CA_FILE at a readable PEM CA bundle, or unset it",
+    "broker_url": "use redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST",
+    "state_url": "set SNOWPIPE_STATE_URL to a Redis URL, e.g. redis://127.0.0.1:6379/0",
+}
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message lists each problem and its fix."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return ENV_PREFIX + field.upper()
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker, validated at start."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # The profile file in use, if any (set by the source, not by users).
+    toml_path: ClassVar[Path | None] = None
+
+    # --- Identity -------------------------------------------------------------------------------
+    account: str = Field(min_length=1)
+    user: str = Field(min_length=1)
+    role: str | None = None
+    private_key_path: Path | None = None
+    private_key: SecretStr | None = None
+    private_key_passphrase: SecretStr | None = None
+    account_url: str = ""  # default derived from `account`
+    ca_file: Path | None = None
+
+    # --- Tokens (TokenGuard) ----------------------------------------------------------------------
+    jwt_lifetime_seconds: float = Field(DEFAULT_JWT_LIFETIME_SECONDS, gt=0, le=3600)
+    refresh_max_margin_seconds: float = Field(DEFAULT_REFRESH_MAX_MARGIN_SECONDS, ge=0)
+    refresh_margin_fraction: float = Field(DEFAULT_REFRESH_MARGIN_FRACTION, gt=0, lt=1)
+    refresh_hard_margin_seconds: float = Field(DEFAULT_REFRESH_HARD_MARGIN_SECONDS, ge=0)
+    refresh_wait_timeout_seconds: float = Field(10.0, gt=0)
+    refresh_failure_backoff_seconds: float = Field(1.0, gt=0)
+    refresh_failure_backoff_cap_seconds: float = Field(30.0, gt=0)
+    refresh_escalate_after: int = Field(3, ge=1)
+
+    # --- Retries (RetryPolicy) --------------------------------------------------------------------
+    retry_attempts: int = Field(DEFAULT_RETRY_ATTEMPTS, ge=1)
+    retry_base_seconds: float = Field(DEFAULT_RETRY_BASE_SECONDS, ge=0)
+    retry_multiplier: float = Field(DEFAULT_RETRY_MULTIPLIER, ge=1)
+    retry_cap_seconds: float = Field(DEFAULT_RETRY_CAP_SECONDS, ge=0)
+    retry_deadline_seconds: float = Field(30.0, gt=0)
+    retry_budget_capacity: float = Field(100.0, gt=0)
+    retry_budget_refill_per_success: float = Field(0.1, ge=0)
+    retry_budget_cost_per_retry: float = Field(1.0, gt=0)
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    http_connect_timeout_seconds: float = Field(5.0, gt=0)
+    http_timeout_seconds: float = Field(30.0, gt=0)
+    compression: Literal["zstd", "gzip", "none"] = "zstd"
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, gt=1024)
+
+    # --- Celery, ledger, shared token store -------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    state_url: str = ""  # default: the broker when it is Redis
+    beat_refresh_seconds: float = Field(60.0, gt=0)
+    commit_poll_seconds: float = Field(0.25, gt=0)
+    commit_timeout_seconds: float = Field(120.0, gt=0)
+    visibility_timeout_seconds: int = Field(900, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = profile_path()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("account", "user")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("private_key_path", "ca_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        if not os.access(value, os.R_OK):
+            raise ValueError(f"file is not readable: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        if self.private_key_path is None and self.private_key is None:
+            raise ValueError(
+                "no private key: set SNOWPIPE_PRIVATE_KEY_PATH (a PEM file) or "
+                "SNOWPIPE_PRIVATE_KEY (the PEM text)"
+            )
+        if self.private_key_path is not None and self.private_key is not None:
+            raise ValueError(
+                "both SNOWPIPE_PRIVATE_KEY_PATH and SNOWPIPE_PRIVATE_KEY are set: keep one"
+            )
+        url = (
+            self.account_url
+            or f"https://{self.account.lower().replace('_', '-')}.snowflakecomputing.com"
+        )
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(
+                f"SNOWPIPE_ACCOUNT_URL {url!r} is not an http(s) URL: {_FIXES['account_url']}"
+            )
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError(
+                f"SNOWPIPE_ACCOUNT_URL {url!r} uses http:// for a host that is not loopback; "
+                "use https:// (plain http is accepted only for 127.0.0.1, ::1 and localhost)"
+            )
+        object.__setattr__(self, "account_url", url.rstrip("/"))
+
+        broker = urlsplit(self.broker_url).scheme
+        if broker not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
+            raise ValueError(
+                f"SNOWPIPE_BROKER_URL scheme {broker!r} is not supported: {_FIXES['broker_url']}"
+            )
+        state = self.state_url
+        if not state:
+            if broker.startswith("redis"):
+                state = self.broker_url
+            else:
+                raise ValueError(
+                    "SNOWPIPE_STATE_URL is required when the broker is RabbitMQ: "
+                    + _FIXES["state_url"]
+                )
+        if urlsplit(state).scheme not in ("redis", "rediss"):
+            raise ValueError(
+                f"SNOWPIPE_STATE_URL {state!r} is not a Redis URL: {_FIXES['state_url']}"
+            )
+        object.__setattr__(self, "state_url", state)
+        if self.refresh_hard_margin_seconds >= self.refresh_max_margin_seconds > 0:
+            raise ValueError(
+                "SNOWPIPE_REFRESH_HARD_MARGIN_SECONDS must be below "
+                "SNOWPIPE_REFRESH_MAX_MARGIN_SECONDS, or the soft window is empty"
+            )
+        return self
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """True when the Celery broker is Redis (else RabbitMQ)."""
+        return urlsplit(self.broker_url).scheme.startswith("redis")
+
+    def private_key_pem(self) -> bytes:
+        """The private key's PEM bytes, from the file or the environment."""
+        if self.private_key is not None:
+            return self.private_key.get_secret_value().encode()
+        assert self.private_key_path is not None
+        return self.private_key_path.read_bytes()
+
+    def passphrase(self) -> bytes | None:
+        """The private key's passphrase, if one is set."""
+        if self.private_key_passphrase is None:
+            return None
+        return self.private_key_passphrase.get_secret_value().encode()
+
+
+def profile_path(environ: Any = None) -> Path | None:
+    """The TOML profile chosen by `SNOWPIPE_CONFIG`, or None.
+
+    A bare name is looked up in `config/`; anything else is a path.
+    """
+    env = os.environ if environ is None else environ
+    chosen = env.get(ENV_PREFIX + "CONFIG", "").strip()
+    if not chosen:
+        return None
+    candidate = Path(chosen).expanduser()
+    if candidate.suffix != ".toml" and os.sep not in chosen:
+        candidate = CONFIG_DIR / f"{chosen}.toml"
+    if not candidate.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise SettingsError(
+            f"SNOWPIPE_CONFIG: profile {chosen!r} not found at {candidate}; "
+            f"use one of: {names}, or a path to a .toml file"
+        )
+    return candidate
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    field = loc[0] if loc else ""
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if not field:
+        return message
+    fix = _FIXES.get(field)
+    if error.get("type") == "missing":
+        message = "is required"
+    line = f"{env_name(field)}: {message}"
+    if fix and fix not in line:
+        line += f" ({fix})"
+    return line
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate the settings, or raise `SettingsError` naming each problem and its fix."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [_describe(dict(err)) for err in exc.errors(include_input=False)]
+        raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems)) from None
