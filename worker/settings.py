@@ -33,6 +33,7 @@ DEFAULT_JWT_LIFETIME_SECONDS = 59 * 60  # Snowflake caps key-pair JWTs at one ho
 DEFAULT_REFRESH_MAX_MARGIN_SECONDS = 120.0  # refresh at min(120 s, 20 % of L) before expiry
 DEFAULT_REFRESH_MARGIN_FRACTION = 0.2
 DEFAULT_REFRESH_HARD_MARGIN_SECONDS = 10.0  # closer than this to expiry, callers wait
+DEFAULT_REFRESH_JITTER_FRACTION = 0.1  # refresh_at moved later by up to 10 % of the soft window
 DEFAULT_RETRY_ATTEMPTS = 4
 DEFAULT_RETRY_BASE_SECONDS = 0.2
 DEFAULT_RETRY_MULTIPLIER = 1.8
@@ -104,6 +105,7 @@ class Settings(BaseSettings):
     refresh_failure_backoff_seconds: float = Field(1.0, gt=0)
     refresh_failure_backoff_cap_seconds: float = Field(30.0, gt=0)
     refresh_escalate_after: int = Field(3, ge=1)
+    refresh_jitter_fraction: float = Field(DEFAULT_REFRESH_JITTER_FRACTION, ge=0, le=1)
 
     # --- Retries (RetryPolicy) --------------------------------------------------------------------
     retry_attempts: int = Field(DEFAULT_RETRY_ATTEMPTS, ge=1)

@@ -1,0 +1,231 @@
+"""Logging and metrics for the worker: structlog set-up, secret redaction, Prometheus metrics.
+
+`configure_logging()` is called once at start (CLI, Celery's per-process set-up). It routes
+structlog *and* the standard library's loggers (Celery, httpx, ...) through one formatter whose
+last step before rendering is `redact`, so no token, private key or passphrase reaches the output
+whatever logger produced the line:
+
+- values under secret-looking keys (`token`, `authorization`, `assertion`, `private_key`,
+  `passphrase`, `password`, `secret`, ...) are replaced wholesale; Snowflake's `offset_token` and
+  `continuation_token` are not secrets and stay readable;
+- any registered secret (`register_secret`) is masked wherever it appears in a string;
+- JWT-shaped strings and PEM blocks are masked anywhere in any string.
+
+Metrics live at module level in the default Prometheus registry: token refreshes and guard health
+here; retry metrics have their own section below.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import sys
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import IO, Any
+
+import structlog
+from prometheus_client import Counter, Gauge
+
+REDACTED = "[REDACTED]"
+
+# Keys whose values are secrets whatever they contain (matched after lower-casing and `-` -> `_`).
+_SECRET_KEY = re.compile(
+    r"^(?:.*_)?(?:token|jwt|assertion|authorization|private_key(?:_pem)?|privatekey|pem|"
+    r"passphrase|password|passwd|secret|api_key|cookie|set_cookie|credentials?)$"
+)
+# Snowflake vocabulary that ends in "token" but is not a credential: keep it readable in logs.
+_NOT_SECRET_KEYS = ("offset_token", "continuation_token")
+
+# A JWT: base64url of a JSON header (always starts `eyJ`, i.e. `{"`), payload and signature.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# A PEM block; a truncated one (no END line) is masked to the end of the string.
+_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----(?:.*?-----END [A-Z0-9 ]+-----|.*)", re.DOTALL)
+
+# Shorter registered values would mask ordinary words; values under secret keys are masked anyway.
+MIN_SECRET_LENGTH = 4
+# Transient secrets (fetched tokens) are kept in a bounded window: a process refreshes forever.
+MAX_TRANSIENT_SECRETS = 64
+
+
+class _Secrets:
+    """The registered secrets; `view` is replaced whole so readers never need the lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.permanent: set[str] = set()
+        self.transient: collections.deque[str] = collections.deque(maxlen=MAX_TRANSIENT_SECRETS)
+        # Longest first, so a secret that contains another is masked whole.
+        self.view: tuple[str, ...] = ()
+
+
+_secrets = _Secrets()
+
+
+def register_secret(value: str | bytes | None, *, transient: bool = False) -> None:
+    """Mask `value` wherever it appears in a log line from now on.
+
+    `transient=True` is for values that are replaced over time (fetched tokens): only the most
+    recent `MAX_TRANSIENT_SECRETS` are kept. Values shorter than `MIN_SECRET_LENGTH` are ignored.
+    """
+    if value is None:
+        return
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    if len(text) < MIN_SECRET_LENGTH:
+        return
+    with _secrets.lock:
+        if text in _secrets.permanent or text in _secrets.transient:
+            return
+        if transient:
+            _secrets.transient.append(text)
+        else:
+            _secrets.permanent.add(text)
+        _secrets.view = tuple(
+            sorted({*_secrets.permanent, *_secrets.transient}, key=len, reverse=True)
+        )
+
+
+def is_secret_key(key: object) -> bool:
+    """True when a field named `key` holds a credential and must be masked as a whole."""
+    if not isinstance(key, str):
+        return False
+    norm = key.lower().replace("-", "_")
+    if norm.endswith(_NOT_SECRET_KEYS):
+        return False
+    return _SECRET_KEY.match(norm) is not None
+
+
+def redact_text(text: str) -> str:
+    """`text` with PEM blocks, JWT-shaped strings and registered secrets masked."""
+    if "-----BEGIN" in text:
+        text = _PEM.sub(REDACTED, text)
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    for secret in _secrets.view:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_value(value: Any) -> Any:
+    """`value` with every secret masked, recursing into mappings and sequences."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, bytes | bytearray):
+        return redact_text(bytes(value).decode(errors="replace"))
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if is_secret_key(k) else redact_value(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact_value(v) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    # Anything else is rendered with str() later: redact that rendering now.
+    return redact_text(str(value))
+
+
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: mask every secret in the event (see the module docstring)."""
+    for key in list(event_dict):
+        if key.startswith("_"):  # structlog/stdlib internals (_record, _from_structlog)
+            continue
+        event_dict[key] = REDACTED if is_secret_key(key) else redact_value(event_dict[key])
+    return event_dict
+
+
+# --- Logging set-up -------------------------------------------------------------------------------
+
+_HANDLER_NAME = "snowpipe-worker"
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def configure_logging(
+    level: str | int = "INFO", *, json: bool = True, stream: IO[str] | None = None
+) -> None:
+    """Route structlog and stdlib logging through one redacting formatter; call once at start.
+
+    Calling it again replaces the previous configuration (tests use this). `json=False` renders
+    human-readable lines for a terminal.
+    """
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    shared = _shared_processors()
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: tests (and a re-configuration) must reach loggers created earlier.
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            # Last before rendering: tracebacks and foreign messages are redacted too.
+            redact,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger named `name` (events are keyword-only: `log.info("x.y", k=v)`)."""
+    return structlog.get_logger(name)
+
+
+# --- Metrics: tokens ------------------------------------------------------------------------------
+
+TOKEN_REFRESHES = Counter(
+    "snowpipe_token_refresh_total",
+    "Token refresh attempts by guard name, reason (soft, hard, 401, beat, shared, initial) "
+    "and outcome (success, failure).",
+    ["name", "reason", "outcome"],
+)
+TOKEN_GUARD_HEALTHY = Gauge(
+    "snowpipe_token_guard_healthy",
+    "1 while the guard's refreshes succeed, 0 after repeated consecutive failures.",
+    ["name"],
+)
+
+
+def record_token_refresh(name: str, reason: str, outcome: str) -> None:
+    """Count one refresh attempt of the guard `name`."""
+    TOKEN_REFRESHES.labels(name=name, reason=reason, outcome=outcome).inc()
+
+
+def set_guard_health(name: str, healthy: bool) -> None:
+    """Publish the health flag of the guard `name`."""
+    TOKEN_GUARD_HEALTHY.labels(name=name).set(1 if healthy else 0)
+
+
+# --- Metrics: retries -----------------------------------------------------------------------------
+# Retry metrics (RetryPolicy) go here: define them at module level like the token metrics above and
+# expose small `record_*` functions, so worker/retry.py never touches prometheus_client directly.
