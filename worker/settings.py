@@ -39,6 +39,7 @@ DEFAULT_RETRY_BASE_SECONDS = 0.2
 DEFAULT_RETRY_MULTIPLIER = 1.8
 DEFAULT_RETRY_CAP_SECONDS = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Snowpipe Streaming's cap per append, on the wire
+DEFAULT_QUEUE_NAME = "snowpipe.ingest"  # ingest_batch queue; refresh_tokens uses "<name>.control"
 
 _LOOPBACK_NAMES = {"localhost"}
 
@@ -130,6 +131,7 @@ class Settings(BaseSettings):
     commit_poll_seconds: float = Field(0.25, gt=0)
     commit_timeout_seconds: float = Field(120.0, gt=0)
     visibility_timeout_seconds: int = Field(900, gt=0)
+    queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
 
     @classmethod
     def settings_customise_sources(

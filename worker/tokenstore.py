@@ -1,0 +1,99 @@
+"""The shared token store: one scoped token in Redis, adopted by every worker process.
+
+Beat's `refresh_tokens` (or any process that refreshes on its own) publishes the token it got;
+every other process's TokenGuard adopts it when it enters its refresh window, so one refresh
+serves all processes. The value lives under a key with a TTL (it disappears when the token
+expires) and is never logged. A small lock (SET NX PX) keeps two beat refreshes from racing, and
+counters per reason (`refreshes`) let operators and tests see where refreshes happen.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis
+
+from worker.ledger import KEY_PREFIX
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedToken:
+    """A token as shared between processes (the value is never shown)."""
+
+    value: str = field(repr=False)
+    lifetime: float
+    expires_at: float  # wall-clock epoch seconds
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds until it expires."""
+        return self.expires_at - (time.time() if now is None else now)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class TokenStore:
+    """Read and write the shared token of one identity (account, user, role)."""
+
+    def __init__(self, client: redis.Redis, identity: str, *, prefix: str = KEY_PREFIX) -> None:
+        self._redis = client
+        self.key = f"{prefix}token:{identity}"
+        self.lock_key = f"{prefix}token-lock:{identity}"
+        self.counter_key = f"{prefix}token-refreshes:{identity}"
+        self._unlock = client.register_script(_UNLOCK)
+
+    def load(self) -> SharedToken | None:
+        """The shared token, or None if there is none (or it is unreadable)."""
+        raw = self._redis.get(self.key)
+        if raw is None:
+            return None
+        try:
+            data = orjson.loads(raw)
+            token = SharedToken(str(data["value"]), float(data["lifetime"]), float(data["e"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        return token if token.remaining() > 0 else None
+
+    def save(self, token: SharedToken) -> None:
+        """Share `token` unless a token expiring later is already shared."""
+        ttl_ms = int(token.remaining() * 1000)
+        if ttl_ms <= 0:
+            return
+        current = self.load()
+        if current is not None and current.expires_at >= token.expires_at:
+            return
+        payload = orjson.dumps(
+            {"value": token.value, "lifetime": token.lifetime, "e": token.expires_at}
+        )
+        self._redis.set(self.key, payload, px=ttl_ms)
+
+    def acquire(self, ttl_seconds: float) -> str | None:
+        """Take the refresh lock for at most `ttl_seconds`; its owner token, or None if held."""
+        owner = secrets.token_hex(8)
+        ok = self._redis.set(self.lock_key, owner, nx=True, px=max(1, int(ttl_seconds * 1000)))
+        return owner if ok else None
+
+    def release(self, owner: str) -> None:
+        """Release the refresh lock if we still own it."""
+        self._unlock(keys=[self.lock_key], args=[owner])
+
+    def count_refresh(self, reason: str) -> None:
+        """Count one refresh (beat or request_path) for operators and tests."""
+        self._redis.hincrby(self.counter_key, reason, 1)
+
+    def refresh_counts(self) -> dict[str, int]:
+        """Refreshes counted so far, by reason."""
+        raw = self._redis.hgetall(self.counter_key)
+        return {_text(k): int(_text(v)) for k, v in raw.items()}
