@@ -397,7 +397,7 @@ class TokenGuard:
             token = self._fetch()
             if not isinstance(token, Token):
                 raise TypeError(f"fetch() returned {type(token).__name__}, expected Token")
-            if cur.token is not None and token.expires_at <= cur.token.expires_at:
+            if cur.token is not None and not self._extends(cur, token):
                 raise TokenNotExtendedError(
                     f"the {self.name} token endpoint returned a token expiring no later than the "
                     "current one (a cached token?)"
@@ -415,6 +415,15 @@ class TokenGuard:
             except Exception as exc:  # noqa: BLE001 (sharing is an optimisation, never fatal)
                 _log.warning("token.publish.failure", name=self.name, error=type(exc).__name__)
         return token
+
+    @staticmethod
+    def _extends(cur: _Snapshot, token: Token) -> bool:
+        assert cur.token is not None
+        if token.expires_at > cur.token.expires_at:
+            return True
+        # A replacement for a token the server rejected need only be a different token: one
+        # minted within the same second carries the same `exp`.
+        return cur.invalidated and token.value != cur.value
 
     def _try_adopt(
         self, cur: _Snapshot, now: float, reason: str, remaining: float | None
