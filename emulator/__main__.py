@@ -1,0 +1,212 @@
+"""`snowpipe-emulator` / `python -m emulator`: parse options, bind, print `listening on ...`, serve.
+
+The socket is bound (and listening) before the start line is printed, so a script that waits for
+the line can connect at once; with `--port 0` the line carries the port the kernel picked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from emulator import config as defaults
+from emulator.config import EmulatorConfig
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _public_key(text: str) -> tuple[str, Path]:
+    subject, sep, path = text.partition("=")
+    if not sep or "." not in subject or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected ACCOUNT.USER=PEMFILE (e.g. MYORG-ACCT.LOADER=keys/loader.pub), got {text!r}"
+        )
+    pem = Path(path)
+    if not pem.is_file():
+        raise argparse.ArgumentTypeError(f"public key file {path!r} does not exist")
+    return subject.upper(), pem
+
+
+def _pipe(text: str) -> tuple[str, str, str]:
+    parts = text.split(".")
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected DATABASE.SCHEMA.PIPE, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    p = argparse.ArgumentParser(
+        prog="snowpipe-emulator",
+        description="A local emulator of the Snowpipe Streaming REST API (both planes, one port).",
+    )
+    p.add_argument("--host", default=defaults.DEFAULT_HOST, help="bind address (127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=defaults.DEFAULT_PORT, help="port (8087; 0 = pick a free one)"
+    )
+    p.add_argument("--db", metavar="PATH", help="SQLite file for committed rows and offsets")
+    p.add_argument(
+        "--scoped-token-ttl", type=_positive_float, default=defaults.DEFAULT_SCOPED_TOKEN_TTL,
+        metavar="SECONDS", help="lifetime of scoped tokens (3600)",
+    )
+    p.add_argument(
+        "--commit-delay", type=_positive_float, default=defaults.DEFAULT_COMMIT_DELAY,
+        metavar="SECONDS", help="rows commit this long after their append (1.0)",
+    )
+    p.add_argument(
+        "--rate-limit", type=_positive_float, default=defaults.DEFAULT_RATE_LIMIT, metavar="RPS",
+        help="append requests per second per channel (10; 0 = off)",
+    )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=defaults.DEFAULT_MAX_REQUEST_BYTES,
+        metavar="BYTES", help="largest append body on the wire (4194304)",
+    )
+    p.add_argument(
+        "--public-key", type=_public_key, action="append", default=[],
+        metavar="ACCOUNT.USER=PEMFILE", help="register a public key (repeatable)",
+    )
+    p.add_argument(
+        "--pipe", type=_pipe, action="append", default=[], metavar="DB.SCHEMA.PIPE",
+        help="register a pipe (repeatable); <TABLE>-STREAMING pipes need no registration",
+    )
+    p.add_argument(
+        "--accept-any-pipe", action="store_true", help="create every pipe on first use"
+    )
+    p.add_argument(
+        "--strict", action="store_true",
+        help="reject requests without an Accept header (code 391902), as the real service does",
+    )
+    p.add_argument("--tls", action="store_true", help="serve HTTPS with a generated certificate")
+    p.add_argument("--ca-out", type=Path, metavar="PATH", help="with --tls: write the CA PEM here")
+    p.add_argument("--certfile", type=Path, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--keyfile", type=Path, help="the private key for --certfile (PEM)")
+    p.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        help="log level (info logs the reason of every refused request)",
+    )
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> EmulatorConfig:
+    """The EmulatorConfig for these arguments (exits with a usage error on bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
+    if args.tls and args.certfile:
+        parser.error("use either --tls (generated certificate) or --certfile/--keyfile")
+    if args.ca_out and not args.tls:
+        parser.error("--ca-out needs --tls")
+    if args.max_request_bytes <= 0:
+        parser.error("--max-request-bytes must be positive")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    cfg = EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        db_path=args.db,
+        scoped_token_ttl=args.scoped_token_ttl,
+        commit_delay=args.commit_delay,
+        rate_limit=args.rate_limit,
+        max_request_bytes=args.max_request_bytes,
+        public_keys=list(args.public_key),
+        pipes=list(args.pipe),
+        accept_any_pipe=args.accept_any_pipe,
+        strict=args.strict,
+        tls=args.tls,
+        ca_out=args.ca_out,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        log_level=args.log_level,
+    )
+    return cfg
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the emulator until interrupted."""
+    import uvicorn
+
+    from emulator.app import create_app
+    from emulator.context import Emulator
+    from emulator.http import install_log_filter
+
+    cfg = parse_config(argv)
+    level = cfg.log_level
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    try:
+        emu = Emulator.from_config(cfg)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"snowpipe-emulator: {exc}\n")
+        raise SystemExit(2) from None
+    certfile, keyfile = cfg.certfile, cfg.keyfile
+    tmpdir: Path | None = None
+    if cfg.tls:
+        from emulator.tls import generate
+
+        tmpdir = Path(tempfile.mkdtemp(prefix="snowpipe-emulator-tls-"))
+        files = generate(tmpdir, host=cfg.host)
+        certfile, keyfile = files.server_cert, files.server_key
+        if cfg.ca_out:
+            cfg.ca_out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files.ca_cert, cfg.ca_out)
+        else:
+            sys.stderr.write(f"snowpipe-emulator: CA certificate at {files.ca_cert}\n")
+    try:
+        sock = _bind(cfg.host, cfg.port)
+    except OSError as exc:
+        sys.stderr.write(
+            f"snowpipe-emulator: cannot listen on {cfg.host}:{cfg.port}: {exc} "
+            "(pick another --port, or 0 for a free one)\n"
+        )
+        raise SystemExit(2) from None
+    port = sock.getsockname()[1]
+    install_log_filter()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(cfg, emu),
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level=level,
+            lifespan="on",
+            ssl_certfile=str(certfile) if certfile else None,
+            ssl_keyfile=str(keyfile) if keyfile else None,
+            timeout_keep_alive=30,
+        )
+    )
+    scheme = "https" if certfile else "http"
+    shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    # The one line on stdout: scripts and tests wait for it.
+    sys.stdout.write(f"listening on {scheme}://{shown}:{port}\n")
+    sys.stdout.flush()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The emulator's options with their named defaults, shared by the CLI, the app and the state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8087
+# Snowflake does not document the scoped token's lifetime; clients assume about an hour.
+DEFAULT_SCOPED_TOKEN_TTL = 3600.0
+# Real commits take 5-10 s; one second keeps local runs and tests quick while still being async.
+DEFAULT_COMMIT_DELAY = 1.0
+# The limitations page states 10 requests per second per channel over REST.
+DEFAULT_RATE_LIMIT = 10.0
+# 4 MB per append request, measured on the wire after compression.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# How far in the future a key-pair JWT's `iat` may be (clock skew between client and server).
+JWT_IAT_SKEW_SECONDS = 60.0
+# "The JWT is valid for at most one hour after the token is issued."
+JWT_MAX_LIFETIME_SECONDS = 3600.0
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything the app needs to know from the command line (or from a test)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    db_path: str | None = None
+    scoped_token_ttl: float = DEFAULT_SCOPED_TOKEN_TTL
+    commit_delay: float = DEFAULT_COMMIT_DELAY
+    rate_limit: float = DEFAULT_RATE_LIMIT
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    public_keys: list[tuple[str, Path]] = field(default_factory=list)  # ("ACCOUNT.USER", pem)
+    pipes: list[tuple[str, str, str]] = field(default_factory=list)
+    accept_any_pipe: bool = False
+    strict: bool = False
+    tls: bool = False
+    ca_out: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    log_level: str = "warning"

@@ -1,0 +1,96 @@
+"""Append bodies: decompression per Content-Encoding and NDJSON rows with ON_ERROR = CONTINUE."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+
+import orjson
+import zstandard
+
+from emulator.errors import ApiError, bad_request
+
+_ZSTD = zstandard.ZstdDecompressor()
+# A decompressed body larger than this is refused (protects the emulator from a zip bomb; the
+# real service's limit on uncompressed size is not documented).
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
+
+
+def decode_body(body: bytes, content_encoding: str | None) -> bytes:
+    """The uncompressed body; 400 ApiError for an unknown encoding or a corrupt stream."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "zstd":
+            # decompressobj copes with frames that do not record their content size.
+            out = _ZSTD.decompressobj().decompress(body)
+            if len(out) > MAX_DECOMPRESSED_BYTES:
+                raise bad_request("ERR_PAYLOAD_TOO_LARGE", "decompressed body is too large")
+            return out
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except ApiError:
+        raise
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        raise bad_request(
+            "ERR_INVALID_CONTENT_ENCODING",
+            f"body could not be decompressed as {encoding}: {exc}",
+        ) from None
+    raise bad_request(
+        "ERR_UNSUPPORTED_CONTENT_ENCODING",
+        f"Content-Encoding {content_encoding!r} is not supported; use gzip or zstd",
+    )
+
+
+@dataclass(slots=True)
+class ParsedRows:
+    """The rows of one append: the good ones as raw JSON text, and the errors."""
+
+    good: list[bytes]
+    # Position of each good row among all rows; None when every row was good (the common case).
+    good_positions: list[int] | None
+    total: int
+    errors: int
+    first_error: str | None
+
+
+def parse_rows(body: bytes) -> ParsedRows:
+    """Split NDJSON (optional \\r before \\n); a line that is not a JSON object is a row error."""
+    lines = body.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    good: list[bytes] = []
+    positions: list[int] = []
+    errors = 0
+    first_error: str | None = None
+    total = 0
+    loads = orjson.loads
+    for raw in lines:
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if not line.strip():
+            continue  # blank lines are not rows
+        index = total
+        total += 1
+        try:
+            ok = isinstance(loads(line), dict)
+            problem = "" if ok else "is valid JSON but not an object"
+        except orjson.JSONDecodeError as exc:
+            ok, problem = False, f"is not valid JSON ({exc})"
+        if ok:
+            good.append(line)
+            positions.append(index)
+        else:
+            errors += 1
+            if first_error is None:
+                first_error = f"Row {index + 1} of the request {problem}"
+    return ParsedRows(
+        good=good,
+        good_positions=None if errors == 0 else positions,
+        total=total,
+        errors=errors,
+        first_error=first_error,
+    )

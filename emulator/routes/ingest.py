@@ -1,0 +1,169 @@
+"""Ingest-host endpoints: open, append, bulk status, drop, elastic appends (reference §4.3-4.7)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+from starlette.requests import Request
+from starlette.responses import Response
+
+from emulator.auth import verify_keypair_jwt
+from emulator.context import Emulator
+from emulator.errors import ApiError, bad_request, jwt_invalid
+from emulator.http import JSONResponse, bearer, json_body, read_body, request_host
+from emulator.ndjson import decode_body, parse_rows
+from emulator.state import ELASTIC_CHANNEL
+
+# Open/drop/status bodies are small JSON documents.
+_MAX_CONTROL_BODY = 1024 * 1024
+
+
+def require_scoped_token(request: Request, emu: Emulator) -> None:
+    """Pass when the request carries a valid, unexpired scoped token; 401 otherwise."""
+    token = bearer(request)
+    if token is None:
+        raise jwt_invalid("missing Authorization: Bearer <scoped token from POST /oauth/token>")
+    emu.scoped.verify(token, request_host(request))
+
+
+def _path(request: Request) -> tuple[str, str, str]:
+    p = request.path_params
+    return p["database"], p["schema"], p["pipe"]
+
+
+def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise bad_request("ERR_INVALID_REQUEST_BODY", f"{name} must be a string or null")
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request("ERR_INVALID_REQUEST_BODY", f"{name} must be true or false")
+    return value
+
+
+async def open_channel(request: Request, emu: Emulator) -> Response:
+    """PUT .../channels/{channel}: create or reopen; returns the continuation token and status."""
+    require_scoped_token(request, emu)
+    body = await json_body(request, _MAX_CONTROL_BODY)
+    ch = emu.state.open_channel(
+        *_path(request),
+        request.path_params["channel"],
+        offset_token=_optional_str(body, "offset_token"),
+        fail_on_uncommitted_rows=_flag(body, "fail_on_uncommitted_rows"),
+    )
+    return JSONResponse(
+        {"next_continuation_token": ch.continuation_token, "channel_status": ch.status()}
+    )
+
+
+async def drop_channel(request: Request, emu: Emulator) -> Response:
+    """DELETE .../channels/{channel}: forget the channel and its offset token."""
+    require_scoped_token(request, emu)
+    body = await json_body(request, _MAX_CONTROL_BODY)
+    ch = emu.state.drop_channel(
+        *_path(request),
+        request.path_params["channel"],
+        fail_on_uncommitted_rows=_flag(body, "fail_on_uncommitted_rows"),
+    )
+    return JSONResponse({"last_committed_offset_token": ch.last_committed_offset_token})
+
+
+async def append_rows(request: Request, emu: Emulator) -> Response:
+    """POST .../channels/{channel}/rows: queue NDJSON rows for commit after the commit delay."""
+    require_scoped_token(request, emu)
+    q = request.query_params
+    database, schema, pipe = _path(request)
+    channel = request.path_params["channel"]
+    if channel.upper() == ELASTIC_CHANNEL and "continuationToken" not in q:
+        return await _elastic_append(request, emu, database, schema, pipe)
+    limit = emu.config.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await read_body(request, limit)  # raises the 413
+    state = emu.state
+    ch = state.channel(database, schema, pipe, channel)
+    now = time.monotonic()
+    if ch.status_code == "SUCCESS":
+        state.check_rate(ch, now)
+    state.check_continuation(ch, q.get("continuationToken"))
+    end = q.get("endOffsetToken") or q.get("offsetToken") or None
+    start = q.get("startOffsetToken") or None
+    body = decode_body(await read_body(request, limit), request.headers.get("content-encoding"))
+    rows = parse_rows(body)
+    if start is None and rows.total == 1:
+        start = end
+    # Re-check: the body read awaited, and another request may have reopened the channel.
+    state.check_continuation(ch, q.get("continuationToken"))
+    state.append(ch, rows, start_offset_token=start, end_offset_token=end, now=now)
+    return JSONResponse(
+        {"next_continuation_token": ch.continuation_token, "status_code": 0, "message": None},
+        headers={"x-snowflake-session": ch.session},
+    )
+
+
+async def append_table_rows(request: Request, emu: Emulator) -> Response:
+    """POST .../tables/{table}/rows: an elastic append through the table's default pipe."""
+    require_scoped_token(request, emu)
+    p = request.path_params
+    pipe = f"{p['table']}-STREAMING"
+    return await _elastic_append(request, emu, p["database"], p["schema"], pipe)
+
+
+async def _elastic_append(
+    request: Request, emu: Emulator, database: str, schema: str, pipe: str
+) -> Response:
+    q = request.query_params
+    forbidden = [
+        k for k in ("continuationToken", "offsetToken", "startOffsetToken", "endOffsetToken")
+        if k in q
+    ]
+    if forbidden:
+        raise bad_request(
+            "ERR_INVALID_REQUEST",
+            f"Elastic channel appends must not carry {', '.join(forbidden)}",
+        )
+    ch = emu.state.elastic_channel(database, schema, pipe)
+    body = decode_body(
+        await read_body(request, emu.config.max_request_bytes),
+        request.headers.get("content-encoding"),
+    )
+    emu.state.append(
+        ch, parse_rows(body), start_offset_token=None, end_offset_token=None,
+        now=time.monotonic(), advance=False,
+    )
+    return JSONResponse({"message": "OK"})
+
+
+async def bulk_channel_status(request: Request, emu: Emulator) -> Response:
+    """POST .../pipes/{pipe}:bulk-channel-status: statuses keyed by the requested names."""
+    token = bearer(request)
+    if token is None:
+        raise jwt_invalid("missing Authorization: Bearer <scoped token or key-pair JWT>")
+    try:
+        emu.scoped.verify(token, request_host(request))
+    except ApiError:
+        # Reference §1: some clients call this on the account host with the key-pair JWT.
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            alg = None
+        if alg != "RS256":
+            raise
+        verify_keypair_jwt(token, emu.keys)
+    body = await json_body(request, _MAX_CONTROL_BODY)
+    names = body.get("channel_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad_request(
+            "ERR_INVALID_REQUEST_BODY", 'body must be {"channel_names": ["name", ...]}'
+        )
+    return JSONResponse({"channel_statuses": emu.state.statuses(*_path(request), names)})
