@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from emulator.config import EmulatorConfig
 from emulator.context import Emulator
 from emulator.http import endpoint
-from emulator.routes import admin, control, ingest
+from emulator.routes import admin, control, ingest, sdk
 
 _DB = "/v2/streaming/databases/{database}/schemas/{schema}"
 _DATA = "/v2/streaming/data/databases/{database}/schemas/{schema}"
@@ -51,6 +51,13 @@ def api_routes() -> list[BaseRoute]:
             _DB + "/pipes/{pipe}:bulk-channel-status",
             endpoint("status", ingest.bulk_channel_status),
             methods=["POST"],
+        ),
+        # Only Snowflake's official SDK calls these two (not in the public REST docs).
+        Route(
+            _DB + "/pipes/{pipe}:pipe-info", endpoint("pipe-info", sdk.pipe_info), methods=["POST"]
+        ),
+        Route(
+            "/telemetry/send/sessionless", endpoint("telemetry", sdk.telemetry), methods=["POST"]
         ),
     ]
 

@@ -1,0 +1,100 @@
+"""Drive Snowflake's official SDK (`snowpipe-streaming`) in its own process, for the SDK tests.
+
+Run as `python -m tests.support.sdk_runner PLAN.json`. The SDK's native core starts threads and
+process-wide state at import, so it never runs inside the pytest process: a test writes a plan,
+runs this module in a subprocess (with `SSL_CERT_FILE` pointing at the emulator's CA) and reads
+the one `SDK_RESULT {...}` line it prints last.
+
+Plan keys: url, account, user, private_key_file, database, schema, pipe, channel, batches,
+rows_per_batch, timeout_seconds, and optionally role, client_name, first_offset.
+Rows are `{"id": n, "batch": b, "note": "..."}` with offset token `str(n)`, so a test can check
+that every id arrived exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "SDK_RESULT "
+
+
+def _status_dict(status: Any) -> dict[str, Any]:
+    return {
+        "status_code": status.status_code,
+        "latest_committed_offset_token": status.latest_committed_offset_token,
+        "rows_inserted": status.rows_inserted_count,
+        "rows_error_count": status.rows_error_count,
+    }
+
+
+def run(plan: dict[str, Any]) -> dict[str, Any]:
+    """Open a channel, append the planned batches one flush each, wait for the commit, close."""
+    from snowflake.ingest.streaming import StreamingIngestClient
+
+    timeout = int(plan["timeout_seconds"])
+    properties: dict[str, Any] = {
+        "url": plan["url"],
+        "account": plan["account"],
+        "user": plan["user"],
+        # PEM text: the SDK also takes `private_key_file`, but text is what most callers pass.
+        "private_key": Path(plan["private_key_file"]).read_text(),
+    }
+    if plan.get("role"):
+        properties["role"] = plan["role"]
+    result: dict[str, Any] = {"ok": False}
+    started = time.monotonic()
+    client = StreamingIngestClient(
+        plan.get("client_name", "emulator-sdk-test"),
+        plan["database"],
+        plan["schema"],
+        plan["pipe"],
+        properties=properties,
+    )
+    try:
+        result["client_seconds"] = round(time.monotonic() - started, 2)
+        channel, status = client.open_channel(plan["channel"])
+        result["open_status"] = _status_dict(status)
+        first = int(plan.get("first_offset", 0))
+        next_id = first
+        for batch in range(int(plan["batches"])):
+            rows = [
+                {"id": next_id + i, "batch": batch, "note": f"row {next_id + i}"}
+                for i in range(int(plan["rows_per_batch"]))
+            ]
+            channel.append_rows(rows, str(next_id), str(next_id + len(rows) - 1))
+            next_id += len(rows)
+            # One flush per batch keeps every request small (inline rowset mode).
+            channel.initiate_flush()
+            channel.wait_for_flush(timeout)
+        last = next_id - 1
+        channel.wait_for_commit(
+            lambda token: token is not None and int(token) >= last, timeout_seconds=timeout
+        )
+        result["committed_seconds"] = round(time.monotonic() - started, 2)
+        result["final_status"] = _status_dict(channel.get_channel_status())
+        channel.close(timeout_seconds=timeout)
+        result["ok"] = True
+    finally:
+        client.close(timeout_seconds=timeout)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """Run the plan in argv[1]; print `SDK_RESULT {json}` last; exit 0 only when it committed."""
+    plan = json.loads(Path(argv[1]).read_text())
+    try:
+        result = run(plan)
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
