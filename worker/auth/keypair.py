@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from worker.auth.guard import Token
 from worker.observability import register_secret
@@ -49,17 +49,16 @@ def _pem_label(data: bytes) -> str | None:
 
 
 def _describe_key(key: object) -> str:
-    name = type(key).__name__.lstrip("_")
-    for prefix, label in (
-        ("EllipticCurve", "an EC key"),
-        ("Ed25519", "an Ed25519 key"),
-        ("Ed448", "an Ed448 key"),
-        ("DSA", "a DSA key"),
-        ("DH", "a DH key"),
-    ):
-        if name.startswith(prefix):
+    kinds: tuple[tuple[type, str], ...] = (
+        (ec.EllipticCurvePrivateKey, "an EC key"),
+        (ed25519.Ed25519PrivateKey, "an Ed25519 key"),
+        (ed448.Ed448PrivateKey, "an Ed448 key"),
+        (dsa.DSAPrivateKey, "a DSA key"),
+    )
+    for kind, label in kinds:
+        if isinstance(key, kind):
             return label
-    return f"a {name} key"
+    return f"a {type(key).__name__}"
 
 
 def load_private_key(
@@ -187,7 +186,7 @@ def normalize_account(account: str) -> str:
         text = text.split("://", 1)[1]
     text = text.split("/", 1)[0]
     cut = text.find("-") if ".global" in text else text.find(".")
-    if cut > 0:
+    if cut >= 0:
         text = text[:cut]
     if not text:
         raise KeyPairError(
