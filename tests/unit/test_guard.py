@@ -435,6 +435,32 @@ def test_invalidated_token_is_not_served_when_refresh_fails(clock: Clock) -> Non
         guard.get()
 
 
+def test_401_replacement_that_is_the_same_token_counts_as_failure(clock: Clock) -> None:
+    issuer = Issuer(clock, 3600.0)
+    guard = make_guard(clock, issuer)
+    rejected = guard.get()
+    current = guard.current()
+    assert current is not None
+    guard._fetch = lambda: current  # the endpoint hands back the token the server just rejected
+    guard.invalidate(rejected)
+    with pytest.raises(TokenUnavailableError, match="TokenNotExtendedError"):
+        guard.get()
+    assert guard.consecutive_failures == 1
+
+
+def test_401_forces_a_refresh_even_during_a_failure_backoff(clock: Clock) -> None:
+    issuer = Issuer(clock, 60.0)
+    guard = make_guard(clock, issuer)
+    rejected = guard.get()
+    issuer.fail = ConnectionError("down")
+    clock.now = 50.0
+    assert guard.get() == "tok-1"  # soft refresh failed: backing off
+    issuer.fail = None
+    guard.invalidate(rejected)
+    assert guard.get() == "tok-3"
+    assert issuer.calls == 3
+
+
 def test_call_authorized_resends_once_then_returns_the_second_401(clock: Clock) -> None:
     issuer = Issuer(clock, 3600.0)
     guard = make_guard(clock, issuer)

@@ -83,6 +83,8 @@ class Token:
             raise ValueError(f"Token lifetime must be positive, got {self.lifetime!r}")
 
 
+# Returns a freshly issued token: its lifetime is counted from the moment of the call (monotonic,
+# so clock skew cannot cause refresh loops). Tokens of unknown age come in through `Adopt`.
 Fetch = Callable[[], Token]
 Adopt = Callable[[], "Token | None"]
 Publish = Callable[[Token], None]
