@@ -6,7 +6,10 @@ runs this module in a subprocess (with `SSL_CERT_FILE` pointing at the emulator'
 the one `SDK_RESULT {...}` line it prints last.
 
 Plan keys: url, account, user, private_key_file, database, schema, pipe, channel, batches,
-rows_per_batch, timeout_seconds, and optionally role, client_name, first_offset.
+rows_per_batch, timeout_seconds, and optionally role, client_name, first_offset,
+`admin_after_batch` ({"0": "/_emulator/expire-tokens"}: POST that admin path once batch 0 is
+flushed) and `linger_seconds` (keep the client open that long after the commit, so that its
+background token refresh can be observed).
 Rows are `{"id": n, "batch": b, "note": "..."}` with offset token `str(n)`, so a test can check
 that every id arrived exactly once.
 """
@@ -14,11 +17,14 @@ that every id arrived exactly once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 RESULT_PREFIX = "SDK_RESULT "
 
@@ -30,6 +36,13 @@ def _status_dict(status: Any) -> dict[str, Any]:
         "rows_inserted": status.rows_inserted_count,
         "rows_error_count": status.rows_error_count,
     }
+
+
+def _admin_post(url: str, path: str) -> None:
+    # The same CA the SDK trusts (SSL_CERT_FILE) verifies the emulator's admin API.
+    ca = os.environ.get("SSL_CERT_FILE")
+    response = httpx.post(url + path, verify=ca if ca else True, timeout=10)
+    response.raise_for_status()
 
 
 def run(plan: dict[str, Any]) -> dict[str, Any]:
@@ -71,12 +84,16 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
             # One flush per batch keeps every request small (inline rowset mode).
             channel.initiate_flush()
             channel.wait_for_flush(timeout)
+            admin_path = plan.get("admin_after_batch", {}).get(str(batch))
+            if admin_path:
+                _admin_post(plan["url"], admin_path)
         last = next_id - 1
         channel.wait_for_commit(
             lambda token: token is not None and int(token) >= last, timeout_seconds=timeout
         )
         result["committed_seconds"] = round(time.monotonic() - started, 2)
         result["final_status"] = _status_dict(channel.get_channel_status())
+        time.sleep(float(plan.get("linger_seconds", 0)))
         channel.close(timeout_seconds=timeout)
         result["ok"] = True
     finally:

@@ -1,0 +1,164 @@
+"""Snowflake's own SDK (`snowpipe-streaming`, unmodified) commits rows into the emulator over HTTPS.
+
+The SDK is a client nobody here wrote: when it runs end to end, the emulator's wire behaviour is
+checked by Snowflake's code rather than by our reading of the docs. Each test runs the SDK in a
+subprocess (its native core starts threads and process-wide state) and checks the committed rows
+through the admin API: every id exactly once, in order.
+
+Deselect offline with `-m 'not sdk'`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.emulator import RunningEmulator, start_emulator
+from tests.support.keys import key_pair
+from tests.support.official_sdk import SdkRun, run_official_sdk
+
+pytestmark = pytest.mark.sdk
+
+ACCOUNT, USER = "SDKACCT", "SDK_LOADER"
+DB, SCHEMA, PIPE = "SDK_DB", "PUBLIC", "EVENTS_PIPE"
+# Well above the SDK's 300 s refresh buffer: a shorter TTL makes it refresh every ~3 s.
+LONG_SCOPED_TOKEN_TTL = "3600"
+# Refresh happens at exp - 300 s, so with 303 s the SDK refreshes about every 3 s.
+SHORT_SCOPED_TOKEN_TTL = "303"
+# A few hundred small rows per flush keeps the SDK in inline (rowset) mode: ~8 KB per flush.
+ROWS_PER_BATCH = 200
+
+
+@contextlib.contextmanager
+def _start(workdir: Path, ttl: str) -> Iterator[RunningEmulator]:
+    with start_emulator(
+        "--scoped-token-ttl", ttl, "--commit-delay", "0.2", tls=True, workdir=workdir
+    ) as emu:
+        emu.register_key(ACCOUNT, USER, key_pair("official-sdk").public_pem)
+        emu.add_pipe(DB, SCHEMA, PIPE)
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def sdk_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEmulator]:
+    """One HTTPS emulator for the module (tests use distinct channels, faults are cleared)."""
+    with _start(tmp_path_factory.mktemp("sdk-emulator"), LONG_SCOPED_TOKEN_TTL) as emu:
+        yield emu
+
+
+@pytest.fixture
+def emu(sdk_emulator: RunningEmulator) -> Iterator[RunningEmulator]:
+    """The shared emulator, with no fault rule left over from a previous test."""
+    sdk_emulator.clear_faults()
+    yield sdk_emulator
+    sdk_emulator.clear_faults()
+
+
+def _run(emu: RunningEmulator, tmp_path: Path, channel: str, batches: int, **extra: Any) -> SdkRun:
+    run = run_official_sdk(
+        emu,
+        tmp_path,
+        key=key_pair("official-sdk"),
+        account=ACCOUNT,
+        user=USER,
+        database=DB,
+        schema=SCHEMA,
+        pipe=PIPE,
+        channel=channel,
+        batches=batches,
+        rows_per_batch=ROWS_PER_BATCH,
+        **extra,
+    )
+    assert run.ok, f"{run.describe()}\n--- emulator stderr ---\n{emu.stderr()[-3000:]}"
+    return run
+
+
+def _assert_every_row_exactly_once(emu: RunningEmulator, channel: str, count: int) -> None:
+    committed = [r for r in emu.rows(DB, SCHEMA, PIPE) if r["channel"] == channel]
+    ids = [r["row"]["id"] for r in committed]
+    assert ids == list(range(count)), (
+        f"channel {channel}: {len(ids)} rows committed, {len(set(ids))} distinct, "
+        f"expected ids 0..{count - 1} once each, in order"
+    )
+
+
+def _count(stats: dict[str, Any], endpoint: str, status: int) -> int:
+    return int(stats["requests"].get(endpoint, {}).get(str(status), 0))
+
+
+def test_official_sdk_commits_every_row_exactly_once_over_https(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    before = emu.stats()
+    run = _run(emu, tmp_path, "happy", batches=5)
+
+    assert run.result["open_status"]["latest_committed_offset_token"] is None
+    assert run.result["final_status"]["latest_committed_offset_token"] == "999"
+    assert run.result["final_status"]["rows_inserted"] == 1000
+    _assert_every_row_exactly_once(emu, "happy", 1000)
+    after = emu.stats()
+    # The SDK-only endpoints were served, and nothing it sent was refused.
+    assert _count(after, "pipe-info", 200) > _count(before, "pipe-info", 200)
+    for endpoint, by_status in after["requests"].items():
+        refused = {s: n for s, n in by_status.items() if not s.startswith("2")}
+        assert not refused, f"{endpoint} answered {refused}\n{run.describe()}"
+    # With a one-hour scoped token the SDK asks for exactly one (no refresh loop).
+    assert after["tokens_issued"] - before["tokens_issued"] == 1
+
+
+def test_official_sdk_retries_an_injected_401_with_a_fresh_scoped_token(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    before = emu.stats()
+    emu.fault(endpoint="append", status=401, count=2)
+
+    _run(emu, tmp_path, "after-401", batches=3)
+
+    _assert_every_row_exactly_once(emu, "after-401", 600)
+    after = emu.stats()
+    assert _count(after, "append", 401) - _count(before, "append", 401) == 2
+    # Each 401 "kicks" a scoped-token refresh: one token at start plus one per 401.
+    assert after["tokens_issued"] - before["tokens_issued"] >= 3
+
+
+@pytest.mark.parametrize(("status", "count"), [(429, 3), (503, 2)])
+def test_official_sdk_rides_out_a_burst_of_retryable_errors(
+    emu: RunningEmulator, tmp_path: Path, status: int, count: int
+) -> None:
+    before = emu.stats()
+    emu.fault(endpoint="append", status=status, count=count)
+
+    _run(emu, tmp_path, f"burst-{status}", batches=3)
+
+    _assert_every_row_exactly_once(emu, f"burst-{status}", 600)
+    after = emu.stats()
+    assert _count(after, "append", status) - _count(before, "append", status) == count
+
+
+def test_official_sdk_recovers_when_the_emulator_expires_its_scoped_tokens(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    before = emu.stats()
+
+    # After the first flush every scoped token is refused: a real 401, not an injected one.
+    _run(emu, tmp_path, "expired", batches=3, admin_after_batch={"0": "/_emulator/expire-tokens"})
+
+    _assert_every_row_exactly_once(emu, "expired", 600)
+    after = emu.stats()
+    assert _count(after, "append", 401) > _count(before, "append", 401)
+    assert after["tokens_issued"] - before["tokens_issued"] >= 2
+
+
+def test_official_sdk_refreshes_its_scoped_token_five_minutes_before_expiry(
+    tmp_path: Path,
+) -> None:
+    with _start(tmp_path / "emulator", SHORT_SCOPED_TOKEN_TTL) as emu:
+        _run(emu, tmp_path / "sdk", "short-ttl", batches=1, linger_seconds=7)
+
+        _assert_every_row_exactly_once(emu, "short-ttl", ROWS_PER_BATCH)
+        # Issued at t=0, refreshed around t=3 s and t=6 s while the client stays open.
+        assert emu.stats()["tokens_issued"] >= 3
