@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 import httpx
-import structlog
 from tenacity import RetryCallState, Retrying
 
+from worker.observability import get_logger
 from worker.snowpipe.errors import (
     AuthError,
     ChannelReopenRequired,
@@ -64,7 +64,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-log = structlog.get_logger("worker.retry")
+log = get_logger("worker.retry")
 
 Disposition = Literal["retry", "reopen", "auth", "permanent"]
 
@@ -305,13 +305,24 @@ class RetryPolicy:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def call(self, fn: Callable[[], T], *, op: str, deadline: float | None = None) -> T:
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        op: str,
+        deadline: float | None = None,
+        own_layer: bool = False,
+    ) -> T:
         """`fn()`'s result, retrying transient failures; the last error when it gives up.
 
         `deadline` is the time allowed for the whole call in seconds from now, sleeps included
-        (default: the policy's). Inside another `call()` on this thread, `fn` runs once.
+        (default: the policy's). Inside another `call()` on this thread, `fn` runs once: the
+        outer call owns the retries. `own_layer=True` is for a separate request made on the
+        outer call's behalf (a token refresh under the guard's single flight): it is retried on
+        its own, since retrying the outer call would not repeat it.
         """
-        if getattr(_nesting, "depth", 0):
+        outer = getattr(_nesting, "depth", 0)
+        if outer and not own_layer:
             return fn()
         state = _CallState(
             op=op,
@@ -323,7 +334,7 @@ class RetryPolicy:
             stop=lambda rs: self._stop(rs, state),
             before_sleep=lambda rs: self._scheduled(rs, state),
         )
-        _nesting.depth = 1
+        _nesting.depth = outer + 1
         try:
             result = retrying(fn)
         except BaseException as exc:
@@ -331,7 +342,7 @@ class RetryPolicy:
                 self._exhausted(exc, state)
             raise
         finally:
-            _nesting.depth = 0
+            _nesting.depth = outer
         if self.budget is not None:
             self.budget.record_success()
         return result

@@ -10,7 +10,8 @@ the leaves exist so that callers and logs can be precise.
     │   ├── RateLimitedError            429, 390701, backpressure codes; carries retry_after
     │   ├── ServerError                 5xx without a more specific code
     │   ├── RetryRequestError           ERR_GENERAL_EXCEPTION_RETRY_REQUEST (any status)
-    │   └── OpenChannelInProgressError  409 ERR_OPEN_CHANNEL_IN_PROGRESS
+    │   ├── OpenChannelInProgressError  409 ERR_OPEN_CHANNEL_IN_PROGRESS
+    │   └── TokenRefreshError           no valid token: the refresh failed for a transient reason
     ├── ChannelReopenRequired           reopen the channel, replay from its committed offset
     │   ├── StaleContinuationTokenError STALE_CONTINUATION_TOKEN_SEQUENCER (someone reopened it)
     │   ├── ChannelInvalidatedError     ERR_CHANNEL_MUST_BE_REOPENED[_DUE_TO_ROW_SEQ_GAP],
@@ -76,6 +77,7 @@ __all__ = [
     "ServerError",
     "SnowpipeError",
     "StaleContinuationTokenError",
+    "TokenRefreshError",
     "TransportError",
     "UncommittedDataError",
     "error_from_response",
@@ -206,6 +208,15 @@ class OpenChannelInProgressError(RetryableError):
     """ERR_OPEN_CHANNEL_IN_PROGRESS: another open of this channel is running; retry the open."""
 
     hint = "a concurrent open of this channel is in progress; retried with backoff"
+
+
+class TokenRefreshError(RetryableError):
+    """No valid token could be obtained and the cause looks transient (endpoint down, slow)."""
+
+    hint = (
+        "the token endpoint on SNOWPIPE_ACCOUNT_URL failed or was slow; retried with backoff "
+        "(the token guard backs off between refreshes)"
+    )
 
 
 # --- Reopen ------------------------------------------------------------------------------------

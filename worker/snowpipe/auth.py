@@ -1,0 +1,175 @@
+"""The Snowflake side of the TokenGuard: the two tokens of a process and how each is fetched.
+
+    jwt     key-pair JWT, minted locally (KeyPairJWT), for the account host
+    scoped  scoped token for the ingest host: JWT -> GET /v2/streaming/hostname (once, cached)
+            -> POST /oauth/token (scope = ingest host [+ " session:role:R"]); its lifetime comes
+            from the scoped token's own `exp` (read without verification; 55 min if absent)
+
+`SnowflakeAuth` owns both `TokenGuard`s. The HTTP calls themselves belong to the client (one
+`httpx.Client` per process); it hands them in as two functions, so this module stays free of
+transport details. Parsing of the hostname answer (plain text, JSON string or JSON object, with
+`_` turned into `-`, reference §4.1) and the ingest base URL (the account URL's scheme and port)
+live here too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+import orjson
+
+from worker.auth.guard import Adopt, Publish, Token, TokenGuard
+from worker.auth.keypair import KeyPairJWT, token_from_jwt
+from worker.snowpipe.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+__all__ = [
+    "GRANT_TYPE",
+    "SCOPED_TOKEN_FALLBACK_SECONDS",
+    "SnowflakeAuth",
+    "ingest_base_url",
+    "parse_hostname",
+    "token_scope",
+]
+
+GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# The scoped token's lifetime is undocumented; clients that cannot read `exp` assume 55 minutes
+# (reference §2.2).
+SCOPED_TOKEN_FALLBACK_SECONDS: Final = 55 * 60
+# A host name never contains these; their presence means the answer was not a host name.
+_NOT_HOST_CHARS: Final = frozenset(" \t\r\n/?#@{}[]\"'<>\\")
+
+
+def parse_hostname(body: bytes) -> str:
+    """The ingest host from the hostname endpoint's answer, `_` replaced by `-`.
+
+    Accepts plain text (what the service sends), a JSON string and `{"hostname": ...}` (what
+    the docs show). Raises `ProtocolError` when the answer holds no usable host name.
+    """
+    text = body.decode("utf-8", errors="replace").strip()
+    value: Any = text
+    if text[:1] in ('"', "{"):
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            value = text.strip('"')
+    if isinstance(value, dict):
+        value = value.get("hostname")
+    if not isinstance(value, str):
+        raise ProtocolError(
+            f"the hostname endpoint answered {text[:120]!r}, which holds no host name",
+            op="hostname",
+        )
+    host = value.strip().strip('"').strip()
+    if "://" in host:  # tolerate a full URL
+        host = urlsplit(host).netloc
+    host = host.rstrip("/")
+    if not host or any(c in _NOT_HOST_CHARS for c in host):
+        raise ProtocolError(
+            f"the hostname endpoint answered {text[:120]!r}, which is not a host name",
+            op="hostname",
+        )
+    # Snowflake: an account name with `_` gives a host that must use `-` for every later call
+    # (reference §1, newest tutorial).
+    return host.replace("_", "-")
+
+
+def ingest_base_url(account_url: str, host: str) -> str:
+    """`scheme://host[:port]` for the ingest host: the account URL's scheme, and its port unless
+    the host names one (the official SDK does the same, reference official-sdk §1.4/1.7)."""
+    parts = urlsplit(account_url)
+    if _has_port(host):
+        return f"{parts.scheme}://{host}"
+    if parts.port is not None:
+        return f"{parts.scheme}://{host}:{parts.port}"
+    return f"{parts.scheme}://{host}"
+
+
+def _has_port(host: str) -> bool:
+    if host.startswith("["):  # [v6]:port
+        return "]:" in host
+    return host.count(":") == 1 and host.rsplit(":", 1)[1].isdigit()
+
+
+def token_scope(host: str, role: str | None) -> str:
+    """The `scope` form value for the token exchange: the ingest host, then the role if any."""
+    return f"{host} session:role:{role}" if role else host
+
+
+class SnowflakeAuth:
+    """The key-pair JWT guard and the scoped-token guard of one process, and the ingest host.
+
+    `fetch_hostname(jwt_guard)` and `exchange(jwt_guard, scope)` are the client's HTTP calls:
+    each sends with a JWT from `jwt_guard` (and handles a 401 by invalidating it and resending
+    once). The adopt/publish hooks apply to the scoped token, the one worth sharing between
+    processes (the JWT is minted locally in ~0.3 ms).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        minter: KeyPairJWT,
+        fetch_hostname: Callable[[TokenGuard], str],
+        exchange: Callable[[TokenGuard, str], str],
+        adopt: Adopt | None = None,
+        publish: Publish | None = None,
+        **guard_overrides: Any,
+    ) -> None:
+        self.minter = minter
+        self.role = settings.role
+        self._fetch_hostname = fetch_hostname
+        self._exchange = exchange
+        self._host: str | None = None
+        self._host_lock = threading.Lock()
+        self.jwt = TokenGuard.from_settings(settings, minter.token, name="jwt", **guard_overrides)
+        self.scoped = TokenGuard.from_settings(
+            settings,
+            self._fetch_scoped,
+            name="scoped",
+            adopt=adopt,
+            publish=publish,
+            **guard_overrides,
+        )
+
+    @property
+    def identity(self) -> str:
+        """`ACCOUNT.USER` as sent in the JWT (for error messages)."""
+        return self.minter.subject
+
+    @property
+    def fingerprint(self) -> str:
+        """The `SHA256:` fingerprint of the configured key (for error messages)."""
+        return self.minter.fingerprint
+
+    def ingest_host(self) -> str:
+        """The ingest host (fetched once per process, then cached)."""
+        host = self._host
+        if host is None:
+            with self._host_lock:
+                host = self._host
+                if host is None:
+                    host = self._host = self._fetch_hostname(self.jwt)
+        return host
+
+    def forget_ingest_host(self) -> None:
+        """Ask the account host again on the next scoped-token fetch."""
+        self._host = None
+
+    def set_ingest_host(self, host: str) -> None:
+        """Use `host` without asking (a host shared by another process, or a test)."""
+        self._host = host
+
+    def refresh(self, reason: str = "beat") -> Token:
+        """A new scoped token now (beat, tests), installed in the scoped guard."""
+        return self.scoped.refresh(reason)
+
+    def _fetch_scoped(self) -> Token:
+        host = self.ingest_host()
+        value = self._exchange(self.jwt, token_scope(host, self.role))
+        return token_from_jwt(value, fallback_lifetime=SCOPED_TOKEN_FALLBACK_SECONDS)
