@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ class RunningEmulator:
         self.ca_file = ca_file
         self.stderr_path = stderr_path
         self.workdir = workdir
-        verify: Any = str(ca_file) if ca_file else True
+        verify: Any = ssl.create_default_context(cafile=ca_file) if ca_file else True
         self.admin = httpx.Client(base_url=url, verify=verify, timeout=10.0)
 
     # -- admin API -----------------------------------------------------------------------------
