@@ -60,7 +60,7 @@ DEFAULT_WAIT_TIMEOUT = 10.0
 DEFAULT_BACKOFF_BASE = 1.0
 DEFAULT_BACKOFF_CAP = 30.0
 DEFAULT_ESCALATE_AFTER = 3
-DEFAULT_JITTER_FRACTION = 0.1
+DEFAULT_JITTER_FRACTION = 0.0  # exact threshold unless asked; the shared store spreads processes
 # Failure backoff never exceeds this share of the token's lifetime (a 5 s token cannot wait 30 s).
 BACKOFF_LIFETIME_FRACTION = 0.1
 
