@@ -15,6 +15,7 @@ live here too.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -127,7 +128,7 @@ class SnowflakeAuth:
         self._exchange = exchange
         self._host: str | None = None
         self._host_lock = threading.Lock()
-        self.jwt = TokenGuard.from_settings(settings, minter.token, name="jwt", **guard_overrides)
+        self.jwt = TokenGuard.from_settings(settings, self._mint_jwt, name="jwt", **guard_overrides)
         self.scoped = TokenGuard.from_settings(
             settings,
             self._fetch_scoped,
@@ -168,6 +169,18 @@ class SnowflakeAuth:
     def refresh(self, reason: str = "beat") -> Token:
         """A new scoped token now (beat, tests), installed in the scoped guard."""
         return self.scoped.refresh(reason)
+
+    def _mint_jwt(self) -> Token:
+        token = self.minter.token()
+        current = self.jwt.current()
+        if current is not None and current.value == token.value:
+            # RS256 is deterministic: the same claims within one second give the same JWT. After
+            # a 401 the resend must carry a different one (the guard insists), so step `iat` (and
+            # `exp`) back one second.
+            now = time.time() - 1
+            exp = float(self.minter.claims(now)["exp"])
+            token = Token(self.minter.mint(now), float(self.minter.lifetime), exp)
+        return token
 
     def _fetch_scoped(self) -> Token:
         host = self.ingest_host()
