@@ -94,7 +94,8 @@ def test_official_sdk_commits_every_row_exactly_once_over_https(
     emu: RunningEmulator, tmp_path: Path
 ) -> None:
     before = emu.stats()
-    run = _run(emu, tmp_path, "happy", batches=5)
+    # With a role, the SDK's key-pair JWT carries an `scp` claim.
+    run = _run(emu, tmp_path, "happy", batches=5, role="LOADER_ROLE")
 
     assert run.result["open_status"]["latest_committed_offset_token"] is None
     assert run.result["final_status"]["latest_committed_offset_token"] == "999"
@@ -162,3 +163,16 @@ def test_official_sdk_refreshes_its_scoped_token_five_minutes_before_expiry(
         _assert_every_row_exactly_once(emu, "short-ttl", ROWS_PER_BATCH)
         # Issued at t=0, refreshed around t=3 s and t=6 s while the client stays open.
         assert emu.stats()["tokens_issued"] >= 3
+
+
+def test_official_sdk_reopens_a_closed_channel_at_its_committed_offset(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    _run(emu, tmp_path / "first", "resumed", batches=2)
+
+    # A new client process: close() kept the channel, so open returns its offset token.
+    second = _run(emu, tmp_path / "second", "resumed", batches=2, first_offset=400)
+
+    assert second.result["open_status"]["latest_committed_offset_token"] == "399"
+    assert second.result["final_status"]["latest_committed_offset_token"] == "799"
+    _assert_every_row_exactly_once(emu, "resumed", 800)

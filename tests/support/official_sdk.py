@@ -27,6 +27,10 @@ from tests.support.sdk_runner import RESULT_PREFIX
 DEFAULT_OP_TIMEOUT = 45
 # The whole subprocess: SDK start, every operation, close. A hung SDK is killed after this.
 DEFAULT_PROCESS_TIMEOUT = 90.0
+# The SDK retries control-plane calls (hostname, token, pipe-info) for up to 10 h by default, so a
+# broken emulator would only show as the process timeout; this makes the SDK itself give up and say
+# which call failed. The data path (appends, where the tests inject faults) keeps its defaults.
+MGMT_RETRY_TOTAL_BACKOFF_SECONDS = 30
 # How much of the SDK's log a failure message shows.
 OUTPUT_TAIL_CHARS = 6000
 
@@ -86,6 +90,7 @@ def run_official_sdk(
         "batches": batches,
         "rows_per_batch": rows_per_batch,
         "timeout_seconds": op_timeout,
+        "properties": {"mgmt_retry_total_backoff_seconds": MGMT_RETRY_TOTAL_BACKOFF_SECONDS},
         **extra,
     }
     plan_file = workdir / f"{channel}-plan.json"

@@ -6,7 +6,8 @@ runs this module in a subprocess (with `SSL_CERT_FILE` pointing at the emulator'
 the one `SDK_RESULT {...}` line it prints last.
 
 Plan keys: url, account, user, private_key_file, database, schema, pipe, channel, batches,
-rows_per_batch, timeout_seconds, and optionally role, client_name, first_offset,
+rows_per_batch, timeout_seconds, and optionally role, client_name, first_offset, properties
+(more SDK configuration keys, passed as given),
 `admin_after_batch` ({"0": "/_emulator/expire-tokens"}: POST that admin path once batch 0 is
 flushed) and `linger_seconds` (keep the client open that long after the commit, so that its
 background token refresh can be observed).
@@ -59,6 +60,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     }
     if plan.get("role"):
         properties["role"] = plan["role"]
+    properties.update(plan.get("properties", {}))
     result: dict[str, Any] = {"ok": False}
     started = time.monotonic()
     client = StreamingIngestClient(
