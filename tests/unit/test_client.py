@@ -313,7 +313,8 @@ def test_scoped_token_lifetime_comes_from_its_exp(
     client.tokens.scoped.get()
     token = client.tokens.scoped.current()
     assert token is not None
-    assert token.lifetime == 300
+    # exp - iat, or less when iat's whole-second truncation would overstate what is left.
+    assert 299 <= token.lifetime <= 300
     assert token.expires_at == pytest.approx(time.time() + 300, abs=2)
 
 
@@ -589,3 +590,34 @@ def test_forked_child_drops_the_inherited_http_client_without_closing_it(
     assert verdict == b"ok"
     assert client.http is parent_http
     assert not parent_http.is_closed
+
+
+def test_account_that_disagrees_with_the_url_is_named_first(
+    mock: respx.MockRouter, sleeps: Sleeps
+) -> None:
+    url = "https://othercorp-main.snowflakecomputing.com"
+    mock.get(f"{url}/v2/streaming/hostname").mock(
+        return_value=httpx.Response(
+            401, json={"code": "390144", "message": "JWT token is invalid."}
+        )
+    )
+    client = make_client(sleeps, account_url=url)
+    with pytest.raises(e.InvalidJWTError) as info:
+        client.tokens.refresh("test")
+    assert (
+        str(info.value)
+        .split(" -> ", 1)[1]
+        .startswith(
+            "the account is the likely culprit: SNOWPIPE_ACCOUNT gives 'ACME_PROD' but "
+            "SNOWPIPE_ACCOUNT_URL names 'OTHERCORP-MAIN'"
+        )
+    )
+
+
+def test_emulator_reasons_are_kept_in_error_messages() -> None:
+    err = e.error_from_response(
+        401,
+        '{"code":"390144","message":"JWT token is invalid."}',
+        headers={"X-Emulator-Reason": "JWT expired 3 s ago"},
+    )
+    assert "[emulator: JWT expired 3 s ago]" in str(err)

@@ -365,3 +365,21 @@ def test_from_settings_uses_the_retry_knobs() -> None:
     p = RetryPolicy.from_settings(s, budget=RetryBudget.from_settings(s))
     assert (p.attempts, p.base, p.multiplier, p.cap, p.deadline) == (6, 0.1, 2.0, 3.0, 12.0)
     assert p.budget is not None and p.budget.capacity == 7.0
+
+
+def test_own_layer_calls_are_retried_inside_another_call(fake: FakeTime) -> None:
+    p = policy(fake)
+    token_calls = [0]
+
+    def fetch_token() -> str:
+        token_calls[0] += 1
+        if token_calls[0] < 3:
+            raise status_error(503)
+        return "t"
+
+    def data_call() -> str:
+        # A token refresh made on the data call's behalf: a separate request, its own retries.
+        return p.call(fetch_token, op="token", own_layer=True)
+
+    assert p.call(data_call, op="append_rows") == "t"
+    assert token_calls[0] == 3

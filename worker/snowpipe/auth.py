@@ -42,6 +42,8 @@ GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # The scoped token's lifetime is undocumented; clients that cannot read `exp` assume 55 minutes
 # (reference §2.2).
 SCOPED_TOKEN_FALLBACK_SECONDS: Final = 55 * 60
+# Differences below this are clock noise, not the whole-second truncation of `iat`.
+_LIFETIME_SLACK: Final = 0.01
 # A host name never contains these; their presence means the answer was not a host name.
 _NOT_HOST_CHARS: Final = frozenset(" \t\r\n/?#@{}[]\"'<>\\")
 
@@ -185,4 +187,10 @@ class SnowflakeAuth:
     def _fetch_scoped(self) -> Token:
         host = self.ingest_host()
         value = self._exchange(self.jwt, token_scope(host, self.role))
-        return token_from_jwt(value, fallback_lifetime=SCOPED_TOKEN_FALLBACK_SECONDS)
+        token = token_from_jwt(value, fallback_lifetime=SCOPED_TOKEN_FALLBACK_SECONDS)
+        # `iat` is whole seconds, so `exp - iat` can overstate what is left by up to a second
+        # (a lot for a short-lived token): count the lifetime from now when that is shorter.
+        remaining = token.expires_at - time.time()
+        if 0 < remaining < token.lifetime - _LIFETIME_SLACK:
+            token = Token(token.value, remaining, token.expires_at)
+        return token

@@ -36,13 +36,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
 
 from worker.auth.guard import Adopt, Publish, TokenGuard, TokenUnavailableError
-from worker.auth.keypair import KeyPairJWT
+from worker.auth.keypair import KeyPairJWT, normalize_account
 from worker.observability import get_logger
 from worker.retry import RetryPolicy
 from worker.snowpipe.auth import GRANT_TYPE, SnowflakeAuth, ingest_base_url, parse_hostname
@@ -603,6 +603,29 @@ class SnowpipeClient:
                 raise err from exc
             raise TokenRefreshError(str(exc), op=op) from exc
 
+    def _jwt_hint(self) -> str:
+        """What to check when the key-pair JWT is refused, with the values actually sent."""
+        tokens = self.tokens
+        sent_account, sent_user = tokens.identity.split(".", 1)
+        checks = [
+            f"check the key: the public key with fingerprint {tokens.fingerprint} must be "
+            f"registered for user {sent_user} (DESCRIBE USER shows RSA_PUBLIC_KEY_FP; "
+            "SNOWPIPE_PRIVATE_KEY_PATH must hold its private key)",
+            f"check the account: SNOWPIPE_ACCOUNT={self.settings.account!r} is sent as "
+            f"{sent_account!r} and must be the account of "
+            f"SNOWPIPE_ACCOUNT_URL={self.account_url!r}",
+            f"check the user: SNOWPIPE_USER={self.settings.user!r}",
+        ]
+        url_account = _account_in_url(self.account_url)
+        if url_account is not None and url_account != sent_account.replace("_", "-"):
+            # The likeliest cause comes first.
+            checks.insert(
+                0,
+                f"the account is the likely culprit: SNOWPIPE_ACCOUNT gives {sent_account!r} "
+                f"but SNOWPIPE_ACCOUNT_URL names {url_account!r}",
+            )
+        return "; ".join(checks)
+
     def _auth_error(
         self, op: str, guard: TokenGuard, response: httpx.Response, request_id: str
     ) -> SnowpipeError:
@@ -615,24 +638,13 @@ class SnowpipeClient:
         )
         tokens = self.tokens
         if guard is tokens.jwt:
-            account = self.settings.account
-            user = self.settings.user
-            subject = tokens.identity
             return InvalidJWTError(
-                f"Snowflake rejected the key-pair JWT for {subject}: {err.message}",
+                f"Snowflake rejected the key-pair JWT for {tokens.identity}: {err.message}",
                 status=err.status,
                 code=err.code,
                 request_id=request_id,
                 op=op,
-                hint=(
-                    f"check the key: the public key with fingerprint {tokens.fingerprint} must be "
-                    f"registered for user {subject.split('.', 1)[-1]} (DESCRIBE USER shows "
-                    "RSA_PUBLIC_KEY_FP; SNOWPIPE_PRIVATE_KEY_PATH must be its private key); "
-                    f"check the account: SNOWPIPE_ACCOUNT={account!r} is sent as "
-                    f"{subject.split('.', 1)[0]!r} and must be the account of "
-                    f"SNOWPIPE_ACCOUNT_URL={self.account_url!r}; check the user: "
-                    f"SNOWPIPE_USER={user!r}"
-                ),
+                hint=self._jwt_hint(),
             )
         if isinstance(err, AuthError):
             err.hint = (
@@ -645,6 +657,17 @@ class SnowpipeClient:
         return AuthError(
             err.message, status=err.status, code=err.code, request_id=request_id, op=op
         )
+
+
+def _account_in_url(url: str) -> str | None:
+    """The account named by a `<account>[.region].snowflakecomputing.com` URL, normalised."""
+    host = (urlsplit(url).hostname or "").lower()
+    if not host.endswith((".snowflakecomputing.com", ".snowflakecomputing.cn")):
+        return None
+    try:
+        return normalize_account(host.split(".", 1)[0]).replace("_", "-")
+    except ValueError:
+        return None
 
 
 # --- One client per process ----------------------------------------------------------------------

@@ -507,6 +507,11 @@ def error_from_response(
 ) -> SnowpipeError:
     """The error for an HTTP error response: the class picked by Snowflake code, then status."""
     code, message = parse_error_body(body)
+    if headers is not None:
+        # The local emulator explains each refusal in this header (Snowflake says less).
+        reason = _header(headers, "x-emulator-reason")
+        if reason:
+            message = f"{message} [emulator: {_shorten(reason)}]"
     cls: type[SnowpipeError] | None = None
     if code is not None:
         for codes, candidate in _CODE_CLASSES:
