@@ -35,8 +35,9 @@ PipeKey = tuple[str, str, str]
 ChannelKey = tuple[str, str, str, str]
 IMPLICIT_PIPE_SUFFIX = "-STREAMING"
 ELASTIC_CHANNEL = "ELASTIC"
-# Commits due within this window are written together (one SQLite transaction per tick).
-_COMMIT_BATCH_WINDOW = 0.005
+# The pump sleeps this much past the next due commit, so that batches appended in the same few
+# milliseconds are written together (one SQLite transaction); commits are never early.
+_COMMIT_BATCH_SLACK = 0.002
 
 
 def _now_ms() -> int:
@@ -419,15 +420,16 @@ class EmulatorState:
             if delay > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    await asyncio.wait_for(
+                        self._wake.wait(), timeout=delay + _COMMIT_BATCH_SLACK
+                    )
                 continue
             self.commit_due(time.monotonic())
 
     def commit_due(self, now: float) -> int:
         """Commit every batch due by `now`, in append order; returns how many."""
         due: list[PendingBatch] = []
-        horizon = now + _COMMIT_BATCH_WINDOW
-        while self._queue and self._queue[0].commit_at <= horizon:
+        while self._queue and self._queue[0].commit_at <= now:
             batch = self._queue.popleft()
             if not batch.discarded:
                 due.append(batch)
