@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None,
             timeout_keep_alive=30,
+            # A client that leaves a TLS connection open must not hold up a stop (tests restart
+            # emulators often); in-flight requests get this long to finish.
+            timeout_graceful_shutdown=1,
         )
     )
     scheme = "https" if certfile else "http"

@@ -29,6 +29,7 @@ def test_hostname_is_plain_text_host_without_port(emulator: RunningEmulator) -> 
     emulator.register_key(ACCOUNT, USER, kp.public_pem)
     c = RefClient(emulator.url, ACCOUNT, USER, kp.private_key)
     response = c.get_hostname()
+    c.close()
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert response.text == "127.0.0.1"
