@@ -1,0 +1,56 @@
+"""The Celery app (`worker.app`) and its per-process set-up.
+
+`celery -A worker worker` and `celery -A worker beat` load it; the configuration (and why each
+delivery setting is what it is) is in worker/celery_config.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging, worker_init, worker_process_init
+
+from worker import runtime
+from worker.celery_config import (
+    INGEST_TASK,
+    REFRESH_TASK,
+    build_config,
+    declare_dead_letter_queue,
+)
+from worker.settings import Settings
+
+__all__ = ["INGEST_TASK", "REFRESH_TASK", "app", "create_app"]
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from `settings` (default: the process's settings)."""
+    settings = settings or runtime.settings()
+    celery_app = Celery("worker", include=["worker.tasks"])
+    celery_app.conf.update(build_config(settings))
+    return celery_app
+
+
+app = create_app()
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    # Connected, so Celery leaves logging alone; ours redacts secrets from every logger.
+    from worker.observability import configure_logging
+
+    level = loglevel if loglevel is not None else logging.INFO
+    configure_logging(level, json=not sys.stderr.isatty())
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _declare_dead_letters(**_: Any) -> None:
+    declare_dead_letter_queue(app, runtime.settings())
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _reset_process_state(**_: Any) -> None:
+    # Prefork children: drop anything inherited (the fork hook does too); nothing blocking here.
+    runtime.reset()
