@@ -217,3 +217,34 @@ def test_request_id_and_retry_count_query_params_are_accepted(client: RefClient)
         headers={"Authorization": f"Bearer {client.scoped_token}", "Accept": "application/json"},
     )
     assert response.status_code == 200, response.text
+
+
+def test_drop_without_the_flag_discards_in_flight_rows(
+    client: RefClient, registered: RunningEmulator
+) -> None:
+    token = client.open(DB, SCHEMA, PIPE, "dropfly")["next_continuation_token"]
+    registered.pause_commits()
+    try:
+        client.append(DB, SCHEMA, PIPE, "dropfly", [{"a": 1}], continuation_token=token, end="1")
+        assert client.drop(DB, SCHEMA, PIPE, "dropfly").status_code == 200
+    finally:
+        registered.pause_commits(False)
+    time.sleep(0.3)  # past the commit delay: nothing may commit for the dropped channel
+    assert [r for r in registered.rows(DB, SCHEMA, PIPE) if r["channel"] == "dropfly"] == []
+
+
+def test_status_body_without_channel_names_is_a_400(client: RefClient) -> None:
+    response = client.http.post(
+        f"{client.ingest_url}/v2/streaming/databases/{DB}/schemas/{SCHEMA}/pipes/{PIPE}"
+        ":bulk-channel-status",
+        json={"names": ["x"]},
+        headers={"Authorization": f"Bearer {client.scoped_token}", "Accept": "application/json"},
+    )
+    assert response.status_code == 400
+    assert "channel_names" in response.json()["message"]
+
+
+def test_rows_endpoint_names_missing_query_parameters(registered: RunningEmulator) -> None:
+    response = registered.admin.get("/_emulator/rows", params={"database": DB})
+    assert response.status_code == 400
+    assert "schema" in response.json()["message"] and "pipe" in response.json()["message"]

@@ -152,3 +152,17 @@ def test_bad_option_fails_with_a_usage_error() -> None:
     assert result.returncode == 2
     assert "ACCOUNT.USER=PEMFILE" in result.stderr
     assert result.stdout == ""
+
+
+def test_stdout_carries_exactly_the_one_start_line() -> None:
+    with start_emulator("--log-level", "info") as emu:
+        emu.register_key(ACCOUNT, USER, key_pair().public_pem)
+        c = RefClient(emu.url, ACCOUNT, USER, key_pair().private_key).connect()
+        c.open_channel(DB, SCHEMA, "NO_SUCH_PIPE", "c")  # a refusal, logged at info
+        c.close()
+        emu.admin.close()
+        emu.process.terminate()
+        emu.process.wait(10)
+        assert emu.process.stdout is not None
+        assert emu.process.stdout.read() == ""
+        assert "unknown pipe" in emu.stderr()
