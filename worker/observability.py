@@ -229,3 +229,31 @@ def set_guard_health(name: str, healthy: bool) -> None:
 # --- Metrics: retries -----------------------------------------------------------------------------
 # Retry metrics (RetryPolicy) go here: define them at module level like the token metrics above and
 # expose small `record_*` functions, so worker/retry.py never touches prometheus_client directly.
+
+RETRIES = Counter(
+    "snowpipe_retries_total",
+    "Retries scheduled by the RetryPolicy, by operation and error type.",
+    ["op", "error_type"],
+)
+RETRIES_EXHAUSTED = Counter(
+    "snowpipe_retries_exhausted_total",
+    "Calls the RetryPolicy gave up on, by operation and reason (attempts, deadline, "
+    "retry_after_beyond_deadline, budget).",
+    ["op", "reason"],
+)
+RETRY_BUDGET_TOKENS = Gauge(
+    "snowpipe_retry_budget_tokens",
+    "Tokens left in the process-wide retry budget (a retry costs one by default).",
+)
+
+
+def record_retry(op: str, error_type: str, budget_tokens: float | None) -> None:
+    """Count one scheduled retry of `op` and publish the budget left."""
+    RETRIES.labels(op=op, error_type=error_type).inc()
+    if budget_tokens is not None:
+        RETRY_BUDGET_TOKENS.set(budget_tokens)
+
+
+def record_retry_exhausted(op: str, reason: str) -> None:
+    """Count one call of `op` the retry policy gave up on, and why."""
+    RETRIES_EXHAUSTED.labels(op=op, reason=reason).inc()

@@ -25,7 +25,9 @@ When the policy gives up, a Celery task may run again later with `countdown()`: 
 continued.
 
 Events (structlog): `retry.scheduled` (op, attempt, delay, error type/status/code, budget) and
-`retry.exhausted` (op, attempts, reason, elapsed, error). Never a token or a URL.
+`retry.exhausted` (op, attempts, reason, elapsed, error). Never a token or a URL. Metrics
+(`worker.observability`): `snowpipe_retries_total{op,error_type}`,
+`snowpipe_retries_exhausted_total{op,reason}` and the `snowpipe_retry_budget_tokens` gauge.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVar
 import httpx
 from tenacity import RetryCallState, Retrying
 
-from worker.observability import get_logger
+from worker.observability import get_logger, record_retry, record_retry_exhausted
 from worker.snowpipe.errors import (
     AuthError,
     ChannelReopenRequired,
@@ -376,6 +378,11 @@ class RetryPolicy:
     def _scheduled(self, rs: RetryCallState, state: _CallState) -> None:
         exc = rs.outcome.exception() if rs.outcome is not None else None
         state.delays.append(rs.upcoming_sleep)
+        record_retry(
+            state.op,
+            type(exc).__name__ if exc is not None else "None",
+            None if self.budget is None else self.budget.tokens,
+        )
         log.warning(
             "retry.scheduled",
             op=state.op,
@@ -388,6 +395,7 @@ class RetryPolicy:
 
     def _exhausted(self, exc: BaseException, state: _CallState) -> None:
         attempts = len(state.delays) + 1
+        record_retry_exhausted(state.op, state.reason or "unknown")
         elapsed = self._clock() - state.started
         log.error(
             "retry.exhausted",

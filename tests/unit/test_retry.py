@@ -383,3 +383,18 @@ def test_own_layer_calls_are_retried_inside_another_call(fake: FakeTime) -> None
 
     assert p.call(data_call, op="append_rows") == "t"
     assert token_calls[0] == 3
+
+
+def test_retries_and_give_ups_are_counted_in_metrics(fake: FakeTime) -> None:
+    from worker.observability import RETRIES, RETRIES_EXHAUSTED
+
+    def value(counter: Any, **labels: str) -> float:
+        return float(counter.labels(**labels)._value.get())
+
+    before = value(RETRIES, op="metrics-op", error_type="ServerError")
+    exhausted = value(RETRIES_EXHAUSTED, op="metrics-op", reason="attempts")
+    fn, _ = failing(*[status_error(503) for _ in range(4)])
+    with pytest.raises(e.ServerError):
+        policy(fake).call(fn, op="metrics-op")
+    assert value(RETRIES, op="metrics-op", error_type="ServerError") - before == 3
+    assert value(RETRIES_EXHAUSTED, op="metrics-op", reason="attempts") - exhausted == 1
