@@ -314,3 +314,34 @@ def test_https_with_the_ca_file(tmp_path: Path) -> None:
         with untrusting, pytest.raises(e.TransportError) as info:
             untrusting.open_channel(DB, SCHEMA, PIPE, channel_name())
         assert "SNOWPIPE_CA_FILE" in str(info.value)
+
+
+def test_threads_share_one_client_and_one_token_fetch(emu: RunningEmulator) -> None:
+    import threading
+
+    tokens_before = requests(emu, "token", 200)
+    hostnames_before = requests(emu, "hostname", 200)
+    failures: list[BaseException] = []
+    with make_client(emu) as client:
+        barrier = threading.Barrier(8)
+
+        def writer(i: int) -> None:
+            try:
+                barrier.wait()
+                ch = channel_name(f"thread{i}")
+                ct = client.open_channel(DB, SCHEMA, PIPE, ch).continuation_token
+                for n in range(5):
+                    ct = append(client, ch, ct, [{"thread": i, "n": n}], end=n)
+                wait_committed(client, ch, "4")
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert failures == []
+    # Eight threads arriving together with no token: one hostname call, one exchange.
+    assert requests(emu, "token", 200) - tokens_before == 1
+    assert requests(emu, "hostname", 200) - hostnames_before == 1
