@@ -1,0 +1,143 @@
+"""Every bad input gives a clear error at publish time or a dead letter with its reason."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.support.celery import (
+    ACCOUNT,
+    DATABASE,
+    SCHEMA,
+    USER,
+    launch_worker,
+    running,
+    settings_overrides,
+    unique_queue,
+    wait_until,
+    worker_env,
+)
+from tests.support.emulator import RunningEmulator, start_emulator
+from tests.support.keys import key_pair
+from tests.support.redis import RedisDB, claimed_db
+from worker.deadletter import DeadLetters
+from worker.publish import InvalidBatchError, Publisher
+from worker.settings import load_settings
+
+
+@pytest.fixture
+def emu(tmp_path: Path) -> Iterator[RunningEmulator]:
+    # Only pipe P exists: anything else is an unknown pipe.
+    with start_emulator(
+        "--commit-delay", "0.2", "--rate-limit", "0", "--pipe", f"{DATABASE}.{SCHEMA}.P",
+        workdir=tmp_path / "emu",
+    ) as emulator:  # fmt: skip
+        emulator.register_key(ACCOUNT, USER, key_pair("celery").public_pem)
+        yield emulator
+
+
+@pytest.fixture
+def db() -> Iterator[RedisDB]:
+    with claimed_db() as claimed:
+        yield claimed
+
+
+def _publisher(emu: RunningEmulator, db: RedisDB, tmp_path: Path, **kw: object) -> Publisher:
+    key_path = key_pair("celery").write_private(tmp_path / "key.pem")
+    env = worker_env(emu, db.url, key_path, queue=unique_queue("bad"), **kw)  # type: ignore[arg-type]
+    return Publisher(load_settings(**settings_overrides(env)))
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"id": 1, "at": datetime(2026, 1, 1)}], "row 0 is not JSON-serialisable"),
+        ([{"id": 1}, {"id": 2, "v": {1, 2}}], "row 1 is not JSON-serialisable"),
+        ([{"id": 1, "v": math.nan}], "row 0: v is NaN or infinite"),
+        ([{"id": 1, "blob": "x" * (4 * 1024 * 1024 + 1)}], "row 0 is 4194" ),
+        ([], "the batch is empty"),
+        ([{}], "row 0 is empty"),
+        (["not a dict"], "row 0 is a str, not a JSON object"),
+        ({"id": 1}, "rows must be a list of dicts"),
+    ],
+    ids=["datetime", "set", "nan", "oversized", "empty-batch", "empty-row", "str-row", "dict"],
+)
+def test_bad_rows_are_refused_at_publish_time_naming_the_row(
+    emu: RunningEmulator, db: RedisDB, tmp_path: Path, rows: object, message: str
+) -> None:
+    publisher = _publisher(emu, db, tmp_path)
+    try:
+        with pytest.raises(InvalidBatchError) as info:
+            publisher.publish(rows, database=DATABASE, schema=SCHEMA, pipe="P")  # type: ignore[arg-type]
+        assert message in str(info.value)
+    finally:
+        publisher.close()
+
+
+def test_a_pipe_name_with_a_newline_is_refused_at_publish_time(
+    emu: RunningEmulator, db: RedisDB, tmp_path: Path
+) -> None:
+    publisher = _publisher(emu, db, tmp_path)
+    try:
+        with pytest.raises(InvalidBatchError, match="control character"):
+            publisher.publish([{"id": 1}], database=DATABASE, schema=SCHEMA, pipe="P\nX")
+    finally:
+        publisher.close()
+
+
+def test_unknown_pipe_and_empty_batch_become_dead_letters_with_their_reason(
+    emu: RunningEmulator, db: RedisDB, tmp_path: Path
+) -> None:
+    publisher = _publisher(emu, db, tmp_path)
+    env_worker = worker_env(
+        emu, db.url, tmp_path / "key.pem", queue=publisher.settings.queue_name
+    )
+    worker = launch_worker(env_worker, tmp_path, name="badpipe", pool="threads", concurrency=2)
+    try:
+        with running(worker):
+            publisher.publish([{"id": 1}], database=DATABASE, schema=SCHEMA, pipe="NOPE")
+            # An empty batch published around the checks (another producer): dead-lettered too.
+            publisher.app.send_task(
+                "snowpipe.ingest_batch",
+                kwargs={"batch_id": "empty-1", "database": DATABASE, "schema": SCHEMA,
+                        "pipe": "P", "rows": []},
+                queue=publisher.settings.queue_name,
+            )
+            publisher.publish([{"id": 2}], database=DATABASE, schema=SCHEMA, pipe="P")
+            dead = DeadLetters(db.client)
+            wait_until(lambda: dead.count() >= 2, timeout=60, what="two dead letters",
+                       logs=[worker])
+            wait_until(lambda: len(emu.rows(DATABASE, SCHEMA, "P")) == 1, timeout=30,
+                       what="the good batch", logs=[worker])
+            letters = {s.letter.pipe if s.letter.rows else "empty": s.letter
+                       for s in dead.entries()}
+            assert "NOPE" in letters["NOPE"].reason
+            assert letters["NOPE"].rows == [{"id": 1}]
+            assert "no rows" in letters["empty"].reason
+    finally:
+        publisher.close()
+
+
+def test_a_key_the_service_rejects_dead_letters_batches_with_the_key_problem(
+    emu: RunningEmulator, db: RedisDB, tmp_path: Path
+) -> None:
+    wrong = key_pair("not-registered").write_private(tmp_path / "wrong.pem")
+    env = worker_env(emu, db.url, wrong, queue=unique_queue("badkey"))
+    publisher = Publisher(load_settings(**settings_overrides(env)))
+    worker = launch_worker(env, tmp_path, name="badkey", pool="threads", concurrency=2)
+    try:
+        with running(worker):
+            publisher.publish([{"id": 1}], database=DATABASE, schema=SCHEMA, pipe="P")
+            dead = DeadLetters(db.client)
+            wait_until(lambda: dead.count() >= 1, timeout=60, what="a dead letter",
+                       logs=[worker])
+            letter = next(dead.entries()).letter
+            assert "key" in letter.reason.lower()
+            assert "fingerprint" in letter.reason.lower()
+            assert letter.rows == [{"id": 1}]
+    finally:
+        publisher.close()
