@@ -27,6 +27,14 @@ test: lint typecheck
 test-fast: lint typecheck
 	$(BIN)/pytest -m "not sdk and not slow" $(PYTEST_ARGS)
 
+# The first run: local stack + 50k sample rows, each verified committed exactly once (exit 0).
+run: install
+	$(BIN)/snowpipe-worker run
+
+# The same local stack (embedded broker, emulator, worker, beat), kept running until Ctrl-C.
+up: install
+	$(BIN)/snowpipe-worker up
+
 bench: install
 	$(BIN)/python bench/guard.py
 	$(BIN)/python bench/emulator.py

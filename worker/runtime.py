@@ -83,6 +83,14 @@ def process_slot() -> int:
     return int(index) if isinstance(index, int) else 0
 
 
+def counters(client: redis.Redis) -> dict[str, int]:
+    """The worker's counters (committed, already_committed, retry_later, dead_letter, ...)."""
+    raw = client.hgetall(STATS_KEY)
+    return {
+        (k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()
+    }
+
+
 _local = threading.local()
 
 
