@@ -232,6 +232,17 @@ def stats() -> None:
 
 
 @app.command()
+def keygen(
+    directory: Annotated[Path, typer.Argument(help="where to write the key pair")],
+) -> None:
+    """Write a throwaway key pair (snowpipe_key.pem / .pub) for the emulator, if absent."""
+    from worker.devstack import ensure_key
+
+    private, public = ensure_key(directory)
+    out.print(f"private key {private}\npublic key  {public}")
+
+
+@app.command()
 def up(
     pool: Annotated[str, typer.Option(help="worker pool: threads or prefork")] = "threads",
     concurrency: Annotated[int, typer.Option(min=1)] = 16,
