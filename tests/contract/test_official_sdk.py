@@ -77,8 +77,10 @@ def _run(emu: RunningEmulator, tmp_path: Path, channel: str, batches: int, **ext
     return run
 
 
-def _assert_every_row_exactly_once(emu: RunningEmulator, channel: str, count: int) -> None:
-    committed = [r for r in emu.rows(DB, SCHEMA, PIPE) if r["channel"] == channel]
+def _assert_every_row_exactly_once(
+    emu: RunningEmulator, channel: str, count: int, pipe: str = PIPE
+) -> None:
+    committed = [r for r in emu.rows(DB, SCHEMA, pipe) if r["channel"] == channel]
     ids = [r["row"]["id"] for r in committed]
     assert ids == list(range(count)), (
         f"channel {channel}: {len(ids)} rows committed, {len(set(ids))} distinct, "
@@ -181,3 +183,12 @@ def test_official_sdk_reopens_a_closed_channel_at_its_committed_offset(
     assert second.result["open_status"]["latest_committed_offset_token"] == "399"
     assert second.result["final_status"]["latest_committed_offset_token"] == "799"
     _assert_every_row_exactly_once(emu, "resumed", 800)
+
+
+def test_official_sdk_in_table_mode_writes_to_the_implicit_streaming_pipe(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    # from_table("EVENTS") uses the pipe EVENTS-STREAMING, which needs no registration.
+    _run(emu, tmp_path, "table-mode", batches=2, table="EVENTS")
+
+    _assert_every_row_exactly_once(emu, "table-mode", 400, pipe="EVENTS-STREAMING")

@@ -6,10 +6,10 @@ runs this module in a subprocess (with `SSL_CERT_FILE` pointing at the emulator'
 the one `SDK_RESULT {...}` line it prints last.
 
 Plan keys: url, account, user, private_key_file, database, schema, pipe, channel, batches,
-rows_per_batch, timeout_seconds, and optionally role, client_name, first_offset, properties
-(more SDK configuration keys, passed as given),
-`admin_after_batch` ({"0": "/_emulator/expire-tokens"}: POST that admin path once batch 0 is
-flushed) and `linger_seconds` (keep the client open that long after the commit, so that its
+rows_per_batch, timeout_seconds. Optional: table (use `from_table`, pipe `<table>-STREAMING`),
+role, client_name, first_offset, properties (more SDK configuration keys, passed as given),
+admin_after_batch ({"0": "/_emulator/expire-tokens"}: POST that admin path once batch 0 is
+flushed) and linger_seconds (keep the client open that long after the commit, so that its
 background token refresh can be observed).
 Rows are `{"id": n, "batch": b, "note": "..."}` with offset token `str(n)`, so a test can check
 that every id arrived exactly once.
@@ -63,13 +63,16 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     properties.update(plan.get("properties", {}))
     result: dict[str, Any] = {"ok": False}
     started = time.monotonic()
-    client = StreamingIngestClient(
-        plan.get("client_name", "emulator-sdk-test"),
-        plan["database"],
-        plan["schema"],
-        plan["pipe"],
-        properties=properties,
-    )
+    name = plan.get("client_name", "emulator-sdk-test")
+    if plan.get("table"):
+        # Table mode: the SDK derives the pipe name `<table>-STREAMING` itself.
+        client = StreamingIngestClient.from_table(
+            name, plan["database"], plan["schema"], plan["table"], properties=properties
+        )
+    else:
+        client = StreamingIngestClient(
+            name, plan["database"], plan["schema"], plan["pipe"], properties=properties
+        )
     try:
         result["client_seconds"] = round(time.monotonic() - started, 2)
         channel, status = client.open_channel(plan["channel"])
