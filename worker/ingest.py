@@ -51,6 +51,10 @@ class ChunkingChanged(PermanentError):
     )
 
 
+class _EntryChanged(Exception):
+    """The batch's ledger entry changed while we evaluated it."""
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """How a batch ended: sent now (and committed) or found already committed."""
@@ -95,29 +99,17 @@ class Ingestor:
             if time.monotonic() >= deadline:
                 raise CommitTimeout(f"batch {batch_id}: not committed within the task's budget")
             pending = writer.find(batch_id)
+            ours = pending is None  # else another task of this process is appending it
             if pending is None:
-                entry = self._ledger.entry(batch_id)
-                if entry is None:
-                    template: list[ChunkRecord | None] = [None] * len(chunks)
-                else:
-                    if len(entry.chunks) != len(chunks):
-                        flags = self._settle(writer, entry, fence=True, deadline=deadline)
-                        if all(flags):
-                            return IngestResult(True, 0, 0, writer.ref.channel)
-                        raise ChunkingChanged(
-                            f"batch {batch_id} was split into {len(entry.chunks)} requests "
-                            f"before and into {len(chunks)} now"
-                        )
-                    flags = self._settle(writer, entry, fence=not contended, deadline=deadline)
-                    if self._ledger.entry(batch_id) != entry:
-                        contended = True  # someone else moved it while we looked: re-read
-                        continue
-                    if all(flags):
-                        _log.info("batch.already_committed", batch_id=batch_id)
-                        return IngestResult(True, 0, 0, writer.ref.channel)
-                    template = [
-                        chunk if ok else None for chunk, ok in zip(entry.chunks, flags, strict=True)
-                    ]
+                try:
+                    plan = self._plan(writer, batch_id, len(chunks), contended, deadline)
+                except _EntryChanged:
+                    contended = True  # someone else moved it while we looked: re-read
+                    continue
+                if plan is None:
+                    _log.info("batch.already_committed", batch_id=batch_id)
+                    return IngestResult(True, 0, 0, writer.ref.channel)
+                entry, template = plan
                 pending = PendingBatch(batch_id, chunks, entry)
                 try:
                     writer.submit(pending, template)
@@ -128,13 +120,37 @@ class Ingestor:
             try:
                 done = writer.wait(pending, deadline)
             except BaseException:
-                writer.forget(pending)
+                if ours:
+                    writer.forget(pending)
                 raise
             if done is None:
                 contended = True
                 continue
+            if not ours:
+                return IngestResult(True, 0, 0, writer.ref.channel)
             errors = writer.new_row_errors(done.status)
             return IngestResult(False, sent, errors, writer.ref.channel)
+
+    def _plan(
+        self, writer: ChannelWriter, batch_id: str, n_chunks: int, contended: bool, deadline: float
+    ) -> tuple[LedgerEntry | None, list[ChunkRecord | None]] | None:
+        """(ledger entry, template of chunks to append), or None if already committed."""
+        entry = self._ledger.entry(batch_id)
+        if entry is None:
+            return None, [None] * n_chunks
+        flags = self._settle(
+            writer, entry, fence=not contended or len(entry.chunks) != n_chunks, deadline=deadline
+        )
+        if self._ledger.entry(batch_id) != entry:
+            raise _EntryChanged(batch_id)
+        if all(flags):
+            return None
+        if len(entry.chunks) != n_chunks:
+            raise ChunkingChanged(
+                f"batch {batch_id} was split into {len(entry.chunks)} requests "
+                f"before and into {n_chunks} now"
+            )
+        return entry, [chunk if ok else None for chunk, ok in zip(entry.chunks, flags, strict=True)]
 
     def _settle(
         self, writer: ChannelWriter, entry: LedgerEntry, *, fence: bool, deadline: float
@@ -152,10 +168,12 @@ class Ingestor:
                 committed[ref] = self._committed_now(ref)
             elif ref == writer.ref:
                 committed[ref] = writer.settle()
-            elif fence:
-                committed[ref] = self._fence_foreign(ref)
             else:
-                committed[ref] = self._watch(ref, max(c.offset for c in chunks), deadline)
+                highest = max(c.offset for c in chunks)
+                # Contended: watch the other writer first; only a commit seen without a fence is
+                # final (its rows cannot be discarded later), anything less needs the fence.
+                seen = -1 if fence else self._watch(ref, highest, deadline)
+                committed[ref] = seen if seen >= highest else self._fence_foreign(ref)
         flags: list[bool] = []
         lost_by_ref: Mapping[ChannelRef, dict[int, bool]] = {
             ref: dict(

@@ -129,6 +129,8 @@ def test_kill_9_of_the_whole_worker_mid_run_then_restart_commits_every_row_once(
         # Rows in flight at the crash stay uncommitted until the new worker has reopened (fenced)
         # the channels, which discards them: their batches must be appended again.
         rig.emu.pause_commits(True)
+        wait_until(lambda: rig.emu.stats()["batches_pending"] >= 2, timeout=30,
+                   what="appends in flight", logs=[first])
         first.kill()
         assert rig.committed() < 80 * ROWS, "the run ended before the kill"
         second = launch_worker(rig.env, tmp_path, name="kall", pool="threads", concurrency=8)

@@ -90,6 +90,12 @@ class BatchMoved(Exception):
     """Another process took the batch over (its ledger entry changed); re-read the ledger."""
 
 
+class BatchDropped(RetryableError):
+    """An append of the batch failed in another task's replay; the batch is retried later."""
+
+    hint = "an append failed while the channel was replayed; retried (the ledger dedups it)"
+
+
 def committed_offset(status: ChannelStatus | None) -> int:
     """The channel's committed offset as an integer (0 when nothing was committed)."""
     if status is None or status.last_committed_offset_token is None:
@@ -110,7 +116,10 @@ class PendingBatch:
         self.batch_id = batch_id
         self.chunks = list(chunks)
         self.entry = entry
-        self.moved = False
+        self.moved = False  # another process took it over (its ledger entry changed)
+        self.dropped = False  # an append failed: the writer no longer holds it
+        self.committed: ChannelStatus | None = None
+        self.done = False
 
     def offsets_on(self, ref: ChannelRef) -> list[int]:
         """Offsets of this batch's chunks on `ref`."""
@@ -291,6 +300,7 @@ class ChannelWriter:
                 # appended before a fence settles it (a later commit must not "cover" it).
                 self._gen = None
                 self._pending.pop(batch.batch_id, None)
+                batch.dropped = True
                 raise
 
     def _open_locked(self) -> None:
@@ -371,8 +381,12 @@ class ChannelWriter:
         """
         status: ChannelStatus | None = None
         while True:
+            if batch.done:
+                return Committed(batch.committed)
             if batch.moved:
                 return None
+            if batch.dropped:
+                raise BatchDropped(f"batch {batch.batch_id}: append failed during a replay")
             seen_gen = self._gen
             entry = batch.entry
             assert entry is not None
@@ -389,6 +403,7 @@ class ChannelWriter:
                 with self._lock:
                     if self._pending.get(batch.batch_id) is batch:
                         del self._pending[batch.batch_id]
+                    batch.committed, batch.done = status, True
                 return Committed(status)
             # A fence we did not see (another process opened our channel): reopen and replay.
             if batch.entry is entry:
