@@ -207,3 +207,20 @@ def test_503_and_429_storms_with_5_second_tokens_commit_exactly_once_without_tas
             stats = rig.emu.stats()
             assert stats["tokens_issued"] >= 3, stats
             assert stats["faults_fired"] > 0, stats
+
+
+def test_appends_whose_answers_are_lost_are_settled_by_a_reopen_not_resent(
+    tmp_path: Path,
+) -> None:
+    # The emulator accepts these appends, then drops the connection before the answer: the
+    # worker cannot know whether they landed. Resending with the same continuation token could
+    # commit them twice; the worker reopens the channel instead and replays what was discarded.
+    with make_rig(tmp_path, BASE_EMU) as rig:
+        rig.emu.fault(endpoint="append", mode="drop", count=6)
+        worker = launch_worker(rig.env, tmp_path, name="lost", pool="threads", concurrency=8)
+        with running(worker):
+            rig.publish(0, 24)
+            rig.finish(24, [worker])
+            stats = rig.emu.stats()
+            assert stats["faults_fired"] == 6, stats
+            assert stats["batches_discarded"] >= 1, stats

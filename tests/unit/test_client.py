@@ -464,6 +464,59 @@ def test_stale_continuation_token_is_its_own_error_and_not_retried(
     assert info.value.request_id == route.calls.last.request.url.params["requestId"]
 
 
+def _append_once(client: SnowpipeClient) -> str:
+    [payload] = encode_rows([{"a": 1}])
+    return client.append_rows(
+        "DB",
+        "SC",
+        "T-STREAMING",
+        "ch1",
+        continuation_token="0_1",
+        payload=payload,
+        start_offset_token="1",
+        end_offset_token="1",
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ReadTimeout("slow"),
+        httpx.WriteTimeout("slow"),
+        httpx.RemoteProtocolError("server disconnected"),
+        httpx.ReadError("reset"),
+    ],
+)
+def test_append_whose_answer_was_lost_is_not_resent_but_needs_a_reopen(
+    mock: respx.MockRouter,
+    control: dict[str, respx.Route],
+    sleeps: Sleeps,
+    failure: httpx.TransportError,
+) -> None:
+    # Resending with the same continuation token could commit the rows twice if the first copy
+    # landed; only a reopen (which commits or discards it) can settle the outcome.
+    route = mock.post(INGEST + ROWS_PATH).mock(side_effect=failure)
+    with pytest.raises(e.AppendOutcomeUnknownError) as info:
+        _append_once(make_client(sleeps))
+    assert isinstance(info.value, e.ChannelReopenRequired)
+    assert route.call_count == 1
+    assert sleeps.calls == []
+
+
+def test_append_that_never_connected_is_resent(
+    mock: respx.MockRouter, control: dict[str, respx.Route], sleeps: Sleeps
+) -> None:
+    route = mock.post(INGEST + ROWS_PATH).mock(
+        side_effect=[
+            httpx.ConnectError("refused"),
+            httpx.ConnectTimeout("no route"),
+            httpx.Response(200, json={"next_continuation_token": "0_2"}),
+        ]
+    )
+    assert _append_once(make_client(sleeps)) == "0_2"
+    assert route.call_count == 3
+
+
 def test_timeouts_become_retryable_timeout_errors(
     mock: respx.MockRouter, control: dict[str, respx.Route], sleeps: Sleeps
 ) -> None:

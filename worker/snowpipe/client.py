@@ -48,6 +48,7 @@ from worker.retry import RetryPolicy
 from worker.snowpipe.auth import GRANT_TYPE, SnowflakeAuth, ingest_base_url, parse_hostname
 from worker.snowpipe.encoding import EncodedRows
 from worker.snowpipe.errors import (
+    AppendOutcomeUnknownError,
     AuthError,
     InvalidJWTError,
     ProtocolError,
@@ -361,6 +362,7 @@ class SnowpipeClient:
             params=params,
             content=payload.body,
             headers=payload.headers(),
+            idempotent=False,
         )
         code = data.get("status_code")
         if code not in (None, 0, "0"):
@@ -489,6 +491,7 @@ class SnowpipeClient:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         json_body: bool = False,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
         response = self._call(
             op,
@@ -499,6 +502,7 @@ class SnowpipeClient:
             content=content,
             headers=headers,
             json_body=json_body,
+            idempotent=idempotent,
         )
         try:
             data = orjson.loads(response.content) if response.content else {}
@@ -529,8 +533,14 @@ class SnowpipeClient:
         json_body: bool = False,
         token_type: str | None = "OAUTH",  # noqa: S107 - a token type name, not a token
         own_layer: bool = False,
+        idempotent: bool = True,
     ) -> httpx.Response:
-        """The 2xx response of one logical call: retries by the policy, one resend on 401/403."""
+        """The 2xx response of one logical call: retries by the policy, one resend on 401/403.
+
+        A call that is not `idempotent` (an append) is not resent after a transport failure that
+        may have happened after the request left: that raises `AppendOutcomeUnknownError`, and
+        the channel writer settles it with a reopen instead. Failures to connect are resent.
+        """
         request_id = str(uuid.uuid4())
         query = {**(params or {}), "requestId": request_id}
         base_headers: dict[str, str] = dict(headers or {})
@@ -546,11 +556,22 @@ class SnowpipeClient:
                 response = self.http.request(
                     method, url(), params=query, content=content, headers=request_headers
                 )
-            except httpx.TimeoutException as exc:
-                raise RequestTimeoutError(
-                    f"{type(exc).__name__}: no answer in time", op=op, request_id=request_id
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # Never sent: safe to resend, whatever the call.
+                raise TransportError(
+                    f"{type(exc).__name__}: {exc}", op=op, request_id=request_id
                 ) from None
             except httpx.TransportError as exc:
+                if not idempotent:
+                    raise AppendOutcomeUnknownError(
+                        f"{type(exc).__name__} after the request was sent: its outcome is unknown",
+                        op=op,
+                        request_id=request_id,
+                    ) from None
+                if isinstance(exc, httpx.TimeoutException):
+                    raise RequestTimeoutError(
+                        f"{type(exc).__name__}: no answer in time", op=op, request_id=request_id
+                    ) from None
                 raise TransportError(
                     f"{type(exc).__name__}: {exc}", op=op, request_id=request_id
                 ) from None

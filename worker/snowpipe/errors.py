@@ -17,7 +17,9 @@ the leaves exist so that callers and logs can be precise.
     │   ├── ChannelInvalidatedError     ERR_CHANNEL_MUST_BE_REOPENED[_DUE_TO_ROW_SEQ_GAP],
     │   │                               ERR_CHANNEL_HAS_INVALID_{ROW,CLIENT}_SEQUENCER,
     │   │                               STALE_PIPE_CACHE
-    │   └── ChannelNotFoundError        ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED
+    │   ├── ChannelNotFoundError        ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED
+    │   └── AppendOutcomeUnknownError   an append was sent but no answer came back (read timeout,
+    │                                   reset): only a reopen tells whether its rows landed
     ├── AuthError                       401/403 after the one forced token refresh
     │   ├── InvalidJWTError             390144 / 401 from the account host: key, fingerprint,
     │   │                               account or user is wrong (the message says which to check)
@@ -55,6 +57,7 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "AppendOutcomeUnknownError",
     "AuthError",
     "BadRequestError",
     "ChannelInvalidatedError",
@@ -245,6 +248,17 @@ class ChannelNotFoundError(ChannelReopenRequired):
     """The channel does not exist (dropped, or never opened): open it again."""
 
     hint = "open the channel again (it was dropped or never opened) and replay"
+
+
+class AppendOutcomeUnknownError(ChannelReopenRequired):
+    """An append may have reached Snowflake, but its answer was lost (read timeout, reset).
+
+    Resending it with the same continuation token could commit its rows twice if the first copy
+    landed (reference §11, open question 2), so it is never retried blindly: reopening the channel
+    settles it (the rows are either committed or discarded by the open), then the writer replays.
+    """
+
+    hint = "reopen the channel (which commits or discards the lost append), then replay from it"
 
 
 # --- Auth --------------------------------------------------------------------------------------
