@@ -1,10 +1,10 @@
 """The Redis ledger that makes ingestion exactly once: offsets, fences and batch records.
 
-`Ledger(redis)` gives the atomic operations of the exactly-once algorithm (see
-README.md "Guarantees and their limits"): every channel has an offset counter that never goes back (an offset
-is never reused, not even after a reopen discarded uncommitted rows), a writer generation bumped
-by every fence, and a sorted set of offset ranges known to be discarded. Every batch has a ledger
-entry that says on which channel, generation and offset each of its chunks was appended.
+`Ledger(redis)` gives the atomic operations of the exactly-once algorithm (see README.md
+"Guarantees and their limits"): every channel has an offset counter that never goes back (an
+offset is never reused, not even after a reopen discarded uncommitted rows), a writer generation
+bumped by every fence, and a sorted set of offset ranges known to be discarded. Every batch has a
+ledger entry that says on which channel, generation and offset each of its chunks was appended.
 
 Keys (prefix `snowpipe:`; channel key = database|schema|pipe|channel):
     offset:{chan}   highest offset ever allocated on the channel
