@@ -7,6 +7,7 @@ app or read settings.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["app", "publish_batch"]
@@ -14,8 +15,14 @@ __all__ = ["app", "publish_batch"]
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from worker.celery_app import app
+        from worker.settings import SettingsError
 
+        try:
+            from worker.celery_app import app
+        except SettingsError as exc:
+            # `celery -A worker ...` would print a traceback; the message alone says the fix.
+            sys.stderr.write(f"snowpipe-worker: {exc}\n")
+            raise SystemExit(2) from None
         return app
     if name == "publish_batch":
         from worker.publish import publish_batch

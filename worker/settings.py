@@ -283,4 +283,9 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = [_describe(dict(err)) for err in exc.errors(include_input=False)]
+        if profile_path() is None:
+            names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+            problems.append(
+                f"(no profile chosen: SNOWPIPE_CONFIG may name one of {names}, or a .toml path)"
+            )
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems)) from None
