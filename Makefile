@@ -38,6 +38,7 @@ up: install
 bench: install
 	$(BIN)/python bench/guard.py
 	$(BIN)/python bench/emulator.py
+	$(BIN)/python bench/worker.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
