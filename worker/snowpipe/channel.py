@@ -148,7 +148,10 @@ class CommitTracker:
         self._client = client
         self._poll = poll_seconds
         self._clock = clock
-        self._cond = threading.Condition()
+        # One lock; one condition per pipe, so a poll wakes only the waiters of its own pipe
+        # (with hundreds of waiting threads, waking them all on every poll costs real CPU).
+        self._lock = threading.Lock()
+        self._conds: dict[tuple[str, str, str], threading.Condition] = {}
         self._waiters: Counter[ChannelRef] = Counter()
         self._status: dict[ChannelRef, ChannelStatus] = {}
         self._polling: set[tuple[str, str, str]] = set()
@@ -156,7 +159,7 @@ class CommitTracker:
 
     def forget(self, ref: ChannelRef) -> None:
         """Drop the cached status of `ref` (after a reopen its old error code is stale)."""
-        with self._cond:
+        with self._lock:
             self._status.pop(ref, None)
 
     def wait(self, ref: ChannelRef, offset: int, deadline: float) -> ChannelStatus:
@@ -165,11 +168,14 @@ class CommitTracker:
         Raises CommitTimeout at `deadline` (monotonic).
         """
         target = ref.target
-        with self._cond:
+        with self._lock:
             self._waiters[ref] += 1
+            cond = self._conds.get(target)
+            if cond is None:
+                cond = self._conds[target] = threading.Condition(self._lock)
         try:
             while True:
-                with self._cond:
+                with cond:
                     status = self._status.get(ref)
                     if status is not None and (
                         status.channel_status_code != SUCCESS or committed_offset(status) >= offset
@@ -182,32 +188,33 @@ class CommitTracker:
                         )
                     due = self._last_poll.get(target, -1e18) + self._poll
                     if target in self._polling or now < due:
-                        self._cond.wait(min(deadline, due if now < due else deadline) - now)
+                        cond.wait(min(deadline, due if now < due else deadline) - now)
                         continue
                     self._polling.add(target)
                     names = sorted({r.channel for r in self._waiters if r.target == target})
-                self._poll_once(target, names)
+                self._poll_once(target, names, cond)
         finally:
-            with self._cond:
+            with self._lock:
                 self._waiters[ref] -= 1
                 if self._waiters[ref] <= 0:
                     del self._waiters[ref]
 
-    def _poll_once(self, target: tuple[str, str, str], names: list[str]) -> None:
+    def _poll_once(
+        self, target: tuple[str, str, str], names: list[str], cond: threading.Condition
+    ) -> None:
+        result: dict[str, ChannelStatus] = {}
         try:
             result = self._client.bulk_channel_status(*target, names)
         except RetryableError as exc:
             _log.warning("commit.poll.failed", pipe=target[2], error=str(exc))
-            return
         finally:
-            with self._cond:
+            # Whatever happened, release the poll so another waiter can take it over.
+            with cond:
+                for name, status in result.items():
+                    self._status[ChannelRef(*target, name)] = status
                 self._polling.discard(target)
                 self._last_poll[target] = self._clock()
-                self._cond.notify_all()
-        with self._cond:
-            for name, status in result.items():
-                self._status[ChannelRef(*target, name)] = status
-            self._cond.notify_all()
+                cond.notify_all()
 
 
 class ChannelWriter:
