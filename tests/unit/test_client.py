@@ -448,18 +448,8 @@ def test_stale_continuation_token_is_its_own_error_and_not_retried(
             },
         )
     )
-    [payload] = encode_rows([{"a": 1}])
     with pytest.raises(e.StaleContinuationTokenError) as info:
-        make_client(sleeps).append_rows(
-            "DB",
-            "SC",
-            "T-STREAMING",
-            "ch1",
-            continuation_token="0_1",
-            payload=payload,
-            start_offset_token="1",
-            end_offset_token="1",
-        )
+        _append_once(make_client(sleeps))
     assert route.call_count == 1
     assert info.value.request_id == route.calls.last.request.url.params["requestId"]
 
