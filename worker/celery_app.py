@@ -20,6 +20,7 @@ from worker.celery_config import (
     build_config,
     declare_dead_letter_queue,
 )
+from worker.delivery.node import PumpStep
 from worker.settings import Settings
 
 __all__ = ["INGEST_TASK", "REFRESH_TASK", "app", "create_app"]
@@ -34,6 +35,8 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
+# The node's channel pumps run in the worker's main process (worker/delivery/node.py).
+app.steps["worker"].add(PumpStep)
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]

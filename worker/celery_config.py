@@ -1,12 +1,11 @@
 """The Celery configuration: delivery settings, queues, routes and the beat schedule.
 
 Pure functions of `Settings` (no app is built here), shared by the worker's app and by
-publishers. The settings follow
-../shared/reference/celery-delivery.md §6 (the reasons are there):
+publishers (docs/delivery.md explains what each one guards against):
 
 - a message is acknowledged only after the task returns (`task_acks_late`), and the task returns
-  only once its batch is committed or dead-lettered; a killed child's message is requeued
-  (`task_reject_on_worker_lost`); one message reserved per process (prefetch multiplier 1);
+  only once its batch is in a channel log (or dead-lettered); a killed child's message is
+  requeued (`task_reject_on_worker_lost`); one message reserved per process (prefetch 1);
 - one visibility timeout, set in all three places Celery reads it (the shortest one wins);
   the unacked sweep runs every few seconds so a dead node's messages come back promptly;
 - a hard time limit requeues instead of acknowledging (`task_acks_on_timeout=False`); the task

@@ -3,7 +3,8 @@
 A batch is dead-lettered (never silently dropped) when Snowflake refuses it for good (unknown pipe,
 bad request, credentials a refresh did not fix, rows that cannot be encoded) or when its retries
 ran out. Each entry keeps the rows, so `snowpipe-worker dead-letters requeue` can send it again
-after the cause is fixed; the ledger then makes sure nothing already committed is sent twice.
+after the cause is fixed (a dead-lettered batch's id is forgotten by the channel log, so the
+requeued batch is logged again; it was never committed).
 
 Kind "row_errors" records rows Snowflake committed with errors (reported in the channel status):
 the batch was committed, so requeueing it would duplicate its good rows; it is kept for inspection.
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import orjson
 import redis
 
-from worker.ledger import KEY_PREFIX
+from worker.delivery.channels import KEY_PREFIX
 
 DEAD_KEY = KEY_PREFIX + "dead"
 
@@ -105,7 +106,7 @@ class DeadLetters:
         """Publish the failed dead letters again and remove them; (requeued, skipped row_errors).
 
         Publish first, then remove: a crash in between leaves a duplicate dead letter, never a
-        lost one (and the ledger dedups a batch that is published twice).
+        lost one (and the channel log dedups a batch that is published twice).
         """
         requeued = skipped = 0
         for stored in list(self.entries(batch_id=batch_id)):

@@ -1,4 +1,4 @@
-"""Per-process state of the worker: settings, Redis, Snowpipe client, commit tracker, writers.
+"""Per-process state of tasks: settings, the state Redis, the channel logs, dead letters.
 
 Everything here is created lazily on first use in a process and dropped (not closed: the parent
 may still use it) after `fork()`, so a prefork child never shares a socket, a lock or a half-open
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,18 +18,16 @@ from typing import TYPE_CHECKING
 import redis
 
 from worker.deadletter import DeadLetters
-from worker.ledger import ChannelRef, Ledger
+from worker.delivery.channels import ChannelRef, channel_for
+from worker.delivery.log import ChannelLog
 from worker.settings import Settings, load_settings
 from worker.tokenstore import SharedToken, TokenStore
 
 if TYPE_CHECKING:
     from worker.auth.guard import Token
-    from worker.ingest import Ingestor
-    from worker.snowpipe.channel import ChannelWriter, CommitTracker
     from worker.snowpipe.client import SnowpipeClient
 
-CHANNEL_PREFIX = "snowpipe"
-# Hash of counters (committed, already_committed, retry_later, dead_letter, rows_committed).
+# Hash of counters (logged, already_logged, backpressure, dead_letter, rows_committed, ...).
 STATS_KEY = "snowpipe:stats"
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -66,29 +63,24 @@ def identity(s: Settings) -> str:
     return f"{s.account.upper()}.{s.user.upper()}.{(s.role or '').upper()}"
 
 
-def channel_name(node: str, slot: int) -> str:
-    """The stable channel name of a worker process: `snowpipe_<node>_<slot>`."""
-    clean = re.sub(r"[^A-Za-z0-9_-]", "_", node) or "node"
-    return f"{CHANNEL_PREFIX}_{clean}_{slot}"
-
-
-def process_slot() -> int:
-    """The prefork pool slot of this process (stable across child restarts); 0 otherwise."""
-    try:
-        from billiard.process import current_process
-
-        index = getattr(current_process(), "index", None)
-    except ImportError:  # pragma: no cover - billiard ships with celery
-        return 0
-    return int(index) if isinstance(index, int) else 0
-
-
 def counters(client: redis.Redis) -> dict[str, int]:
-    """The worker's counters (committed, already_committed, retry_later, dead_letter, ...)."""
+    """The worker's counters (logged, already_logged, rows_committed, dead_letter, ...)."""
     raw = client.hgetall(STATS_KEY)
     return {
         (k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()
     }
+
+
+class Counters:
+    """Adds to the worker's counters in Redis (best effort: never fails the caller)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add `amount` to counter `name`."""
+        with contextlib.suppress(redis.RedisError):
+            self._redis.hincrby(STATS_KEY, name, amount)
 
 
 _local = threading.local()
@@ -104,100 +96,71 @@ def beat_refresh() -> Iterator[None]:
         _local.beat = False
 
 
+class TokenHooks:
+    """The TokenGuard's adopt/publish hooks on the shared token store."""
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def adopt(self) -> Token | None:
+        """The token another process shared, if any."""
+        from worker.auth.guard import Token
+
+        shared = self.store.load()
+        if shared is None:
+            return None
+        return Token(shared.value, shared.lifetime, shared.expires_at)
+
+    def publish(self, token: Token) -> None:
+        """Share a token this process fetched, and count where the refresh happened."""
+        self.store.save(SharedToken(token.value, token.lifetime, token.expires_at))
+        reason = "beat" if getattr(_local, "beat", False) else "request_path"
+        self.store.count_refresh(reason)
+
+
+def token_hooks(client: redis.Redis, s: Settings) -> TokenHooks:
+    """Adopt/publish hooks for a TokenGuard, sharing tokens through `client`."""
+    return TokenHooks(TokenStore(client, identity(s)))
+
+
 class Runtime:
-    """The per-process objects (created on first use; see the module docstring)."""
+    """The per-process objects of tasks (created on first use; see the module docstring)."""
 
     def __init__(self, s: Settings) -> None:
         self.settings = s
         self.pid = os.getpid()
         self.redis = redis_client(s.state_url)
-        self.ledger = Ledger(self.redis)
+        self.log = ChannelLog(self.redis, dedup_ttl_seconds=s.dedup_ttl_seconds)
         self.dead_letters = DeadLetters(self.redis)
-        self.token_store = TokenStore(self.redis, identity(s))
-        self._lock = threading.RLock()  # the lazy properties build on each other
+        self.stats = Counters(self.redis)
+        self.tokens = token_hooks(self.redis, s)
+        self.token_store = self.tokens.store
+        self._lock = threading.Lock()
         self._client: SnowpipeClient | None = None
-        self._tracker: CommitTracker | None = None
-        self._ingestor: Ingestor | None = None
-        self._writers: dict[ChannelRef, ChannelWriter] = {}
-        self.node = "local"
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add to one of the worker's counters in Redis (best effort: never fails a task)."""
-        with contextlib.suppress(redis.RedisError):
-            self.redis.hincrby(STATS_KEY, name, amount)
+        self.stats.count(name, amount)
 
-    # --- The shared token hooks (TokenGuard adopt/publish) -------------------------------------
-
-    def adopt_token(self) -> Token | None:
-        """The token another process shared, if any (TokenGuard's `adopt` hook)."""
-        from worker.auth.guard import Token
-
-        shared = self.token_store.load()
-        if shared is None:
-            return None
-        return Token(shared.value, shared.lifetime, shared.expires_at)
-
-    def publish_token(self, token: Token) -> None:
-        """Share a token this process fetched (TokenGuard's `publish` hook), and count it."""
-        self.token_store.save(SharedToken(token.value, token.lifetime, token.expires_at))
-        reason = "beat" if getattr(_local, "beat", False) else "request_path"
-        self.token_store.count_refresh(reason)
-
-    # --- Lazily built parts ----------------------------------------------------------------------
+    def channel(self, batch_id: str, database: str, schema: str, pipe: str) -> ChannelRef:
+        """The channel whose log takes batch `batch_id`."""
+        s = self.settings
+        return channel_for(
+            batch_id, database, schema, pipe, prefix=s.channel_prefix, channels=s.channels_per_pipe
+        )
 
     @property
     def client(self) -> SnowpipeClient:
-        """The process's Snowpipe client (one httpx.Client, one TokenGuard)."""
+        """The process's Snowpipe client (beat's token refresh uses it)."""
         if self._client is None:
             with self._lock:
                 if self._client is None:
                     from worker.snowpipe.client import SnowpipeClient
 
                     self._client = SnowpipeClient.from_settings(
-                        self.settings, adopt=self.adopt_token, publish=self.publish_token
+                        self.settings, adopt=self.tokens.adopt, publish=self.tokens.publish
                     )
         return self._client
-
-    @property
-    def tracker(self) -> CommitTracker:
-        """The process's commit tracker."""
-        if self._tracker is None:
-            with self._lock:
-                if self._tracker is None:
-                    from worker.snowpipe.channel import CommitTracker
-
-                    self._tracker = CommitTracker(
-                        self.client, poll_seconds=self.settings.commit_poll_seconds
-                    )
-        return self._tracker
-
-    @property
-    def ingestor(self) -> Ingestor:
-        """The process's batch ingestor."""
-        if self._ingestor is None:
-            from worker.ingest import Ingestor
-
-            tracker = self.tracker
-            with self._lock:
-                if self._ingestor is None:
-                    self._ingestor = Ingestor(self.client, self.ledger, tracker, self.writer)
-        return self._ingestor
-
-    def writer(self, database: str, schema: str, pipe: str) -> ChannelWriter:
-        """This process's writer on the pipe (its channel is named for node and slot)."""
-        ref = ChannelRef(database, schema, pipe, channel_name(self.node, process_slot()))
-        found = self._writers.get(ref)
-        if found is not None:
-            return found
-        from worker.snowpipe.channel import ChannelWriter
-
-        tracker = self.tracker
-        with self._lock:
-            found = self._writers.get(ref)
-            if found is None:
-                found = ChannelWriter(self.client, self.ledger, tracker, ref)
-                self._writers[ref] = found
-        return found
 
 
 _runtime: Runtime | None = None

@@ -28,7 +28,7 @@ from pydantic_settings import (
 ENV_PREFIX = "SNOWPIPE_"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
-# Named defaults (see ../shared/DESIGN.md "Tokens" and "Retries").
+# Named defaults (docs/delivery.md explains the delivery ones).
 DEFAULT_JWT_LIFETIME_SECONDS = 59 * 60  # Snowflake caps key-pair JWTs at one hour
 DEFAULT_REFRESH_MAX_MARGIN_SECONDS = 120.0  # refresh at min(120 s, 20 % of L) before expiry
 DEFAULT_REFRESH_MARGIN_FRACTION = 0.2
@@ -40,6 +40,14 @@ DEFAULT_RETRY_MULTIPLIER = 1.8
 DEFAULT_RETRY_CAP_SECONDS = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Snowpipe Streaming's cap per append, on the wire
 DEFAULT_QUEUE_NAME = "snowpipe.ingest"  # ingest_batch queue; refresh_tokens uses "<name>.control"
+DEFAULT_CHANNELS_PER_PIPE = 4  # channel logs (and Snowflake channels) per pipe
+DEFAULT_LEASE_TTL_SECONDS = 10.0  # a dead node's channels are taken over this long after it died
+DEFAULT_LOG_MAX_BYTES = 64 * 1024 * 1024  # per channel log; above it new batches wait
+DEFAULT_BACKPRESSURE_WAIT_SECONDS = 5.0  # then the task puts the batch back in the queue
+DEFAULT_CHANNEL_REQUESTS_PER_SECOND = 10.0  # Snowflake's documented per-channel request rate
+DEFAULT_CHANNEL_BYTES_PER_SECOND = 16 * 1024 * 1024  # under Snowflake's 20 MB/s per channel
+DEFAULT_COALESCE_MAX_BYTES = 16 * 1024 * 1024  # uncompressed NDJSON per append request
+DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
 
 _LOOPBACK_NAMES = {"localhost"}
 
@@ -124,13 +132,27 @@ class Settings(BaseSettings):
     compression: Literal["zstd", "gzip", "none"] = "zstd"
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, gt=1024)
 
-    # --- Celery, ledger, shared token store -------------------------------------------------------
+    # --- Celery, state store, shared token store --------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
     state_url: str = ""  # default: the broker when it is Redis
     beat_refresh_seconds: float = Field(60.0, gt=0)
-    commit_poll_seconds: float = Field(0.25, gt=0)
-    commit_timeout_seconds: float = Field(120.0, gt=0)
     visibility_timeout_seconds: int = Field(900, gt=0)
+
+    # --- Delivery: channel logs, pumps, leases (docs/delivery.md) ---------------------------------
+    channels_per_pipe: int = Field(DEFAULT_CHANNELS_PER_PIPE, ge=1, le=2000)
+    channel_prefix: str = Field("snowpipe", pattern=r"^[A-Za-z0-9_-]+$")
+    commit_poll_seconds: float = Field(0.25, gt=0)
+    lease_ttl_seconds: float = Field(DEFAULT_LEASE_TTL_SECONDS, ge=1)
+    log_max_bytes: int = Field(DEFAULT_LOG_MAX_BYTES, ge=0)  # 0: no cap
+    backpressure_wait_seconds: float = Field(DEFAULT_BACKPRESSURE_WAIT_SECONDS, ge=0)
+    channel_requests_per_second: float = Field(DEFAULT_CHANNEL_REQUESTS_PER_SECOND, gt=0)
+    channel_bytes_per_second: float = Field(DEFAULT_CHANNEL_BYTES_PER_SECOND, gt=0)
+    coalesce_max_bytes: int = Field(DEFAULT_COALESCE_MAX_BYTES, gt=1024)
+    dedup_ttl_seconds: int = Field(DEFAULT_DEDUP_TTL_SECONDS, ge=60)
+    # WAIT for this many replicas of the state Redis after each log write (0: do not wait).
+    state_min_replicas: int = Field(0, ge=0)
+    state_replica_timeout_ms: int = Field(1000, ge=1)
+    pump_enabled: bool = True  # False: this node only takes batches off the queue
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
 
     @classmethod

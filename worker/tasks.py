@@ -1,16 +1,18 @@
-"""The Celery tasks: `ingest_batch` (one row batch, exactly once) and `refresh_tokens` (beat).
+"""The Celery tasks: `ingest_batch` (log one row batch) and `refresh_tokens` (beat).
 
-`ingest_batch` never lets an exception escape on purpose: on Redis a raised exception is
-acknowledged (the batch would be lost) and a rejection deletes the message. Every ending is
-explicit:
+`ingest_batch` is where a batch is acknowledged: it writes the batch into the log of one channel
+of its pipe (`ChannelLog.append`: the batch gets its offsets there, once; a batch id seen before
+is found and not written again) and returns, and Celery acknowledges the message. It takes
+milliseconds: appending to Snowflake and confirming the commit is the node's pumps' work
+(worker/delivery/). It never lets an exception escape on purpose (on Redis a raised exception is
+acknowledged and a rejection deletes the message); every ending is explicit:
 
-- committed (or found already committed): return, Celery acknowledges;
-- transient failure (retries inside the call ran out, commit not seen in time): wait the
-  RetryPolicy's countdown, re-publish the batch (same batch id: the ledger dedups) and return;
-  if re-publishing fails, `Reject(requeue=True)` keeps the message in the broker;
-- permanent failure (unknown pipe, bad request, credentials a refresh did not fix, rows that can
-  never be encoded, retries exhausted `MAX_ATTEMPTS` times): dead letter with the reason, return;
-- soft time limit (prefork): re-publish like a transient failure.
+- logged (or found already logged): return, Celery acknowledges;
+- the channel's log is over its cap (backpressure): wait up to `backpressure_wait_seconds`,
+  then put the batch back in the queue (same batch id) and return;
+- the state Redis failed: wait the RetryPolicy's countdown, put the batch back in the queue and
+  return; if that publish fails too, `Reject(requeue=True)` keeps the message in the broker;
+- rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter.
 """
 
 from __future__ import annotations
@@ -19,30 +21,32 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
+from worker.delivery.log import AlreadyLogged, LogFull, Piece
 from worker.observability import get_logger
 
-# A batch re-published this many times for transient reasons is dead-lettered instead.
-MAX_ATTEMPTS = 12
 # Never sleep longer than this before re-publishing (the message is unacked meanwhile).
 MAX_COUNTDOWN_SECONDS = 30.0
+# How often a task waiting on a full log looks again.
+BACKPRESSURE_POLL_SECONDS = 0.25
 # The token refresh lock outlives a slow refresh, but not a crashed refresher by much.
 REFRESH_LOCK_EXTRA_SECONDS = 10.0
 
 _log = get_logger("worker.tasks")
 
 
-def _budget_seconds() -> float:
-    """How long one run of ingest_batch may wait for its commit."""
-    s = runtime.settings()
-    soft_limit = float(app.conf.task_soft_time_limit or s.visibility_timeout_seconds)
-    # Finish (or give up and re-publish) before the soft limit strikes.
-    return max(1.0, min(s.commit_timeout_seconds, soft_limit - 1.0))
+class EmptyBatchError(ValueError):
+    """A batch without rows (published by something other than publish_batch)."""
+
+
+class StateNotReplicatedError(redis.RedisError):
+    """The state Redis did not get the log write to enough replicas in time."""
 
 
 @app.task(name=INGEST_TASK, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
@@ -56,77 +60,61 @@ def ingest_batch(
     rows: list[dict[str, Any]],
     attempt: int = 0,
 ) -> dict[str, Any]:
-    """Append `rows` to `database.schema.pipe` exactly once; returns a small summary."""
-    from worker.snowpipe.encoding import encode_rows
+    """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary."""
+    from worker.snowpipe.encoding import encode_pieces
+    from worker.snowpipe.errors import PermanentError
 
     batch = Batch(batch_id, database, schema, pipe, rows, attempt)
     rt = runtime.current()
-    if self.request.hostname:
-        rt.node = self.request.hostname
     s = rt.settings
-    log = _log.bind(batch_id=batch_id, pipe=pipe, attempt=attempt)
-    started = time.monotonic()
     try:
         if not rows:
             raise EmptyBatchError("the batch has no rows: publish at least one row per batch")
-        chunks = encode_rows(rows, compression=s.compression, max_request_bytes=s.max_request_bytes)
-        result = rt.ingestor.ingest(
-            batch_id, database, schema, pipe, chunks, deadline=started + _budget_seconds()
-        )
-    except Exception as exc:  # noqa: BLE001 (nothing may escape: see the module docstring)
-        if _permanent(exc):
-            _dead_letter(rt, self, batch, str(exc))
-            return {"batch_id": batch_id, "outcome": "dead_letter", "reason": str(exc)}
-        if not isinstance(exc, SoftTimeLimitExceeded):
-            log.warning("ingest.failed", error=type(exc).__name__, detail=str(exc))
-        return _retry_later(self, batch, exc, log)
-    if result.row_errors:
-        reason = (
-            f"Snowflake reported {result.row_errors} row error(s) on channel {result.channel} "
-            "around this batch; the batch is committed, the rows in error were skipped"
-        )
-        log.warning("ingest.row_errors", count=result.row_errors, channel=result.channel)
-        rt.dead_letters.add(
-            DeadLetter(
-                batch_id,
-                database,
-                schema,
-                pipe,
-                reason,
-                rows,
-                kind="row_errors",
-                attempts=attempt,
-                task_id=self.request.id,
-                detail={"row_errors": result.row_errors, "channel": result.channel},
+        pieces = [
+            Piece(n, data)
+            for n, data in encode_pieces(
+                rows, compression=s.compression, max_request_bytes=s.max_request_bytes
             )
+        ]
+    except (PermanentError, EmptyBatchError) as exc:
+        _dead_letter(rt, self, batch, str(exc))
+        return {"batch_id": batch_id, "outcome": "dead_letter", "reason": str(exc)}
+    ref = rt.channel(batch_id, database, schema, pipe)
+    waited_until = time.monotonic() + s.backpressure_wait_seconds
+    try:
+        while True:
+            result = rt.log.append(ref, batch_id, pieces, cap_bytes=s.log_max_bytes)
+            if not isinstance(result, LogFull) or time.monotonic() >= waited_until:
+                break
+            time.sleep(BACKPRESSURE_POLL_SECONDS)
+        if s.state_min_replicas and not isinstance(result, LogFull):
+            acked = rt.log.wait_for_replicas(s.state_min_replicas, s.state_replica_timeout_ms)
+            if acked < s.state_min_replicas:
+                raise StateNotReplicatedError(
+                    f"the log write reached {acked} of {s.state_min_replicas} replicas in "
+                    f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
+                )
+    except (redis.RedisError, SoftTimeLimitExceeded) as exc:
+        _log.warning("ingest.state_failed", batch_id=batch_id, error=type(exc).__name__,
+                     detail=str(exc))
+        return _retry_later(self, batch, exc, next_attempt=attempt + 1)
+    if isinstance(result, LogFull):
+        _log.warning(
+            "ingest.backpressure",
+            batch_id=batch_id,
+            channel=str(ref),
+            log_bytes=result.used_bytes,
+            cap=s.log_max_bytes,
+            waited_s=s.backpressure_wait_seconds,
         )
-    log.info(
-        "ingest.committed",
-        already=result.already_committed,
-        chunks_sent=result.chunks_sent,
-        rows=len(rows),
-        seconds=round(time.monotonic() - started, 3),
-    )
-    outcome = "already_committed" if result.already_committed else "committed"
-    rt.count(outcome)
-    if not result.already_committed:
-        rt.count("rows_committed", len(rows))
-    return {"batch_id": batch_id, "outcome": outcome}
-
-
-class EmptyBatchError(ValueError):
-    """A batch without rows (published by something other than publish_batch)."""
-
-
-def _permanent(exc: BaseException) -> bool:
-    """Whether `exc` means the batch can never succeed as sent (dead-letter it)."""
-    from worker.auth.guard import TokenUnavailableError
-    from worker.snowpipe.errors import AuthError, PermanentError
-
-    if isinstance(exc, TokenUnavailableError):
-        # No token: a key the service rejects is permanent, an unreachable endpoint is not.
-        return isinstance(exc.cause, AuthError | PermanentError)
-    return isinstance(exc, AuthError | PermanentError | EmptyBatchError)
+        rt.count("backpressure")
+        return _retry_later(self, batch, None, next_attempt=attempt)
+    if isinstance(result, AlreadyLogged):
+        rt.count("already_logged")
+        return {"batch_id": batch_id, "outcome": "already_logged"}
+    rt.count("logged")
+    rt.count("rows_logged", len(rows))
+    return {"batch_id": batch_id, "outcome": "logged", "first": result.first, "last": result.last}
 
 
 @dataclass(frozen=True)
@@ -162,22 +150,20 @@ def _dead_letter(rt: runtime.Runtime, task: Task, batch: Batch, reason: str) -> 
         raise Reject(f"dead letter not stored: {exc}", requeue=True) from exc
 
 
-def _retry_later(task: Task, batch: Batch, exc: BaseException, log: Any) -> dict[str, Any]:
+def _retry_later(
+    task: Task, batch: Batch, exc: BaseException | None, *, next_attempt: int
+) -> dict[str, Any]:
+    """Put the batch back in the queue (after the policy's countdown if something failed)."""
     from worker.retry import RetryPolicy
 
     rt = runtime.current()
-    attempt = batch.attempt
-    if attempt + 1 >= MAX_ATTEMPTS:
-        reason = f"gave up after {attempt + 1} attempts; last error: {exc}"
-        _dead_letter(rt, task, batch, reason)
-        return {"batch_id": batch.batch_id, "outcome": "dead_letter", "reason": reason}
-    policy = RetryPolicy.from_settings(rt.settings)
-    countdown = min(MAX_COUNTDOWN_SECONDS, policy.countdown(attempt + 1, exc))
-    log.warning("ingest.retry_later", error=str(exc), countdown=round(countdown, 3))
-    rt.count("retry_later")
-    # Wait here rather than with an ETA: ETA messages sit unacked in worker memory and count
-    # against the visibility timeout; quorum queues would need delayed-delivery exchanges.
-    time.sleep(countdown)
+    if exc is not None:
+        policy = RetryPolicy.from_settings(rt.settings)
+        countdown = min(MAX_COUNTDOWN_SECONDS, policy.countdown(next_attempt, exc))
+        rt.count("retry_later")
+        # Wait here rather than with an ETA: ETA messages sit unacked in worker memory and
+        # count against the visibility timeout; quorum queues would need delayed delivery.
+        time.sleep(countdown)
     try:
         ingest_batch.apply_async(
             kwargs={
@@ -186,13 +172,13 @@ def _retry_later(task: Task, batch: Batch, exc: BaseException, log: Any) -> dict
                 "schema": batch.schema,
                 "pipe": batch.pipe,
                 "rows": batch.rows,
-                "attempt": attempt + 1,
+                "attempt": next_attempt,
             },
-            task_id=f"{batch.batch_id}:{attempt + 1}",
+            task_id=f"{batch.batch_id}:{next_attempt}",
         )
     except Exception as publish_error:
         raise Reject(f"re-publish failed: {publish_error}", requeue=True) from publish_error
-    return {"batch_id": batch.batch_id, "outcome": "retry_later", "attempt": attempt + 1}
+    return {"batch_id": batch.batch_id, "outcome": "retry_later", "attempt": next_attempt}
 
 
 @app.task(name=REFRESH_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import redis
 
-from worker.ledger import KEY_PREFIX
+from worker.delivery.channels import KEY_PREFIX
 
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -35,7 +35,7 @@ from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
 from tests.support.redis import RedisDB, claimed_db
 from worker.publish import Publisher
-from worker.runtime import channel_name
+from worker.delivery.channels import channel_name
 from worker.settings import load_settings
 
 PIPES = [f"P{i}" for i in range(4)]
@@ -176,7 +176,8 @@ def test_a_channel_invalidated_mid_run_is_reopened_and_replayed_exactly_once(
             wait_until(lambda: rig.emu.stats()["appends"] >= 8, timeout=30,
                        what="8 appends in flight", logs=[worker])
             for pipe in PIPES:  # in-flight rows are discarded by the invalidation
-                rig.emu.invalidate(DATABASE, SCHEMA, pipe, channel_name("inval@test", 0))
+                for index in range(4):
+                    rig.emu.invalidate(DATABASE, SCHEMA, pipe, channel_name("snowpipe", index))
             rig.emu.pause_commits(False)
             rig.publish(8, 32)
             rig.finish(40, [worker])

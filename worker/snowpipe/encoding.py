@@ -45,7 +45,10 @@ __all__ = [
     "EncodedRows",
     "compress",
     "encode_line",
+    "encode_pieces",
+    "encode_request",
     "encode_rows",
+    "piece_limit",
 ]
 
 Compression = Literal["zstd", "gzip", "none"]
@@ -328,3 +331,59 @@ def _too_large(index: int, size: int, limit: int, compression: str) -> RowTooLar
         row_bytes=size,
         limit=limit,
     )
+
+
+# --- log pieces and coalesced requests ------------------------------------------------------------
+
+
+def piece_limit(compression: Compression, max_request_bytes: int) -> int:
+    """Most uncompressed bytes in one log piece, so that it fits one request even incompressible.
+
+    zstd and gzip add at most a few bytes per 256 (plus a frame header) to incompressible data.
+    """
+    if compression == "none":
+        return max_request_bytes
+    return max(1024, int(max_request_bytes * 0.99) - 4096)
+
+
+def encode_pieces(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    compression: Compression = "zstd",
+    max_request_bytes: int = 4 * 1024 * 1024,
+) -> list[tuple[int, bytes]]:
+    """`rows` as consecutive (row count, NDJSON) pieces, each able to travel in one request.
+
+    A piece is at most `piece_limit()` bytes of NDJSON, except a single row that is larger but
+    still compresses under `max_request_bytes`. Raises `EncodingError` / `RowTooLargeError`
+    naming the row, like `encode_rows`.
+    """
+    limit = piece_limit(compression, max_request_bytes)
+    pieces: list[tuple[int, bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for index, row in enumerate(rows):
+        line = encode_line(row, index)
+        if len(line) > limit:
+            wire = len(line) if compression == "none" else len(compress(line, compression))
+            if wire > max_request_bytes:
+                raise _too_large(index, wire, max_request_bytes, compression)
+            if current:
+                pieces.append((len(current), b"".join(current)))
+                current, size = [], 0
+            pieces.append((1, line))
+            continue
+        if current and size + len(line) > limit:
+            pieces.append((len(current), b"".join(current)))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        pieces.append((len(current), b"".join(current)))
+    return pieces
+
+
+def encode_request(ndjson: bytes, row_count: int, compression: Compression) -> EncodedRows:
+    """One append request's body from NDJSON lines (the pump's coalesced log entries)."""
+    encoding: Literal["zstd", "gzip"] | None = None if compression == "none" else compression
+    return EncodedRows(compress(ndjson, compression), row_count, 0, len(ndjson), encoding)

@@ -1,0 +1,293 @@
+"""The node: the pump side of one worker node, wired at start (the composition root).
+
+`Node(settings, name)` builds everything the node's main process needs to deliver channel logs:
+the state Redis, the channel logs, the lease table, one SnowpipeClient (one TokenGuard), the
+commit poller and, for every channel it holds a lease on, a `ChannelPump`. `PumpStep` starts it
+as a Celery bootstep in the worker's main process (the same under prefork and threads), after
+the pool, and stops it on shutdown (pumps stop, leases are released, the node unregisters, so
+the other nodes take its channels over at once).
+
+The `Balancer` thread keeps the node's share of the channels: on every tick (a third of the
+lease TTL, at most 3 s) it registers the node as live, renews its leases (a pump whose lease was
+not renewed stops), and compares what it holds with its target: with T channels and L live
+nodes sorted by name, the node ranked r holds T // L channels, plus one if r < T % L, so shares
+differ by at most one. Above its target it releases the channels with the least in their logs;
+below it, it takes free ones (in an order of its own, so two nodes rarely race for the same).
+A node that died stops renewing: its leases expire after one TTL and the others take them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import redis
+from celery import bootsteps
+
+from worker.deadletter import DeadLetters
+from worker.delivery.channels import ChannelRef
+from worker.delivery.lease import Lease, LeaseTable
+from worker.delivery.log import ChannelLog
+from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig
+from worker.observability import get_logger
+from worker.settings import Settings
+
+MAX_TICK_SECONDS = 3.0
+PUMP_STOP_SECONDS = 10.0
+
+_log = get_logger("worker.delivery.node")
+
+
+class Node:
+    """The node's delivery machinery (see the module docstring)."""
+
+    def __init__(self, settings: Settings, name: str, *, client: Any = None) -> None:
+        from worker import runtime
+        from worker.retry import RetryPolicy
+
+        self.settings = settings
+        self.name = name
+        self.redis = runtime.redis_client(settings.state_url)
+        self.log = ChannelLog(self.redis, dedup_ttl_seconds=settings.dedup_ttl_seconds)
+        self.leases = LeaseTable(self.redis, name, ttl_seconds=settings.lease_ttl_seconds)
+        self.dead_letters = DeadLetters(self.redis)
+        self.stats = runtime.Counters(self.redis)
+        if client is None:
+            from worker.snowpipe.client import SnowpipeClient
+
+            store = runtime.token_hooks(self.redis, settings)
+            client = SnowpipeClient.from_settings(
+                settings, adopt=store.adopt, publish=store.publish
+            )
+        self.client = client
+        policy = RetryPolicy.from_settings(settings)
+        self.config = PumpConfig(
+            compression=settings.compression,
+            max_request_bytes=settings.max_request_bytes,
+            coalesce_max_bytes=settings.coalesce_max_bytes,
+            requests_per_second=settings.channel_requests_per_second,
+            bytes_per_second=settings.channel_bytes_per_second,
+            countdown=policy.countdown,
+        )
+        self._lock = threading.Lock()
+        self._pumps: dict[ChannelRef, ChannelPump] = {}
+        self.poller = CommitPoller(
+            self.client, self.pumps, poll_seconds=settings.commit_poll_seconds
+        )
+        self.balancer = Balancer(self)
+
+    def pumps(self) -> list[ChannelPump]:
+        """The pumps running now."""
+        with self._lock:
+            return list(self._pumps.values())
+
+    def held(self) -> list[Lease]:
+        """The leases this node holds."""
+        with self._lock:
+            return [pump.lease for pump in self._pumps.values()]
+
+    def start(self) -> None:
+        """Check the state store, then start balancing and polling."""
+        check_persistence(self.redis)
+        self.poller.start()
+        self.balancer.start()
+        _log.info("node.started", node=self.name, channels_per_pipe=self.settings.channels_per_pipe)
+
+    def stop(self) -> None:
+        """Stop the pumps, give the leases back, leave (the others take over at once)."""
+        self.balancer.stop()
+        pumps = self.pumps()
+        for pump in pumps:
+            pump.stop(timeout=0)
+        for pump in pumps:
+            pump.stop(timeout=PUMP_STOP_SECONDS)
+            with contextlib.suppress(redis.RedisError):
+                self.leases.release(pump.lease)
+        with self._lock:
+            self._pumps.clear()
+        self.poller.stop()
+        with contextlib.suppress(redis.RedisError):
+            self.leases.leave()
+        _log.info("node.stopped", node=self.name)
+
+    # --- Used by the balancer -------------------------------------------------------------------
+
+    def run_pump(self, lease: Lease) -> None:
+        """Start pumping a channel we just leased."""
+        pump = ChannelPump(
+            lease,
+            leases=self.leases,
+            log=self.log,
+            client=self.client,
+            config=self.config,
+            stats=self.stats,
+            dead_letters=self.dead_letters,
+        )
+        with self._lock:
+            self._pumps[lease.ref] = pump
+        pump.start()
+        _log.info("lease.acquired", channel=str(lease.ref), node=self.name, lease=lease.generation)
+
+    def drop_pump(self, ref: ChannelRef, *, release: bool) -> None:
+        """Stop pumping a channel (its lease was lost, or we give it up)."""
+        with self._lock:
+            pump = self._pumps.pop(ref, None)
+        if pump is None:
+            return
+        pump.stop(timeout=PUMP_STOP_SECONDS)
+        if release:
+            self.leases.release(pump.lease)
+            _log.info("lease.released", channel=str(ref), node=self.name)
+        else:
+            _log.info("lease.lost", channel=str(ref), node=self.name)
+
+
+def check_persistence(client: redis.Redis) -> None:
+    """Warn at start when the state Redis keeps nothing on disk, or may lose its last second."""
+    try:
+        config = client.config_get("appendonly") | client.config_get("appendfsync")
+        config |= client.config_get("save")
+    except redis.RedisError as exc:
+        _log.warning(
+            "state.persistence.unknown",
+            detail=f"CONFIG GET is not allowed ({exc}); make sure the state Redis uses AOF",
+        )
+        return
+    appendonly = str(config.get("appendonly", "")).lower()
+    fsync = str(config.get("appendfsync", "")).lower()
+    save = str(config.get("save", "")).strip()
+    if appendonly != "yes" and not save:
+        _log.error(
+            "state.persistence.none",
+            detail=(
+                "the state Redis keeps nothing on disk: acknowledged batches waiting in the "
+                "channel logs are lost if it restarts; run it with appendonly yes and "
+                "appendfsync always (see README, Production deployment)"
+            ),
+        )
+    elif appendonly != "yes":
+        _log.warning(
+            "state.persistence.snapshots_only",
+            detail="RDB snapshots only: a restart loses what was logged since the last one; "
+            "use appendonly yes",
+        )
+    elif fsync != "always":
+        _log.warning(
+            "state.persistence.everysec",
+            detail=f"appendfsync {fsync}: a crash of the state Redis may lose about the last "
+            "second of acknowledged batches; appendfsync always closes that window",
+        )
+
+
+def _rank(node: str, ref: ChannelRef) -> bytes:
+    """A node's own order over channels (so that nodes race for different free ones first)."""
+    return hashlib.blake2b(f"{node}|{ref.key}".encode(), digest_size=8).digest()
+
+
+def target_share(node: str, live: Sequence[str], channels: int) -> int:
+    """How many of `channels` the node should hold among the `live` nodes (shares differ by 1)."""
+    nodes = sorted(set(live) | {node})
+    base, extra = divmod(channels, len(nodes))
+    return base + (1 if nodes.index(node) < extra else 0)
+
+
+class Balancer:
+    """Keeps the node's fair share of channel leases (see the module docstring)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.tick_seconds = min(MAX_TICK_SECONDS, node.settings.lease_ttl_seconds / 3)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Balance in a thread of its own (first tick at once)."""
+        self._thread = threading.Thread(target=self._run, name="lease balancer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop balancing (the held leases stay until Node.stop releases them)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(PUMP_STOP_SECONDS)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 (the next tick tries again)
+                _log.warning("lease.tick.failed", error=type(exc).__name__, detail=str(exc))
+            self._stop.wait(self.tick_seconds)
+
+    def tick(self) -> None:
+        """One round: heartbeat, renew, then release or acquire toward the target share."""
+        node = self._node
+        live = node.leases.heartbeat()
+        for pump in node.pumps():
+            if pump.lost or not pump.alive:
+                node.drop_pump(pump.ref, release=True)
+        held = node.held()
+        for lease, ok in zip(held, node.leases.renew(held), strict=True):
+            if not ok:
+                node.drop_pump(lease.ref, release=False)
+        channels = node.log.channels()
+        target = target_share(node.name, live, len(channels))
+        held = node.held()
+        if len(held) > target:
+            self._release(held, len(held) - target)
+        elif len(held) < target:
+            self._acquire(channels, target - len(held))
+
+    def _release(self, held: Sequence[Lease], count: int) -> None:
+        node = self._node
+        # Give up the channels with the least waiting in their logs first.
+        by_depth = sorted(held, key=lambda lease: node.log.depth(lease.ref).entries)
+        for lease in by_depth[:count]:
+            node.drop_pump(lease.ref, release=True)
+
+    def _acquire(self, channels: Sequence[ChannelRef], count: int) -> None:
+        node = self._node
+        mine = {lease.ref for lease in node.held()}
+        holders = node.leases.holders(channels)
+        free = [
+            ref for ref, h in zip(channels, holders, strict=True) if h is None and ref not in mine
+        ]
+        free.sort(key=lambda ref: _rank(node.name, ref))
+        for ref in free:
+            if count <= 0 or self._stop.is_set():
+                return
+            lease = node.leases.acquire(ref)
+            if lease is not None:
+                node.run_pump(lease)
+                count -= 1
+
+
+class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Celery bootstep: runs the node's pumps in the worker's main process."""
+
+    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.node: Node | None = None
+
+    def start(self, parent: Any) -> None:
+        from worker import runtime
+
+        settings = runtime.settings()
+        if not settings.pump_enabled:
+            _log.info("node.pump_disabled", node=parent.hostname)
+            return
+        self.node = Node(settings, parent.hostname)
+        self.node.start()
+
+    def stop(self, parent: Any) -> None:
+        node, self.node = self.node, None
+        if node is not None:
+            node.stop()
+
+    def shutdown(self, parent: Any) -> None:
+        self.stop(parent)
