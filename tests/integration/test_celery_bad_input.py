@@ -122,22 +122,34 @@ def test_unknown_pipe_and_empty_batch_become_dead_letters_with_their_reason(
         publisher.close()
 
 
-def test_a_key_the_service_rejects_dead_letters_batches_with_the_key_problem(
+def test_a_key_the_service_rejects_keeps_batches_logged_until_the_key_is_registered(
     emu: RunningEmulator, db: RedisDB, tmp_path: Path
 ) -> None:
-    wrong = key_pair("not-registered").write_private(tmp_path / "wrong.pem")
-    env = worker_env(emu, db.url, wrong, queue=unique_queue("badkey"))
+    # A rejected key is the node's problem, not the batch's: nothing is dead-lettered, the pump
+    # says which key to register, and once it is registered the batch is delivered.
+    wrong_key = key_pair("not-registered")
+    wrong = wrong_key.write_private(tmp_path / "wrong.pem")
+    env = worker_env(emu, db.url, wrong, queue=unique_queue("badkey"),
+                     refresh_failure_backoff_cap_seconds=1)
     publisher = Publisher(load_settings(**settings_overrides(env)))
     worker = launch_worker(env, tmp_path, name="badkey", pool="threads", concurrency=2)
     try:
         with running(worker):
             publisher.publish([{"id": 1}], database=DATABASE, schema=SCHEMA, pipe="P")
-            dead = DeadLetters(db.client)
-            wait_until(lambda: dead.count() >= 1, timeout=60, what="a dead letter",
-                       logs=[worker])
-            letter = next(dead.entries()).letter
-            assert "key" in letter.reason.lower()
-            assert "fingerprint" in letter.reason.lower()
-            assert letter.rows == [{"id": 1}]
+            wait_until(lambda: "InvalidJWTError" in worker.log(), timeout=30,
+                       what="the key problem in the log", logs=[worker])
+            assert "fingerprint" in worker.log()
+            assert DeadLetters(db.client).count() == 0
+            assert db.client.xlen("snowpipe:log:DB|PUBLIC|P|" + _channel_of(db)) == 1
+            emu.register_key(ACCOUNT, USER, wrong_key.public_pem)
+            wait_until(lambda: len(emu.rows(DATABASE, SCHEMA, "P")) == 1, timeout=60,
+                       what="the batch delivered once the key is registered", logs=[worker])
+            assert DeadLetters(db.client).count() == 0
     finally:
         publisher.close()
+
+
+def _channel_of(db: RedisDB) -> str:
+    """The one channel that has a log in `db`."""
+    (member,) = db.client.smembers("snowpipe:channels")
+    return member.decode().rsplit("|", 1)[1]
