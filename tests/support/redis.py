@@ -4,15 +4,22 @@ The Redis on 127.0.0.1:6379 is shared with other test runs. A test claims one of
 `SET snowpipe-test:db:<n> <pid> NX EX 1800` in DB 0, takes it only if it is empty (someone who
 did not claim it may be using it), and deletes the keys in it when done (all of them were created
 by the test: the database was empty and claimed). Never FLUSHALL.
+
+A test that stops, kills or restarts its Redis uses `private_redis` instead: a `redis-server` of
+its own on a free port, with its data dir (AOF, fsync always) in the test's tmp dir.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -77,3 +84,106 @@ def claimed_db(timeout: float = CLAIM_WAIT_SECONDS) -> Iterator[RedisDB]:
             if control.get(_claim_key(number)) == owner.encode():
                 control.delete(_claim_key(number))
             control.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((REDIS_HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A `redis-server` of one test: its own port and data dir, AOF with fsync on every write.
+
+    Use it where a test stops, kills or restarts the server (never the shared one):
+
+        with private_redis(tmp_path / "redis") as server:
+            ... server.url(0) ...
+            server.restart(kill=True)  # kill -9, then start again: same port, same AOF
+
+    Every wait is bounded; `stop()` (and the context manager) ends only the process it started.
+    """
+
+    START_TIMEOUT = 20.0
+    STOP_TIMEOUT = 10.0
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "redis-server.log"
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{REDIS_HOST}:{self.port}/{db}"
+
+    def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
+        return redis.Redis(host=REDIS_HOST, port=self.port, db=db, **kwargs)
+
+    def start(self) -> None:
+        """Start the server (same port, same data dir) and wait until it answers PING."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            "redis-server", "--port", str(self.port), "--bind", REDIS_HOST,
+            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
+            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while not self.answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"private redis-server on :{self.port} did not start\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def answers(self) -> bool:
+        """True if the server answers PING (and has finished loading its AOF)."""
+        probe = self.client(socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(probe.ping())
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False
+        finally:
+            probe.close()
+
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGKILL (`kill`: a crash) or SIGTERM the server, and wait until it has exited."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(self.STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(self.STOP_TIMEOUT)
+
+    def restart(self, *, kill: bool = True, down_for: float = 0.0) -> None:
+        """Stop (kill -9 by default), stay down `down_for` seconds, start again."""
+        self.stop(kill=kill)
+        time.sleep(down_for)
+        self.start()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@contextmanager
+def private_redis(data_dir: Path, port: int | None = None) -> Iterator[PrivateRedis]:
+    """A started PrivateRedis for the block; stopped afterwards (its data dir stays in tmp)."""
+    server = PrivateRedis(data_dir, port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
