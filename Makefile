@@ -38,7 +38,7 @@ up: install
 bench: install
 	$(BIN)/python bench/guard.py
 	$(BIN)/python bench/emulator.py
-	$(BIN)/python bench/worker.py
+	PYTHONPATH=. $(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The baseline of bench/worker.py: a Celery app whose one task does nothing but count itself.
+"""The ceiling of bench/throughput.py: a Celery app whose one task does nothing but count itself.
 
     celery -A bench.noop_app worker --pool threads --concurrency 64   (SNOWPIPE_* in the env)
 

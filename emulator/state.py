@@ -125,6 +125,7 @@ class Stats:
 
     requests: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     appends: int = 0
+    append_bytes: int = 0  # request bodies of accepted appends, as on the wire (compressed)
     rows_appended: int = 0
     rows_committed: int = 0
     rows_in_error: int = 0
@@ -353,8 +354,12 @@ class EmulatorState:
         end_offset_token: str | None,
         now: float,
         advance: bool = True,
+        wire_bytes: int = 0,
     ) -> None:
-        """Queue a batch for commit after the commit delay; advances the row sequencer."""
+        """Queue a batch for commit after the commit delay; advances the row sequencer.
+
+        `wire_bytes` is the request body's size as received (before decompression).
+        """
         batch = PendingBatch(
             channel=ch,
             start_offset_token=start_offset_token,
@@ -367,6 +372,7 @@ class EmulatorState:
         if advance:
             ch.row_seq += 1
         self.stats.appends += 1
+        self.stats.append_bytes += wire_bytes
         self.stats.rows_appended += rows.total
         was_empty = not self._queue
         self._queue.append(batch)

@@ -77,6 +77,7 @@ class CommittedRow:
     channel: str
     offset_token: str | None
     row: bytes  # the JSON object text as appended
+    committed_at_ms: int = 0  # wall-clock time of the commit (ms since the epoch)
 
 
 class Storage:
@@ -160,11 +161,11 @@ class Storage:
     def iter_rows(self, database: str, schema: str, pipe: str) -> Iterator[CommittedRow]:
         """Committed rows of a pipe in commit order."""
         cursor = self._db.execute(
-            "SELECT channel, start_offset_token, end_offset_token, n_rows, positions, rows "
-            "FROM batches WHERE database=? AND schema=? AND pipe=? ORDER BY id",
+            "SELECT channel, start_offset_token, end_offset_token, n_rows, positions, rows, "
+            "committed_at_ms FROM batches WHERE database=? AND schema=? AND pipe=? ORDER BY id",
             (database, schema, pipe),
         )
-        for channel, start, end, n_rows, positions, blob in cursor:
+        for channel, start, end, n_rows, positions, blob, committed_at_ms in cursor:
             if not blob:
                 continue
             rows = bytes(blob).split(b"\n")
@@ -173,7 +174,9 @@ class Storage:
             ]
             offsets = _row_offsets(start, end, n_rows)
             for pos, row in zip(where, rows, strict=True):
-                yield CommittedRow(channel, offsets[pos] if offsets else end, row)
+                yield CommittedRow(
+                    channel, offsets[pos] if offsets else end, row, committed_at_ms
+                )
 
     def count_rows(self) -> int:
         """Committed table rows across all pipes (for stats after a restart)."""

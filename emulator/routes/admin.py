@@ -91,6 +91,7 @@ async def stats(request: Request, emu: Emulator) -> Response:
             "requests": s.requests,
             "tokens_issued": emu.scoped.issued,
             "appends": s.appends,
+            "append_bytes": s.append_bytes,
             "rows_appended": s.rows_appended,
             "rows_committed": s.rows_committed,
             "rows_in_error": s.rows_in_error,
@@ -131,6 +132,7 @@ def _row_line(row: CommittedRow) -> bytes:
     return (
         b'{"channel":' + orjson.dumps(row.channel)
         + b',"offset_token":' + orjson.dumps(row.offset_token)
+        + b',"committed_at_ms":' + str(row.committed_at_ms).encode()
         + b',"row":' + row.row + b"}\n"
     )
 

@@ -98,13 +98,16 @@ async def append_rows(request: Request, emu: Emulator) -> Response:
     state.check_continuation(ch, q.get("continuationToken"))
     end = q.get("endOffsetToken") or q.get("offsetToken") or None
     start = q.get("startOffsetToken") or None
-    body = decode_body(await read_body(request, limit), request.headers.get("content-encoding"))
+    raw = await read_body(request, limit)
+    body = decode_body(raw, request.headers.get("content-encoding"))
     rows = parse_rows(body)
     if start is None and rows.total == 1:
         start = end
     # Re-check: the body read awaited, and another request may have reopened the channel.
     state.check_continuation(ch, q.get("continuationToken"))
-    state.append(ch, rows, start_offset_token=start, end_offset_token=end, now=now)
+    state.append(
+        ch, rows, start_offset_token=start, end_offset_token=end, now=now, wire_bytes=len(raw)
+    )
     return JSONResponse(
         {"next_continuation_token": ch.continuation_token, "status_code": 0, "message": None},
         headers={"x-snowflake-session": ch.session},
@@ -133,13 +136,11 @@ async def _elastic_append(
             f"Elastic channel appends must not carry {', '.join(forbidden)}",
         )
     ch = emu.state.elastic_channel(database, schema, pipe)
-    body = decode_body(
-        await read_body(request, emu.config.max_request_bytes),
-        request.headers.get("content-encoding"),
-    )
+    raw = await read_body(request, emu.config.max_request_bytes)
+    body = decode_body(raw, request.headers.get("content-encoding"))
     emu.state.append(
         ch, parse_rows(body), start_offset_token=None, end_offset_token=None,
-        now=time.monotonic(), advance=False,
+        now=time.monotonic(), advance=False, wire_bytes=len(raw),
     )
     return JSONResponse({"message": "OK"})
 

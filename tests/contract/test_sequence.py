@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Iterator
 
@@ -166,3 +167,35 @@ def test_stats_count_requests_tokens_appends_and_commits(
     assert stats["open_channels"] == 1
     assert stats["requests"]["append"] == {"200": 1}
     assert stats["requests"]["hostname"]["200"] >= 1
+
+
+def test_stats_count_append_bytes_as_sent_on_the_wire(
+    client: RefClient, emulator: RunningEmulator
+) -> None:
+    token = client.open(DB, SCHEMA, PIPE, "bytes")["next_continuation_token"]
+    plain = b'{"a":1}\n{"a":2}\n'
+    repeated = b'{"a":3}\n' * 200
+    before = emulator.stats()["append_bytes"]
+    r = client.append(DB, SCHEMA, PIPE, "bytes", plain, continuation_token=token, end="1")
+    token = r.json()["next_continuation_token"]
+    r = client.append(
+        DB, SCHEMA, PIPE, "bytes", repeated, continuation_token=token, end="2", encoding="gzip"
+    )
+    assert r.status_code == 200, r.text
+    # Compressed bodies count as received, not as decompressed; refused appends do not count.
+    spent = client.append(DB, SCHEMA, PIPE, "bytes", plain, continuation_token=token, end="3")
+    assert spent.status_code == 400
+    packed = len(gzip.compress(repeated))  # the client's gzip: same size, header included
+    assert packed < len(repeated)
+    assert emulator.stats()["append_bytes"] - before == len(plain) + packed
+
+
+def test_rows_carry_their_commit_time(client: RefClient, emulator: RunningEmulator) -> None:
+    token = client.open(DB, SCHEMA, PIPE, "when")["next_continuation_token"]
+    sent_ms = time.time() * 1000
+    client.append(DB, SCHEMA, PIPE, "when", [{"w": 1}], continuation_token=token, end="0")
+    client.wait_committed(DB, SCHEMA, PIPE, "when", "0")
+    (row,) = [r for r in emulator.rows(DB, SCHEMA, PIPE) if r["channel"] == "when"]
+    assert row["row"] == {"w": 1}
+    assert isinstance(row["committed_at_ms"], int)
+    assert sent_ms - 1000 <= row["committed_at_ms"] <= time.time() * 1000 + 1000

@@ -82,7 +82,7 @@ class RunningEmulator:
         return dict(self._ok(self.admin.get("/_emulator/stats")))
 
     def rows(self, database: str, schema: str, pipe: str) -> list[dict[str, Any]]:
-        """Committed rows: [{"channel", "offset_token", "row"}, ...] in commit order."""
+        """Committed rows: [{"channel", "offset_token", "committed_at_ms", "row"}, ...] in order."""
         response = self.admin.get(
             "/_emulator/rows", params={"database": database, "schema": schema, "pipe": pipe}
         )

@@ -1,0 +1,925 @@
+"""Throughput of the delivery core against its goals, in one run, on loopback only.
+
+    PYTHONPATH=. .venv/bin/python bench/throughput.py [--quick] [--only ceiling,ours,...]
+        [--broker redis|amqp] [--concurrency 64] [--rows 100]
+
+The emulator runs with Snowflake's per-channel rate limit on (`--rate-limit 10`) and
+`--accept-any-pipe`; each phase gets its own emulator, its own claimed Redis DB (tests/support/
+redis.py) and its own queue, all stopped, emptied and released afterwards. Every batch is R rows
+(~130 bytes of JSON each), published with the product's `Publisher` under batch ids `b<n>`;
+batch n holds row ids n*R .. n*R+R-1, so every committed row can be checked exactly once.
+
+Phases (`--only` picks some; the order is fixed):
+
+ceiling   A no-op Celery app (bench/noop_app.py: the product's Celery config, the ingest task's
+          name, one Redis INCR per task) on the same broker, pool (threads) and concurrency, with
+          the same messages: tasks/s (first publish -> last task) and worker CPU per task.
+ours      The real worker (`celery -A worker worker`) at commit delay 6 s and 1 s: batches/s
+          first publish -> last row committed, and steady-state batches/s from the emulator's
+          committed-row count over time (between 20 % and 80 % of the rows). Goals: steady
+          rate >= 0.7 x the ceiling; rate at 6 s / rate at 1 s >= 0.9; worker CPU per batch
+          (main process + children) <= 1.5 x the no-op task's. Every row read back exactly once.
+latency   Commit delay 6 s, batches published at a paced 0.5 x the ceiling's tasks/s for a fixed
+          time; per batch, commit time (the emulator's `committed_at_ms` of its rows) minus
+          publish time: p50/p95/p99. Goal p99 <= delay + 2 s. A batch not committed by the end
+          of the wait counts as infinitely late.
+backlog   Every append refused (an emulator fault, 503) while a backlog is published and the
+          tasks finish, so the pumps fall behind by all of it; then the fault is cleared and the
+          emulator's appends and `append_bytes` (wire bytes) are counted over the drain.
+          Goal: mean bytes per append >= 1 MiB.
+naive     bench/naive_app.py (new client, key, JWT, hostname, token per batch; open, append, poll
+          until committed) with the same concurrency at commit delay 6 s, a bounded number of
+          batches. Goal: ours (steady, at 6 s) / naive rows/s >= 10.
+nodes     2 then 4 worker nodes (distinct --hostname), 10 pipes x 4 channels, a paced load;
+          once the leases (`snowpipe:lease:*` in the state DB) settle, leases per node (goal
+          max - min <= 1); then kill -9 one node and time until every channel it held is held by
+          a survivor (goal <= lease TTL + 5 s); then stop publishing, wait for every row, check
+          exactly once (the dead node's unacked messages come back after the visibility timeout).
+
+Where a goal is not met, the CPU% of the worker main process(es) and children, the emulator,
+Redis (shared) and this process (the publisher) over the phase is printed, with what saturated.
+Every wait is bounded (--timeout and the per-phase limits); on a timeout the figures reached so
+far are reported. The last line is one JSON object with every figure.
+Exit status: 0, or 1 when a phase was not exactly once or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._harness import (
+    CommitSampler,
+    CpuMeter,
+    Rig,
+    batch_rows,
+    emulator_errors,
+    make_rows,
+    percentile,
+    pipes,
+    publish,
+    read_back,
+    rig,
+    rnd,
+    saturation,
+    wait_for,
+)
+from tests.support.keys import key_pair
+
+PHASES = ("ceiling", "ours", "latency", "backlog", "naive", "nodes")
+NOOP_DONE_KEY = "bench:noop:done"  # bench/noop_app.py
+NAIVE_DONE_KEY, NAIVE_FAILED_KEY = "bench:naive:done", "bench:naive:failed"  # bench/naive_app.py
+LEASE_PREFIX = "snowpipe:lease:"
+LOG_PREFIX = "snowpipe:log:"
+MIB = 1024 * 1024
+
+GOAL_SHARE_OF_CEILING = 0.7
+GOAL_DELAY_RATIO = 0.9
+GOAL_CPU_RATIO = 1.5
+GOAL_LATENCY_EXTRA_S = 2.0
+GOAL_BYTES_PER_APPEND = MIB
+GOAL_VS_NAIVE = 10.0
+GOAL_LEASE_SPREAD = 1
+GOAL_TAKEOVER_EXTRA_S = 5.0
+
+QUICK = {
+    "ceiling_batches": 600, "ours_batches": 400, "latency_seconds": 8.0,
+    "backlog_batches": 2000, "naive_rounds": 1, "nodes": "2", "timeout": 45.0,
+    "settle_timeout": 25.0,
+}  # fmt: skip
+FULL = {
+    "ceiling_batches": 3000, "ours_batches": 5000, "latency_seconds": 30.0,
+    "backlog_batches": 6000, "naive_rounds": 3, "nodes": "2,4", "timeout": 120.0,
+    "settle_timeout": 40.0,
+}  # fmt: skip
+
+
+@dataclass
+class Goal:
+    name: str
+    value: float | None
+    target: float
+    higher_is_better: bool
+    unit: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def line(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        shown = "n/a" if self.value is None else f"{self.value:g}{self.unit}"
+        if self.value is not None and math.isinf(self.value):
+            shown = "never (not every batch committed within the wait)"
+        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[self.met]
+        return f"{self.name}: {shown} (goal {op} {self.target:g}{self.unit}) -> {verdict}"
+
+    def as_json(self) -> dict[str, Any]:
+        finite = self.value is not None and math.isfinite(self.value)
+        return {
+            "name": self.name, "value": self.value if finite else None,
+            "value_text": None if finite or self.value is None else "never (not committed)",
+            "target": self.target,
+            "op": ">=" if self.higher_is_better else "<=", "met": self.met,
+        }  # fmt: skip
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    key_path: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    goals: list[Goal] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def cores(self) -> int:
+        return os.cpu_count() or 1
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """SNOWPIPE_* of the worker processes (settings an older core does not know are ignored
+        by its processes; the publisher passes on only the ones it knows)."""
+        a = self.args
+        return {
+            "commit_poll_seconds": a.commit_poll,
+            "channels_per_pipe": a.channels_per_pipe,
+            "lease_ttl_seconds": a.lease_ttl,
+            **extra,
+        }
+
+    def rig(self, prefix: str, commit_delay: float, **extra: Any) -> Any:
+        return rig(
+            self.workdir, commit_delay=commit_delay, broker=self.args.broker,
+            key_path=self.key_path, prefix=prefix, settings=self.settings(**extra),
+        )  # fmt: skip
+
+    def goal(self, goal: Goal, cpu: CpuMeter | None = None) -> Goal:
+        self.goals.append(goal)
+        print(f"  {goal.line()}")
+        if goal.met is False and cpu is not None and cpu.used:
+            print(f"    {saturation(cpu.percents(), self.cores)}")
+        return goal
+
+    def ceiling_rate(self) -> float | None:
+        c = self.results.get("ceiling")
+        return c.get("tasks_per_s") if c else self.args.load
+
+
+def verdict(check: Any, complete: bool) -> str:
+    """Exactly once, or what is wrong; missing rows of a timed-out phase are not a failure."""
+    if check.exactly_once:
+        return "exactly once"
+    if not complete and check.duplicates == 0 and check.unexpected == 0:
+        return f"no duplicates; {check.missing} rows not committed (timed out)"
+    return (
+        f"NOT EXACTLY ONCE ({check.duplicates} duplicates, {check.missing} missing, "
+        f"{check.unexpected} unexpected)"
+    )
+
+
+def header(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def cpu_json(meter: CpuMeter) -> dict[str, Any]:
+    return {
+        "cpu_s": {k: round(v, 2) for k, v in meter.used.items()},
+        "cpu_percent": meter.percents(),
+        "cpu_wall_s": round(meter.wall, 2),
+    }
+
+
+def tail_on_failure(r: Rig, what: str) -> None:
+    for node in r.nodes:
+        print(f"  ({what}) last lines of {node.name}:")
+        for line in node.log().splitlines()[-8:]:
+            print(f"    {line[:300]}")
+
+
+# -- ceiling -------------------------------------------------------------------------------------
+
+
+def run_ceiling(b: Bench) -> dict[str, Any]:
+    a = b.args
+    n = a.ceiling_batches
+    header(
+        f"ceiling: no-op task, {n} messages of {a.rows} rows, threads x {a.concurrency}, "
+        f"{a.broker} broker"
+    )
+    batches = batch_rows(n, a.rows)
+    with b.rig("noop", 1.0) as r:
+        node = r.start_node(app="bench.noop_app", name="noop", concurrency=a.concurrency)
+        pub = r.get_publisher()
+        meter = CpuMeter([node], r.emu, r.db.client).start()
+        t0 = time.time()
+        publish(pub, batches, pipes(a.pipes))
+        t_pub = time.time()
+
+        def ran() -> int:
+            return int(r.db.client.get(NOOP_DONE_KEY) or 0)
+
+        complete = wait_for(lambda: ran() >= n, a.timeout)
+        t1 = time.time()
+        meter.stop()
+        done = ran()
+    elapsed = t1 - t0
+    res = {
+        "tasks": done,
+        "complete": complete,
+        "elapsed_s": round(elapsed, 2),
+        "publish_per_s": round(n / max(1e-9, t_pub - t0), 1),
+        "tasks_per_s": round(done / elapsed, 1),
+        "worker_cpu_per_task_ms": rnd(1000 * meter.worker_total / max(1, done), 3),
+        **cpu_json(meter),
+    }
+    print(
+        f"  {res['tasks_per_s']} tasks/s ({done}/{n} tasks in {res['elapsed_s']} s"
+        f"{'' if complete else ', TIMED OUT'}); publish {res['publish_per_s']}/s; worker CPU "
+        f"{res['worker_cpu_per_task_ms']} ms per task"
+    )
+    print(f"  {saturation(meter.percents(), b.cores)}")
+    return res
+
+
+# -- ours ------------------------------------------------------------------------------------------
+
+
+def run_ours(b: Bench, delay: float) -> dict[str, Any]:
+    a = b.args
+    n, total = a.ours_batches, a.ours_batches * a.rows
+    header(
+        f"ours at commit delay {delay:g} s: {n} batches x {a.rows} rows over {a.pipes} pipes, "
+        f"threads x {a.concurrency}, rate limit 10/s per channel"
+    )
+    batches = batch_rows(n, a.rows)
+    with b.rig(f"ours{delay:g}".replace(".", "_"), delay) as r:
+        node = r.start_node(app="worker", name=f"ours{delay:g}".replace(".", "_"),
+                            concurrency=a.concurrency)  # fmt: skip
+        pub = r.get_publisher()
+        with CommitSampler(r.emu) as sampler:
+            meter = CpuMeter([node], r.emu, r.db.client).start()
+            t0 = time.time()
+            publish(pub, batches, pipes(a.pipes))
+            t_pub = time.time()
+            complete = wait_for(lambda: sampler.latest() >= total, a.timeout + delay)
+            t_end = time.time()
+            meter.stop()
+        # A duplicate could still be in flight: let the emulator commit what it holds.
+        wait_for(lambda: r.emu.stats()["batches_pending"] == 0, delay + 5.0)
+        stats = r.emu.stats()
+        check = read_back(r.emu, pipes(a.pipes), range(total))
+        if not complete:
+            tail_on_failure(r, "timed out")
+    committed_rows = stats["rows_committed"]
+    last = check.last_commit() if complete else t_end
+    elapsed = (last or t_end) - t0
+    steady = sampler.steady_rows_per_s()
+    res = {
+        "commit_delay_s": delay,
+        "batches": n,
+        "complete": complete,
+        "rows_committed": committed_rows,
+        "publish_per_s": round(n / max(1e-9, t_pub - t0), 1),
+        "publish_s": round(t_pub - t0, 2),
+        "elapsed_s": round(elapsed, 2),
+        "batches_per_s": round(committed_rows / a.rows / elapsed, 1),
+        "rows_per_s": round(committed_rows / elapsed),
+        "steady_batches_per_s": rnd(steady / a.rows if steady else None, 1),
+        "steady_rows_per_s": rnd(steady, 0),
+        "appends": stats["appends"],
+        "append_bytes": stats.get("append_bytes"),
+        "open_channels": stats["open_channels"],
+        "errors": emulator_errors(stats),
+        "worker_cpu_per_batch_ms": rnd(
+            1000 * meter.worker_total / max(1, committed_rows / a.rows), 3
+        ),
+        **check.summary(),
+        **cpu_json(meter),
+    }
+    print(
+        f"  end to end {res['batches_per_s']} batches/s, {res['rows_per_s']:,} rows/s "
+        f"({committed_rows:,}/{total:,} rows, first publish -> last commit {res['elapsed_s']} s"
+        f"{'' if complete else ', TIMED OUT'}); steady {res['steady_batches_per_s']} batches/s"
+    )
+    print(
+        f"  publish {res['publish_per_s']}/s over {res['publish_s']} s; emulator "
+        f"{res['appends']} appends on {res['open_channels']} channels, errors "
+        f"{res['errors'] or 'none'}; worker CPU {res['worker_cpu_per_batch_ms']} ms per batch"
+    )
+    print(
+        f"  read back {check.rows:,} rows: {check.duplicates} duplicates, {check.missing} "
+        f"missing, {check.unexpected} unexpected -> {verdict(check, complete)}"
+    )
+    if not check.exactly_once and (complete or check.duplicates or check.unexpected):
+        b.failures.append(f"ours {delay:g} s: not exactly once")
+    res["_meter"] = meter
+    return res
+
+
+def ours_goals(b: Bench) -> None:
+    runs = {r["commit_delay_s"]: r for r in b.results.get("ours", [])}
+    ceiling = b.ceiling_rate()
+    noop_cpu = (b.results.get("ceiling") or {}).get("worker_cpu_per_task_ms")
+    if not runs:
+        return
+    header("ours: goals")
+    for delay, r in sorted(runs.items(), reverse=True):
+        rate = r["steady_batches_per_s"] or r["batches_per_s"]
+        share = rnd(rate / ceiling, 3) if ceiling and rate else None
+        r["share_of_ceiling"] = share
+        r["share_of_ceiling_end_to_end"] = rnd(r["batches_per_s"] / ceiling, 3) if ceiling else None
+        b.goal(
+            Goal(f"steady batches/s at {delay:g} s / ceiling ({rate} / {ceiling})", share,
+                 GOAL_SHARE_OF_CEILING, True),
+            r["_meter"],
+        )  # fmt: skip
+    if 6.0 in runs and 1.0 in runs:
+        r6, r1 = runs[6.0], runs[1.0]
+        v6 = r6["steady_batches_per_s"] or r6["batches_per_s"]
+        v1 = r1["steady_batches_per_s"] or r1["batches_per_s"]
+        ratio = rnd(v6 / v1, 3) if v1 else None
+        b.results["delay_ratio_6_over_1"] = ratio
+        b.results["delay_ratio_6_over_1_end_to_end"] = rnd(
+            r6["batches_per_s"] / r1["batches_per_s"], 3
+        ) if r1["batches_per_s"] else None  # fmt: skip
+        b.goal(Goal(f"batches/s at 6 s / at 1 s ({v6} / {v1})", ratio, GOAL_DELAY_RATIO, True),
+               r6["_meter"])  # fmt: skip
+    for delay, r in sorted(runs.items(), reverse=True):
+        if noop_cpu:
+            ratio = rnd(r["worker_cpu_per_batch_ms"] / noop_cpu, 2)
+            r["cpu_ratio_to_noop"] = ratio
+            b.goal(
+                Goal(f"worker CPU per batch / no-op task at {delay:g} s "
+                     f"({r['worker_cpu_per_batch_ms']} / {noop_cpu} ms)", ratio,
+                     GOAL_CPU_RATIO, False),
+                r["_meter"],
+            )  # fmt: skip
+
+
+# -- latency -----------------------------------------------------------------------------------
+
+
+def run_latency(b: Bench) -> dict[str, Any]:
+    a = b.args
+    delay = 6.0
+    ceiling = b.ceiling_rate()
+    if not ceiling:
+        raise RuntimeError("latency needs the ceiling: run the ceiling phase or pass --load")
+    rate = 0.5 * ceiling
+    n = max(1, int(rate * a.latency_seconds))
+    header(
+        f"latency at half the ceiling: {rate:.1f} batches/s for {a.latency_seconds:g} s "
+        f"({n} batches), commit delay {delay:g} s"
+    )
+    batches = batch_rows(n, a.rows)
+    total = n * a.rows
+    with b.rig("latency", delay) as r:
+        node = r.start_node(app="worker", name="latency", concurrency=a.concurrency)
+        pub = r.get_publisher()
+        with CommitSampler(r.emu) as sampler:
+            meter = CpuMeter([node], r.emu, r.db.client).start()
+            published = publish(pub, batches, pipes(a.pipes), rate=rate)
+            complete = wait_for(lambda: sampler.latest() >= total, delay + a.timeout)
+            meter.stop()
+        check = read_back(r.emu, pipes(a.pipes), range(total))
+        if not complete:
+            tail_on_failure(r, "timed out")
+    lat: list[float] = []
+    for bi, at in published.items():
+        ids = range(bi * a.rows, (bi + 1) * a.rows)
+        times = [check.committed_at.get(i) for i in ids]
+        lat.append(max(times) - at if all(t is not None for t in times) else math.inf)  # type: ignore[type-var,operator]
+    spread = max(published.values()) - min(published.values()) if published else 0.0
+    late = sum(1 for x in lat if math.isinf(x))
+
+    def show(q: float) -> float | None:
+        v = percentile(lat, q)
+        return None if v is None or math.isinf(v) else round(v, 3)
+
+    res = {
+        "commit_delay_s": delay,
+        "offered_per_s": round(rate, 1),
+        "published": n,
+        "achieved_publish_per_s": round((n - 1) / spread, 1) if spread > 0 else None,
+        "complete": complete,
+        "not_committed": late,
+        "p50_s": show(0.5),
+        "p95_s": show(0.95),
+        "p99_s": show(0.99),
+        "max_s": show(1.0),
+        **check.summary(),
+        **cpu_json(meter),
+    }
+
+    def fmt(v: float | None) -> str:
+        return "not committed" if v is None else f"{v:g} s"
+
+    print(
+        f"  publish -> committed: p50 {fmt(res['p50_s'])}, p95 {fmt(res['p95_s'])}, "
+        f"p99 {fmt(res['p99_s'])}, max {fmt(res['max_s'])}; published at "
+        f"{res['achieved_publish_per_s']}/s (offered {res['offered_per_s']}/s); "
+        f"{late} of {n} batches not committed within the wait"
+    )
+    print(f"  read back: {verdict(check, complete)}")
+    if not check.exactly_once and (complete or check.duplicates or check.unexpected):
+        b.failures.append("latency: not exactly once")
+    p99 = percentile(lat, 0.99)
+    b.goal(
+        Goal("publish -> committed p99 at 0.5 x ceiling, delay 6 s",
+             None if p99 is None else (round(p99, 3) if not math.isinf(p99) else math.inf),
+             delay + GOAL_LATENCY_EXTRA_S, False, " s"),
+        meter,
+    )  # fmt: skip
+    return res
+
+
+# -- backlog -------------------------------------------------------------------------------------
+
+
+def log_entries(client: Any) -> int:
+    """Entries waiting in the channel logs (`snowpipe:log:*` streams) of the state DB."""
+    total = 0
+    for key in client.scan_iter(match=f"{LOG_PREFIX}*", count=500):
+        with contextlib.suppress(Exception):
+            total += int(client.xlen(key))
+    return total
+
+
+def run_backlog(b: Bench) -> dict[str, Any]:
+    a = b.args
+    n, total, pipe_names = a.backlog_batches, a.backlog_batches * a.rows, pipes(a.backlog_pipes)
+    delay = 1.0
+    header(
+        f"bytes per append with a backlog: {n} batches x {a.rows} rows over "
+        f"{a.backlog_pipes} pipe(s), appends refused (503) until the tasks are done"
+    )
+    batches = batch_rows(n, a.rows)
+    with b.rig("backlog", delay) as r:
+        node = r.start_node(app="worker", name="backlog", concurrency=a.concurrency)
+        pub = r.get_publisher()
+        r.emu.fault(endpoint="append", status=503)
+        t0 = time.time()
+        publish(pub, batches, pipe_names)
+        t_pub = time.time()
+        # Hold until the tasks are done: the logs stop growing (bounded by --timeout).
+        history: list[int] = []
+
+        def settled() -> bool:
+            history.append(log_entries(r.db.client))
+            last = history[-8:]
+            return len(last) == 8 and len(set(last)) == 1 and last[-1] > 0
+
+        held = wait_for(settled, a.timeout, interval=0.25)
+        waiting = history[-1] if history else 0
+        hold_s = time.time() - t_pub
+        refused = r.emu.stats()["requests"].get("append", {}).get("503", 0)
+        stats0 = r.emu.stats()
+        with CommitSampler(r.emu) as sampler:
+            meter = CpuMeter([node], r.emu, r.db.client).start()
+            r.emu.clear_faults()
+            t_clear = time.time()
+            complete = wait_for(lambda: sampler.latest() >= total, a.timeout + delay)
+            t_end = time.time()
+            meter.stop()
+        wait_for(lambda: r.emu.stats()["batches_pending"] == 0, delay + 5.0)
+        stats1 = r.emu.stats()
+        check = read_back(r.emu, pipe_names, range(total))
+        if not complete:
+            tail_on_failure(r, "timed out")
+    appends = stats1["appends"] - stats0["appends"]
+    has_bytes = "append_bytes" in stats1
+    sent = (stats1["append_bytes"] - stats0["append_bytes"]) if has_bytes else None
+    mean = round(sent / appends) if sent is not None and appends else None
+    res = {
+        "batches": n,
+        "publish_s": round(t_pub - t0, 2),
+        "held_s": round(hold_s, 2),
+        "logs_settled": held,
+        "log_entries_at_release": waiting,
+        "appends_refused_while_held": refused,
+        "complete": complete,
+        "drain_s": round((check.last_commit() or t_end) - t_clear, 2) if complete else None,
+        "appends": appends,
+        "append_bytes": sent,
+        "bytes_per_append": mean,
+        "rows_per_append": round((stats1["rows_appended"] - stats0["rows_appended"]) / appends)
+        if appends
+        else None,
+        **check.summary(),
+        **cpu_json(meter),
+    }
+    print(
+        f"  held {res['held_s']} s after publishing ({refused} appends refused; "
+        f"{waiting} log entries waiting{'' if held else '; logs never settled'}); drain: "
+        f"{appends} appends, {sent if sent is not None else 'n/a'} bytes, "
+        f"{res['rows_per_append']} rows per append"
+        f"{'' if complete else ', TIMED OUT'}"
+    )
+    print(f"  read back: {verdict(check, complete)}")
+    if not check.exactly_once and (complete or check.duplicates or check.unexpected):
+        b.failures.append("backlog: not exactly once")
+    b.goal(
+        Goal("mean bytes per append during the drain",
+             None if mean is None else round(mean / MIB, 3), 1.0, True, " MiB"),
+        meter,
+    )  # fmt: skip
+    return res
+
+
+# -- naive -----------------------------------------------------------------------------------------
+
+
+def run_naive(b: Bench) -> dict[str, Any]:
+    a = b.args
+    delay = 6.0
+    n = a.concurrency * a.naive_rounds
+    total = n * a.rows
+    header(
+        f"naive worker: {n} batches ({a.naive_rounds} x {a.concurrency} threads), commit "
+        f"delay {delay:g} s"
+    )
+    batches = batch_rows(n, a.rows)
+    with b.rig("naive", delay) as r:
+        node = r.start_node(app="bench.naive_app", name="naive", concurrency=a.concurrency)
+        pub = r.get_publisher()
+
+        def finished() -> int:
+            c = r.db.client
+            return int(c.get(NAIVE_DONE_KEY) or 0) + int(c.get(NAIVE_FAILED_KEY) or 0)
+
+        meter = CpuMeter([node], r.emu, r.db.client).start()
+        t0 = time.time()
+        publish(pub, batches, pipes(a.pipes))
+        limit = a.naive_rounds * (delay + 10.0) + a.timeout
+        complete = wait_for(lambda: finished() >= n, limit, interval=0.1)
+        t_end = time.time()
+        meter.stop()
+        failed = int(r.db.client.get(NAIVE_FAILED_KEY) or 0)
+        stats = r.emu.stats()
+        check = read_back(r.emu, pipes(a.pipes), range(total))
+        if not complete or failed:
+            tail_on_failure(r, "timed out" if not complete else "failures")
+    committed = stats["rows_committed"]
+    elapsed = (check.last_commit() or t_end) - t0 if committed else t_end - t0
+    res = {
+        "batches": n,
+        "complete": complete,
+        "failed": failed,
+        "rows_committed": committed,
+        "elapsed_s": round(elapsed, 2),
+        "rows_per_s": round(committed / elapsed, 1),
+        "batches_per_s": round(committed / a.rows / elapsed, 2),
+        "tokens_issued": stats["tokens_issued"],
+        "worker_cpu_per_batch_ms": rnd(1000 * meter.worker_total / max(1, committed / a.rows), 3),
+        **check.summary(),
+        **cpu_json(meter),
+    }
+    print(
+        f"  {res['rows_per_s']:,} rows/s ({res['batches_per_s']} batches/s; {committed:,}/"
+        f"{total:,} rows in {res['elapsed_s']} s{'' if complete else ', TIMED OUT'}); "
+        f"{failed} failed; {res['tokens_issued']} scoped tokens issued; worker CPU "
+        f"{res['worker_cpu_per_batch_ms']} ms per batch"
+    )
+    return res
+
+
+def naive_goal(b: Bench) -> None:
+    naive = b.results.get("naive")
+    ours = {r["commit_delay_s"]: r for r in b.results.get("ours", [])}.get(6.0)
+    if not naive or not ours or not naive["rows_per_s"]:
+        return
+    header("ours vs naive at commit delay 6 s")
+    mine = ours["steady_rows_per_s"] or ours["rows_per_s"]
+    ratio = round(mine / naive["rows_per_s"], 2)
+    b.results["ours_over_naive"] = ratio
+    b.results["ours_over_naive_end_to_end"] = round(ours["rows_per_s"] / naive["rows_per_s"], 2)
+    b.goal(Goal(f"ours / naive rows/s ({mine:,.0f} / {naive['rows_per_s']:,.0f})", ratio,
+                GOAL_VS_NAIVE, True), ours["_meter"])  # fmt: skip
+
+
+# -- nodes ---------------------------------------------------------------------------------------
+
+
+class LazyBatches:
+    """Batches built when asked for (a long paced run would not fit in memory up front)."""
+
+    def __init__(self, count: int, rows: int) -> None:
+        self.count, self.rows = count, rows
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, b: int) -> list[dict[str, Any]]:
+        if not 0 <= b < self.count:
+            raise IndexError(b)
+        return make_rows(b * self.rows, self.rows)
+
+
+def leases(client: Any) -> dict[str, str]:
+    """Channel key -> node holding its lease (`snowpipe:lease:<chankey>` = node\\ttoken\\tgen)."""
+    out: dict[str, str] = {}
+    for key in client.scan_iter(match=f"{LEASE_PREFIX}*", count=500):
+        value = client.get(key)
+        if value is None:
+            continue
+        out[key.decode().removeprefix(LEASE_PREFIX)] = value.decode().split("\t", 1)[0]
+    return out
+
+
+def per_node(held: dict[str, str], names: list[str]) -> dict[str, int]:
+    counts = Counter(held.values())
+    return {name: counts.get(name, 0) for name in names} | {
+        k: v for k, v in counts.items() if k not in names
+    }
+
+
+def lease_events(r: Rig) -> dict[str, dict[str, int]]:
+    """`lease.*` events in each node's log (structlog JSON lines), per node and event."""
+    out: dict[str, dict[str, int]] = {}
+    for node in r.nodes:
+        counts: Counter[str] = Counter()
+        for line in node.log().splitlines():
+            if '"lease.' not in line or not line.startswith("{"):
+                continue
+            with contextlib.suppress(ValueError):
+                event = json.loads(line).get("event", "")
+                if event.startswith("lease."):
+                    counts[event] += 1
+        out[node.name] = dict(counts)
+    return out
+
+
+def run_nodes(b: Bench, k: int) -> dict[str, Any]:
+    a = b.args
+    delay = 1.0
+    channels = a.node_pipes * a.channels_per_pipe
+    ttl = a.lease_ttl
+    header(
+        f"{k} nodes: {a.node_pipes} pipes x {a.channels_per_pipe} channels = {channels} "
+        f"channels, threads x {a.node_concurrency} each, load {a.node_rate:g} batches/s, "
+        f"lease TTL {ttl:g} s, visibility timeout {a.node_visibility:g} s"
+    )
+    pipe_names = pipes(a.node_pipes)
+    with b.rig(f"nodes{k}", delay, visibility_timeout_seconds=a.node_visibility) as r:
+        names = [f"n{i}@bench" for i in range(1, k + 1)]
+        nodes = [
+            r.start_node(app="worker", name=f"n{i}", concurrency=a.node_concurrency)
+            for i in range(1, k + 1)
+        ]
+        pub = r.get_publisher()
+        stop = threading.Event()
+        published: dict[int, float] = {}
+        longest = a.settle_timeout + ttl + 60.0 + a.after_kill
+        source = LazyBatches(int(a.node_rate * longest), a.rows)
+        errors: list[str] = []
+
+        def producer() -> None:
+            try:
+                publish(pub, source, pipe_names, rate=a.node_rate, stop=stop, published=published)
+            except Exception as exc:  # noqa: BLE001 (reported below)
+                errors.append(repr(exc))
+
+        thread = threading.Thread(target=producer, daemon=True)
+        meter = CpuMeter(nodes, r.emu, r.db.client).start()
+        t0 = time.monotonic()
+        thread.start()
+        try:
+            # 1. Settle: every channel leased and the split unchanged for 3 s.
+            snapshots: list[tuple[float, dict[str, int]]] = []
+            settled_at: float | None = None
+
+            def settled() -> bool:
+                nonlocal settled_at
+                held = leases(r.db.client)
+                now = time.monotonic()
+                snapshots.append((now, per_node(held, names)))
+                if len(held) < channels:
+                    return False
+                same = [s for t, s in snapshots if now - t <= 3.0]
+                if snapshots[0][0] > now - 3.0 or any(s != snapshots[-1][1] for s in same):
+                    return False
+                settled_at = now - t0
+                return True
+
+            is_settled = wait_for(settled, a.settle_timeout, interval=0.5)
+            split = snapshots[-1][1] if snapshots else {}
+            counts = [split.get(n, 0) for n in names]
+            spread = max(counts) - min(counts) if counts and sum(counts) else None
+            print(
+                f"  leases per node {split} ({sum(counts)}/{channels} channels held; "
+                f"{'settled after %.1f s' % settled_at if is_settled else 'NOT SETTLED within %g s' % a.settle_timeout})"  # noqa: E501, UP031
+            )
+            # 2. Kill -9 the node holding the most leases (the last one when none are held).
+            victim_i = max(range(k), key=lambda i: (counts[i], i)) if counts else k - 1
+            victim, victim_name = nodes[victim_i], names[victim_i]
+            held_before = leases(r.db.client)
+            orphaned = sorted(c for c, n in held_before.items() if n == victim_name)
+            victim.kill()
+            t_kill = time.monotonic()
+
+            def taken_over() -> bool:
+                held = leases(r.db.client)
+                return all(held.get(c) not in (None, victim_name) for c in orphaned)
+
+            took = wait_for(taken_over, ttl + 30.0, interval=0.1) if orphaned else False
+            takeover_s = round(time.monotonic() - t_kill, 2) if took else None
+            after = per_node(leases(r.db.client), [n for n in names if n != victim_name])
+            print(
+                f"  killed {victim_name} holding {len(orphaned)} leases; "
+                + (f"all taken over by the survivors after {takeover_s} s"
+                   if took else "no leases to take over" if not orphaned
+                   else f"NOT taken over within {ttl + 30:g} s")
+                + f"; leases now {after}"
+            )  # fmt: skip
+            # 3. A little more load, then stop publishing and wait for every row.
+            time.sleep(a.after_kill)
+        finally:
+            stop.set()
+            thread.join(30)
+        sent = len(published)
+        total = sent * a.rows
+        complete = wait_for(
+            lambda: r.emu.stats()["rows_committed"] >= total,
+            a.node_visibility + a.timeout, interval=0.25,
+        )  # fmt: skip
+        meter.stop()
+        wait_for(lambda: r.emu.stats()["batches_pending"] == 0, delay + 5.0)
+        stats = r.emu.stats()
+        check = read_back(r.emu, pipe_names, range(total))
+        events = lease_events(r)
+        if not complete or not check.exactly_once:
+            tail_on_failure(r, "timed out" if not complete else "not exactly once")
+    res = {
+        "nodes": k,
+        "channels": channels,
+        "settled": is_settled,
+        "settle_s": rnd(settled_at, 1),
+        "leases_per_node": split,
+        "lease_spread": spread,
+        "victim": victim_name,
+        "victim_leases": len(orphaned),
+        "takeover_s": takeover_s,
+        "leases_after_takeover": after,
+        "published": sent,
+        "publish_errors": errors,
+        "complete": complete,
+        "rows_committed": stats["rows_committed"],
+        "lease_events": events,
+        **check.summary(),
+        **cpu_json(meter),
+    }
+    print(
+        f"  published {sent} batches; {stats['rows_committed']:,}/{total:,} rows committed"
+        f"{'' if complete else ' (TIMED OUT)'}; read back: "
+        f"{verdict(check, complete)}; lease events {events}"
+    )
+    if not check.exactly_once and (complete or check.duplicates or check.unexpected):
+        b.failures.append(f"nodes {k}: not exactly once")
+    b.goal(Goal(f"{k} nodes: leases max - min", spread, GOAL_LEASE_SPREAD, False), meter)
+    b.goal(Goal(f"{k} nodes: takeover of a killed node's channels", takeover_s,
+                ttl + GOAL_TAKEOVER_EXTRA_S, False, " s"), meter)  # fmt: skip
+    return res
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of ~1-2 min")
+    p.add_argument("--only", default=",".join(PHASES), help=f"comma-separated of {PHASES}")
+    p.add_argument("--broker", choices=("redis", "amqp"), default="redis")
+    p.add_argument("--concurrency", type=int, default=64, help="threads per worker")
+    p.add_argument("--rows", type=int, default=100, help="rows per batch")
+    p.add_argument("--pipes", type=int, default=10, help="pipes of the single-node phases")
+    p.add_argument("--commit-delay", type=float, nargs="+", default=[6.0, 1.0],
+                   help="commit delays of the `ours` phase")  # fmt: skip
+    p.add_argument("--commit-poll", type=float, default=0.25, help="SNOWPIPE_COMMIT_POLL_SECONDS")
+    p.add_argument("--channels-per-pipe", type=int, default=4)
+    p.add_argument("--lease-ttl", type=float, default=10.0, help="SNOWPIPE_LEASE_TTL_SECONDS")
+    p.add_argument("--load", type=float, help="the ceiling (tasks/s) when it is not measured")
+    sizes = ", ".join(f"{k} {FULL[k]} (quick {QUICK[k]})" for k in FULL)
+    p.add_argument("--ceiling-batches", type=int)
+    p.add_argument("--ours-batches", type=int)
+    p.add_argument("--latency-seconds", type=float)
+    p.add_argument("--backlog-batches", type=int)
+    p.add_argument("--backlog-pipes", type=int, default=1)
+    p.add_argument("--naive-rounds", type=int, help="batches = rounds x concurrency")
+    p.add_argument("--nodes", help="node counts of the nodes phase, e.g. 2,4")
+    p.add_argument("--node-pipes", type=int, default=10)
+    p.add_argument("--node-concurrency", type=int, default=16)
+    p.add_argument("--node-rate", type=float, default=50.0, help="batches/s in the nodes phase")
+    p.add_argument("--node-visibility", type=float, default=30.0,
+                   help="SNOWPIPE_VISIBILITY_TIMEOUT_SECONDS in the nodes phase")  # fmt: skip
+    p.add_argument("--after-kill", type=float, default=5.0, help="seconds of load after takeover")
+    p.add_argument("--settle-timeout", type=float)
+    p.add_argument("--timeout", type=float, help="longest wait for commits in a phase")
+    p.add_argument("--keep-logs", action="store_true")
+    p.epilog = f"Sizes (full run): {sizes}."
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in args.only if x not in PHASES]
+    if unknown:
+        p.error(f"--only: unknown phase(s) {unknown}; choose from {PHASES}")
+    args.node_counts = [int(x) for x in str(args.nodes).split(",") if x.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    b = Bench(args, workdir, key_pair("bench").write_private(workdir / "key.pem"))
+    started = time.monotonic()
+    import worker
+
+    print(
+        f"bench/throughput.py: {os.cpu_count()} cores, {args.broker} broker, threads x "
+        f"{args.concurrency}, {args.rows} rows per batch, phases {','.join(args.only)}"
+        f"{' (quick)' if args.quick else ''}; worker code from {Path(worker.__file__).parent}"
+    )
+
+    def phase(name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 (one phase failing must not stop the others)
+            traceback.print_exc()
+            b.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"  PHASE {name} FAILED: {exc}")
+            return None
+
+    try:
+        if "ceiling" in args.only:
+            b.results["ceiling"] = phase("ceiling", lambda: run_ceiling(b))
+        if "ours" in args.only:
+            runs = [phase(f"ours {d:g}", lambda d=d: run_ours(b, d)) for d in args.commit_delay]
+            b.results["ours"] = [r for r in runs if r]
+            ours_goals(b)
+        if "latency" in args.only:
+            b.results["latency"] = phase("latency", lambda: run_latency(b))
+        if "backlog" in args.only:
+            b.results["backlog"] = phase("backlog", lambda: run_backlog(b))
+        if "naive" in args.only:
+            b.results["naive"] = phase("naive", lambda: run_naive(b))
+            naive_goal(b)
+        if "nodes" in args.only:
+            b.results["nodes"] = [
+                r
+                for k in args.node_counts
+                if (r := phase(f"nodes {k}", lambda k=k: run_nodes(b, k)))
+            ]
+    finally:
+        if args.keep_logs:
+            print(f"\nlogs in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    header(f"summary ({time.monotonic() - started:.0f} s)")
+    for g in b.goals:
+        print(f"  {g.line()}")
+    for f in b.failures:
+        print(f"  FAILURE {f}")
+    for r in b.results.get("ours") or []:
+        r.pop("_meter", None)
+    figures = {
+        "benchmark": "throughput",
+        "cpus": os.cpu_count(),
+        "broker": args.broker,
+        "pool": "threads",
+        "concurrency": args.concurrency,
+        "rows_per_batch": args.rows,
+        "quick": args.quick,
+        "phases": args.only,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "goals": [g.as_json() for g in b.goals],
+        "failures": b.failures,
+        **b.results,
+    }
+    print(json.dumps(figures, default=lambda o: None if isinstance(o, float) else str(o)))
+    return 1 if b.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
