@@ -314,7 +314,7 @@ def test_scoped_token_lifetime_comes_from_its_exp(
     token = client.tokens.scoped.current()
     assert token is not None
     # exp - iat, or less when iat's whole-second truncation would overstate what is left.
-    assert 299 <= token.lifetime <= 300
+    assert 298 <= token.lifetime <= 300  # a loaded machine may take a second to parse it
     assert token.expires_at == pytest.approx(time.time() + 300, abs=2)
 
 
