@@ -34,8 +34,8 @@ from tests.support.celery import (
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
 from tests.support.redis import RedisDB, claimed_db
-from worker.publish import Publisher
 from worker.delivery.channels import ChannelRef
+from worker.publish import Publisher
 from worker.settings import load_settings
 
 PIPES = [f"P{i}" for i in range(4)]
