@@ -149,6 +149,9 @@ def _shared_processors() -> list[Any]:
     ]
 
 
+_CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
 def configure_logging(
     level: str | int = "INFO", *, json: bool = True, stream: IO[str] | None = None
 ) -> None:
@@ -194,6 +197,10 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    # httpx logs every request at INFO: thousands a second from the pumps and the poller.
+    # They are kept at DEBUG (where they are wanted) and quieted otherwise.
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

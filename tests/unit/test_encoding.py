@@ -15,7 +15,15 @@ import pytest
 import zstandard
 
 from worker.snowpipe import encoding
-from worker.snowpipe.encoding import EncodedRows, encode_line, encode_rows
+from worker.snowpipe.encoding import (
+    Compression,
+    EncodedRows,
+    encode_line,
+    encode_pieces,
+    encode_request,
+    encode_rows,
+    piece_limit,
+)
 from worker.snowpipe.errors import EncodingError, PermanentError, RowTooLargeError
 
 MB4 = 4 * 1024 * 1024
@@ -219,3 +227,33 @@ def test_a_large_row_that_compresses_below_the_cap_is_sent() -> None:
 def test_unknown_compression_is_refused() -> None:
     with pytest.raises(ValueError, match="use zstd, gzip or none"):
         encode_rows([{"a": 1}], compression="brotli")  # type: ignore[arg-type]
+
+
+# --- log pieces and coalesced requests ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
+def test_pieces_keep_rows_in_order_and_each_fits_one_request(compression: Compression) -> None:
+    cap = 64 * 1024
+    rows = [{"id": i, "blob": os.urandom(600).hex()} for i in range(300)]
+    pieces = encode_pieces(rows, compression=compression, max_request_bytes=cap)
+    assert len(pieces) > 1
+    assert sum(n for n, _ in pieces) == len(rows)
+    lines = b"".join(data for _, data in pieces).splitlines()
+    assert [orjson.loads(line)["id"] for line in lines] == list(range(300))
+    for n, data in pieces:
+        assert len(data) <= piece_limit(compression, cap)
+        assert encode_request(data, n, compression).wire_bytes <= cap
+
+
+def test_a_large_row_that_compresses_under_the_cap_is_a_piece_of_its_own() -> None:
+    cap = 8 * 1024
+    rows = [{"id": 0}, {"id": 1, "text": "a" * 50_000}, {"id": 2}]
+    pieces = encode_pieces(rows, compression="zstd", max_request_bytes=cap)
+    assert [n for n, _ in pieces] == [1, 1, 1]
+    assert encode_request(pieces[1][1], 1, "zstd").wire_bytes <= cap
+
+
+def test_a_row_that_cannot_fit_one_request_is_refused_by_index() -> None:
+    with pytest.raises(RowTooLargeError, match="row 1"):
+        encode_pieces([{"id": 0}, {"b": os.urandom(20_000).hex()}], max_request_bytes=8 * 1024)

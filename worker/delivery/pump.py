@@ -55,8 +55,10 @@ if TYPE_CHECKING:
 SUCCESS = "SUCCESS"
 # Entries read from the log per call.
 READ_COUNT = 256
-# How long a pump blocks on the log waiting for entries before it looks at statuses again.
+# How long a pump blocks on the log waiting for entries before it looks at statuses again
+# (while commits are awaited), and when its channel is idle.
 WAIT_BLOCK_MS = 200
+IDLE_BLOCK_MS = 1000
 # Refused errors that are the batch's fault (anything else is retried after a reopen).
 BATCH_REFUSED = (BadRequestError, PayloadTooLargeError, RequestRejectedError)
 # After a pipe-level refusal (unknown pipe) the channel is tried again this much later.
@@ -323,11 +325,12 @@ class ChannelPump:
     # --- Sending --------------------------------------------------------------------------------
 
     def _fill(self) -> None:
-        budget = self._config.coalesce_max_bytes
-        if sum(len(e.data) for e in self._buffer) >= budget:
+        """Top the buffer up from the log (an empty buffer is filled by `_wait_for_work`)."""
+        if not self._buffer:
             return
-        entries = self._log.read(self.ref, self._read_upto, READ_COUNT)
-        self._extend(entries)
+        if sum(len(e.data) for e in self._buffer) >= self._config.coalesce_max_bytes:
+            return
+        self._extend(self._log.read(self.ref, self._read_upto, READ_COUNT))
 
     def _extend(self, entries: Sequence[Entry]) -> None:
         for entry in entries:
@@ -408,22 +411,12 @@ class ChannelPump:
         return encode_request(data, sum(e.rows for e in entries), self._config.compression)
 
     def _wait_for_work(self) -> None:
-        """Block on the log for new entries (or until a status arrives a little later)."""
-        if self._inflight:
-            # Commits are awaited: do not sit in the log's blocking read past the next status.
-            self._wake.clear()
-            if self._take_pending_status():
-                return
-            self._wake.wait(WAIT_BLOCK_MS / 1000)
-            return
-        entries = self._log.wait(self.ref, self._read_upto, READ_COUNT, WAIT_BLOCK_MS)
-        self._extend(entries)
+        """Block on the log for new entries: briefly while commits are awaited (a status may
+        arrive meanwhile), longer when the channel is idle. One Redis call either way."""
+        block = WAIT_BLOCK_MS if self._inflight else IDLE_BLOCK_MS
+        self._extend(self._log.wait(self.ref, self._read_upto, READ_COUNT, block))
 
     # --- Commits --------------------------------------------------------------------------------
-
-    def _take_pending_status(self) -> bool:
-        with self._status_lock:
-            return self._status is not None
 
     def _take_status(self) -> None:
         with self._status_lock:

@@ -1,0 +1,177 @@
+"""The channel log's and the lease table's Lua scripts against the real Redis (a claimed DB)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tests.support.redis import RedisDB, claimed_db
+from worker.deadletter import DeadLetters
+from worker.delivery.channels import ChannelRef
+from worker.delivery.lease import LeaseTable
+from worker.delivery.log import (
+    AlreadyLogged,
+    ChannelLog,
+    LeaseLost,
+    LogFull,
+    Logged,
+    Piece,
+)
+from worker.delivery.node import target_share
+
+A = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_0")
+B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
+
+
+@pytest.fixture
+def db() -> Iterator[RedisDB]:
+    with claimed_db() as claimed:
+        yield claimed
+
+
+@pytest.fixture
+def log(db: RedisDB) -> ChannelLog:
+    return ChannelLog(db.client, dedup_ttl_seconds=3600)
+
+
+@pytest.fixture
+def leases(db: RedisDB) -> LeaseTable:
+    return LeaseTable(db.client, "n1@test", ttl_seconds=5)
+
+
+def piece(*ids: int) -> Piece:
+    return Piece(len(ids), b"".join(orjson.dumps({"id": i}) + b"\n" for i in ids))
+
+
+def test_a_batch_gets_consecutive_offsets_once_and_a_second_append_is_deduped(
+    log: ChannelLog,
+) -> None:
+    first = log.append(A, "b1", [piece(1, 2), piece(3)])
+    assert isinstance(first, Logged)
+    assert first.last == first.first + 1
+    again = log.append(A, "b1", [piece(1, 2), piece(3)])
+    assert isinstance(again, AlreadyLogged)
+    # The same id on another channel (channels per pipe changed) is still a duplicate.
+    assert isinstance(log.append(B, "b1", [piece(1)]), AlreadyLogged)
+    entries = log.read(A, 0, 10)
+    assert [e.offset for e in entries] == [first.first, first.last]
+    assert [e.batch_id for e in entries] == ["b1", "b1"]
+    assert entries[0].rows == 2
+    assert log.channels() == [A]
+
+
+def test_offsets_increase_and_stay_above_the_clock_even_when_the_counter_went_back(
+    log: ChannelLog, db: RedisDB
+) -> None:
+    first = log.append(A, "b1", [piece(1)])
+    assert isinstance(first, Logged)
+    # A state Redis that lost its last writes: the counter is older than what was issued.
+    db.client.set("snowpipe:next:" + A.key, "5")
+    second = log.append(A, "b2", [piece(2)])
+    assert isinstance(second, Logged)
+    assert second.first > first.last
+
+
+def test_a_log_over_its_cap_takes_nothing(log: ChannelLog) -> None:
+    assert isinstance(log.append(A, "b1", [piece(1, 2, 3)], cap_bytes=10), Logged)
+    full = log.append(A, "b2", [piece(4)], cap_bytes=10)
+    assert isinstance(full, LogFull)
+    assert full.used_bytes > 10
+    assert [e.batch_id for e in log.read(A, 0, 10)] == ["b1"]
+    # Not recorded as seen: the batch is logged when it comes back.
+    assert isinstance(log.append(A, "b2", [piece(4)]), Logged)
+
+
+def test_trim_removes_committed_entries_and_their_bytes_only_for_the_lease_holder(
+    log: ChannelLog, leases: LeaseTable, db: RedisDB
+) -> None:
+    one = log.append(A, "b1", [piece(1)])
+    two = log.append(A, "b2", [piece(2)])
+    assert isinstance(one, Logged) and isinstance(two, Logged)
+    lease = leases.acquire(A)
+    assert lease is not None
+    with pytest.raises(LeaseLost):
+        log.trim(A, lease.value + "x", one.last)
+    assert log.trim(A, lease.value, one.last) == 1
+    assert [e.batch_id for e in log.read(A, 0, 10)] == ["b2"]
+    assert log.depth(A).bytes == len(piece(2).data)
+    assert log.depth(A).entries == 1
+
+
+def test_dead_letter_moves_a_batch_out_of_the_log_and_forgets_its_id(
+    log: ChannelLog, leases: LeaseTable, db: RedisDB
+) -> None:
+    log.append(A, "b1", [piece(1)])
+    lease = leases.acquire(A)
+    assert lease is not None
+    entries = log.read(A, 0, 10)
+    assert log.dead_letter(A, lease.value, entries, b'{"batch_id": "b1"}') == 1
+    assert log.read(A, 0, 10) == []
+    assert DeadLetters(db.client).count() == 1
+    assert log.depth(A).bytes == 0
+    # Requeued later: logged again, as a new entry.
+    assert isinstance(log.append(A, "b1", [piece(1)]), Logged)
+    # Twice is a no-op (already gone): no second dead letter.
+    assert log.dead_letter(A, lease.value, entries, b"{}") == 0
+    assert DeadLetters(db.client).count() == 1
+
+
+def test_raise_floor_moves_entries_that_sit_at_committed_offsets_above_them(
+    log: ChannelLog, leases: LeaseTable, db: RedisDB
+) -> None:
+    logged = log.append(A, "b1", [piece(1)])
+    assert isinstance(logged, Logged)
+    lease = leases.acquire(A)
+    assert lease is not None
+    # Nothing to do while the log issued everything Snowflake counts as committed.
+    assert not log.raise_floor(A, lease.value, logged.last).raised
+    committed = logged.last + 1000
+    result = log.raise_floor(A, lease.value, committed)
+    assert result.raised and result.moved == 1
+    (moved,) = log.read(A, 0, 10)
+    assert moved.offset > committed
+    assert moved.batch_id == "b1"
+    assert log.last_offset(A) >= moved.offset
+    record = db.client.get("snowpipe:batch:b1")
+    assert record is not None and record.decode().split("\t")[1] == str(moved.offset)
+    after = log.append(A, "b2", [piece(2)])
+    assert isinstance(after, Logged) and after.first > moved.offset
+
+
+def test_a_lease_is_held_by_one_node_until_it_expires_or_is_released(
+    db: RedisDB, leases: LeaseTable
+) -> None:
+    other = LeaseTable(db.client, "n2@test", ttl_seconds=5)
+    mine = leases.acquire(A)
+    assert mine is not None and mine.generation == 1
+    assert other.acquire(A) is None
+    assert leases.holds(mine)
+    assert leases.renew([mine]) == [True]
+    assert other.holders([A, B]) == ["n1@test", None]
+    leases.release(mine)
+    theirs = other.acquire(A)
+    assert theirs is not None and theirs.generation == 2
+    assert not leases.holds(mine)
+    assert leases.renew([mine]) == [False]
+    leases.release(mine)  # not ours any more: left alone
+    assert other.holds(theirs)
+
+
+def test_heartbeats_list_the_live_nodes(db: RedisDB, leases: LeaseTable) -> None:
+    other = LeaseTable(db.client, "n2@test", ttl_seconds=5)
+    other.heartbeat()
+    assert leases.heartbeat() == ["n1@test", "n2@test"]
+    other.leave()
+    assert leases.heartbeat() == ["n1@test"]
+
+
+@pytest.mark.parametrize(
+    ("channels", "nodes"), [(40, 1), (40, 2), (40, 3), (7, 4), (3, 5), (0, 2)]
+)
+def test_target_shares_add_up_and_differ_by_at_most_one(channels: int, nodes: int) -> None:
+    live = [f"n{i}@h" for i in range(nodes)]
+    shares = [target_share(node, live, channels) for node in live]
+    assert sum(shares) == channels
+    assert max(shares) - min(shares) <= 1
