@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from worker.deadletter import DeadLetters
-from worker.delivery.channels import ChannelRef, channel_for
+from worker.delivery.channels import STATS_KEY, ChannelRef, channel_for
 from worker.delivery.log import ChannelLog
 from worker.settings import Settings, load_settings
 from worker.tokenstore import SharedToken, TokenStore
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from worker.auth.guard import Token
     from worker.snowpipe.client import SnowpipeClient
 
-# Hash of counters (logged, already_logged, backpressure, dead_letter, rows_committed, ...).
-STATS_KEY = "snowpipe:stats"
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 REDIS_HEALTH_CHECK_SECONDS = 25

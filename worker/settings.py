@@ -41,6 +41,7 @@ DEFAULT_RETRY_CAP_SECONDS = 5.0
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # Snowpipe Streaming's cap per append, on the wire
 DEFAULT_QUEUE_NAME = "snowpipe.ingest"  # ingest_batch queue; refresh_tokens uses "<name>.control"
 DEFAULT_CHANNELS_PER_PIPE = 4  # channel logs (and Snowflake channels) per pipe
+DEFAULT_COMMIT_TIMEOUT_SECONDS = 60.0  # Snowflake commits in 5-10 s; a reopen settles the rest
 DEFAULT_LEASE_TTL_SECONDS = 10.0  # a dead node's channels are taken over this long after it died
 DEFAULT_LOG_MAX_BYTES = 64 * 1024 * 1024  # per channel log; above it new batches wait
 DEFAULT_BACKPRESSURE_WAIT_SECONDS = 5.0  # then the task puts the batch back in the queue
@@ -142,6 +143,8 @@ class Settings(BaseSettings):
     channels_per_pipe: int = Field(DEFAULT_CHANNELS_PER_PIPE, ge=1, le=2000)
     channel_prefix: str = Field("snowpipe", pattern=r"^[A-Za-z0-9_-]+$")
     commit_poll_seconds: float = Field(0.25, gt=0)
+    # A request still not committed after this long is replayed (reopen): see docs/delivery.md.
+    commit_timeout_seconds: float = Field(DEFAULT_COMMIT_TIMEOUT_SECONDS, gt=0)
     lease_ttl_seconds: float = Field(DEFAULT_LEASE_TTL_SECONDS, ge=1)
     log_max_bytes: int = Field(DEFAULT_LOG_MAX_BYTES, ge=0)  # 0: no cap
     backpressure_wait_seconds: float = Field(DEFAULT_BACKPRESSURE_WAIT_SECONDS, ge=0)

@@ -60,6 +60,8 @@ def channel_key(kind: str, ref: ChannelRef) -> str:
 
 # The set of every channel that ever had a log entry (what the pumps share out).
 CHANNELS_KEY = KEY_PREFIX + "channels"
+# The worker's counters (a hash): what tasks and pumps did.
+STATS_KEY = KEY_PREFIX + "stats"
 # Live worker nodes: sorted set of node name -> expiry (ms, Redis clock).
 NODES_KEY = KEY_PREFIX + "nodes"
 

@@ -15,6 +15,7 @@ Keys (prefix `snowpipe:`, channel key `database|schema|pipe|channel`):
     batch:{id}     dedup record `chan TAB first offset TAB last offset`, expires after the
                    redelivery horizon (`SNOWPIPE_DEDUP_TTL_SECONDS`)
     channels       set of every channel key that ever had an entry
+    stats          counters (the append script counts logged, already_logged, log_full)
     dead           dead letters (worker/deadletter.py)
 
 Offsets are `max(last + 1, Redis TIME in µs)`: increasing per channel, and after a state Redis
@@ -36,17 +37,30 @@ from typing import Any
 import redis
 
 from worker.deadletter import DEAD_KEY
-from worker.delivery.channels import CHANNELS_KEY, ChannelRef, batch_key, channel_key
+from worker.delivery.channels import (
+    CHANNELS_KEY,
+    STATS_KEY,
+    ChannelRef,
+    batch_key,
+    channel_key,
+)
 
-# KEYS: batch, next, log, bytes, channels.  ARGV: batch id, ttl, cap, chan key, n pieces,
-# then per piece: row count, NDJSON bytes.
+# KEYS: batch, next, log, bytes, channels, stats.  ARGV: batch id, ttl, cap, chan key,
+# n pieces, then per piece: row count, NDJSON bytes. Counts its outcome in stats (no extra
+# round trip per task).
 _APPEND = """
 local seen = redis.call('GET', KEYS[1])
-if seen then return {0, seen} end
+if seen then
+  redis.call('HINCRBY', KEYS[6], 'already_logged', 1)
+  return {0, seen}
+end
 local cap = tonumber(ARGV[3])
 if cap > 0 then
   local used = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if used >= cap then return {2, tostring(used)} end
+  if used >= cap then
+    redis.call('HINCRBY', KEYS[6], 'log_full', 1)
+    return {2, tostring(used)}
+  end
 end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -54,13 +68,17 @@ local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local first = math.max(last + 1, now_us)
 local n = tonumber(ARGV[5])
 local total = 0
+local rows = 0
 local now_ms = string.format('%.0f', math.floor(now_us / 1000))
 for i = 0, n - 1 do
   local data = ARGV[7 + 2 * i]
   redis.call('XADD', KEYS[3], string.format('%.0f-0', first + i),
              'b', ARGV[1], 'n', ARGV[6 + 2 * i], 'd', data, 't', now_ms)
   total = total + #data
+  rows = rows + tonumber(ARGV[6 + 2 * i])
 end
+redis.call('HINCRBY', KEYS[6], 'logged', 1)
+redis.call('HINCRBY', KEYS[6], 'rows_logged', rows)
 local final = string.format('%.0f', first + n - 1)
 redis.call('SET', KEYS[2], final)
 redis.call('INCRBY', KEYS[4], total)
@@ -286,6 +304,7 @@ class ChannelLog:
             channel_key("log", ref),
             channel_key("bytes", ref),
             CHANNELS_KEY,
+            STATS_KEY,
         ]
         status, value = self._append(keys=keys, args=args)
         if int(status) == 0:

@@ -70,6 +70,7 @@ class Node:
             coalesce_max_bytes=settings.coalesce_max_bytes,
             requests_per_second=settings.channel_requests_per_second,
             bytes_per_second=settings.channel_bytes_per_second,
+            commit_timeout_seconds=settings.commit_timeout_seconds,
             countdown=policy.countdown,
         )
         self._lock = threading.Lock()

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -135,6 +135,7 @@ class PumpConfig:
     coalesce_max_bytes: int
     requests_per_second: float
     bytes_per_second: float
+    commit_timeout_seconds: float
     countdown: Callable[[int, BaseException | None], float]  # the RetryPolicy's, continued
 
 
@@ -147,7 +148,7 @@ class InFlight:
     batch_ids: tuple[str, ...]
     rows: int
     oldest_ms: int
-    sent_at: float = field(default_factory=time.monotonic)
+    sent_at: float
 
 
 class ChannelPump:
@@ -241,6 +242,7 @@ class ChannelPump:
                     continue
                 if not self._send_some():
                     self._wait_for_work()
+                self._check_commit_timeout()
                 self._failures = 0
             except LeaseLost:
                 self.lost = True
@@ -378,6 +380,7 @@ class ChannelPump:
                 tuple(dict.fromkeys(e.batch_id for e in entries)),
                 payload.row_count,
                 min(e.written_ms for e in entries),
+                self._clock(),
             )
         )
         spacing = max(
@@ -417,6 +420,27 @@ class ChannelPump:
         self._extend(self._log.wait(self.ref, self._read_upto, READ_COUNT, block))
 
     # --- Commits --------------------------------------------------------------------------------
+
+    def _check_commit_timeout(self) -> None:
+        """Reopen if the oldest request in flight has waited too long for its commit.
+
+        Another pump's open (a takeover race) can discard what this pump sent without this pump
+        ever seeing an error: with nothing new to send, it would wait forever. A reopen settles
+        it (the model check in tests/model found this case).
+        """
+        if not self._inflight:
+            return
+        waited = self._clock() - self._inflight[0].sent_at
+        if waited > self._config.commit_timeout_seconds:
+            _log.warning(
+                "channel.commit_timeout",
+                channel=self.ref.channel,
+                pipe=self.ref.pipe,
+                waited_s=round(waited, 1),
+                offset=self._inflight[0].last,
+            )
+            self._stats.count("commit_timeouts")
+            self.opened = False
 
     def _take_status(self) -> None:
         with self._status_lock:
