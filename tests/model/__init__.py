@@ -1,0 +1,1 @@
+"""Exhaustive model checks of the delivery protocol (pure Python, explicit-state BFS)."""
