@@ -1,9 +1,9 @@
 """Key-pair JWT verification (control plane) and scoped-token issue/verification (data plane).
 
-Key-pair JWTs follow reference §2.1: RS256, `iss = ACCOUNT.USER.SHA256:<fp>`, `sub = ACCOUNT.USER`,
-upper case, `iat`/`exp` in seconds or milliseconds, at most one hour. Scoped tokens are HS256 JWTs
-signed with a per-process secret, so a restarted emulator refuses the old ones (as a real token
-would eventually be refused) and clients must exchange again.
+Key-pair JWTs follow docs/protocol.md#key-pair-jwt: RS256, `iss = ACCOUNT.USER.SHA256:<fp>`,
+`sub = ACCOUNT.USER`, upper case, `iat`/`exp` in seconds or milliseconds, at most one hour.
+Scoped tokens are HS256 JWTs signed with a per-process secret, so a restarted emulator refuses
+the old ones (as a real token would eventually be refused) and clients must exchange again.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Error responses in the shapes the real service uses (reference §5.1).
+"""Error responses in the shapes the real service uses (docs/protocol.md#error-bodies).
 
 Handlers raise `ApiError`; the endpoint wrapper in `emulator.http` turns it into a JSON response.
 `reason` is an explanation for the person debugging a client: it goes to the emulator's log and

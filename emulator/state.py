@@ -89,7 +89,10 @@ class Channel:
         return f"{self.client_seq}_{self.row_seq}"
 
     def status(self, *, requested_name: str | None = None) -> dict[str, Any]:
-        """The channel status object, with both error-count spellings (reference §4.7)."""
+        """The channel status object, with both error-count spellings.
+
+        See docs/protocol.md#bulk-channel-status.
+        """
         return {
             "database_name": self.database,
             "schema_name": self.schema,

@@ -1,4 +1,7 @@
-"""Account-host endpoints: GET /v2/streaming/hostname and POST /oauth/token (reference §4.1-4.2)."""
+"""Account-host endpoints: GET /v2/streaming/hostname and POST /oauth/token.
+
+See docs/protocol.md#hostname and docs/protocol.md#token-exchange.
+"""
 
 from __future__ import annotations
 

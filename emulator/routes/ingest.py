@@ -1,4 +1,7 @@
-"""Ingest-host endpoints: open, append, bulk status, drop, elastic appends (reference §4.3-4.7)."""
+"""Ingest-host endpoints: open, append, bulk status, drop, elastic appends.
+
+See docs/protocol.md#endpoints (one section per endpoint).
+"""
 
 from __future__ import annotations
 
@@ -153,7 +156,7 @@ async def bulk_channel_status(request: Request, emu: Emulator) -> Response:
     try:
         emu.scoped.verify(token, request_host(request))
     except ApiError:
-        # Reference §1: some clients call this on the account host with the key-pair JWT.
+        # Some clients call this on the account host with the key-pair JWT (docs/protocol.md#hosts).
         try:
             alg = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError:

@@ -1,7 +1,7 @@
 """Endpoints only Snowflake's official SDK calls: `:pipe-info` and sessionless telemetry.
 
 The public REST API does not document these; the shapes come from running the `snowpipe-streaming`
-wheel against a loopback server (reference: official-sdk.md §1.4 and §8.1). The SDK deserializes
+wheel against a loopback server (docs/protocol.md#snowflakes-sdk). The SDK deserializes
 them strictly: a missing field, a number outside a u8/u16 range, or a stage location without cloud
 credentials makes the client fail at start, so every field below is present even when the emulator
 never uses it (no cloud stage is ever contacted: rows travel inline, in the `/rows` POST).

@@ -1,4 +1,4 @@
-"""A minimal Snowpipe Streaming client written from the protocol reference, for contract tests.
+"""A minimal Snowpipe Streaming client written from docs/protocol.md, for contract tests.
 
 It deliberately does no retries and no token caching: each call does exactly one HTTP request,
 so a test sees the emulator's raw answer. It shares no code with `emulator/` or `worker/`.
@@ -25,7 +25,10 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 
 def spki_fingerprint(private_key: rsa.RSAPrivateKey) -> str:
-    """`SHA256:` + base64(sha256(DER SubjectPublicKeyInfo)) of the key's public half (§2.1)."""
+    """`SHA256:` + base64(sha256(DER SubjectPublicKeyInfo)) of the key's public half.
+
+    See docs/protocol.md#key-pair-jwt.
+    """
     der = private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -43,7 +46,10 @@ def mint_jwt(
     fingerprint_of: rsa.RSAPrivateKey | None = None,
     upper: bool = True,
 ) -> str:
-    """A key-pair JWT (§2.1): iss = ACCOUNT.USER.SHA256:fp, sub = ACCOUNT.USER."""
+    """A key-pair JWT: iss = ACCOUNT.USER.SHA256:fp, sub = ACCOUNT.USER.
+
+    See docs/protocol.md#key-pair-jwt.
+    """
     iat = time.time() if iat is None else iat
     sub = f"{account}.{user}"
     if upper:
@@ -102,17 +108,20 @@ class RefClient:
     # -- control plane -------------------------------------------------------------------------
 
     def get_hostname(self, token: str | None = None) -> httpx.Response:
-        """GET /v2/streaming/hostname (§4.1)."""
+        """GET /v2/streaming/hostname (docs/protocol.md#hostname)."""
         return self.http.get(f"{self.url}/v2/streaming/hostname", headers=self._jwt_headers(token))
 
     def request_token(self, token: str | None = None, scope: str | None = None) -> httpx.Response:
-        """POST /oauth/token with the JWT as Bearer (§4.2)."""
+        """POST /oauth/token with the JWT as Bearer (docs/protocol.md#token-exchange)."""
         form = {"grant_type": GRANT_TYPE, "scope": scope or self.ingest_host()}
         headers = {"Authorization": f"Bearer {token or self.jwt()}", "Accept": "application/json"}
         return self.http.post(f"{self.url}/oauth/token", data=form, headers=headers)
 
     def ingest_host(self) -> str:
-        """The ingest host: plain text from the hostname call, `_` replaced by `-` (§1)."""
+        """The ingest host: plain text from the hostname call, `_` replaced by `-`.
+
+        See docs/protocol.md#hosts.
+        """
         response = self.get_hostname()
         assert response.status_code == 200, response.text
         return response.text.strip().replace("_", "-")
@@ -139,7 +148,7 @@ class RefClient:
     def open_channel(
         self, db: str, schema: str, pipe: str, channel: str, body: dict[str, Any] | None = None
     ) -> httpx.Response:
-        """PUT .../channels/{channel} (§4.3)."""
+        """PUT .../channels/{channel} (docs/protocol.md#open-channel)."""
         return self.http.put(
             f"{self.ingest_url}{self._pipe_path(db, schema, pipe)}/channels/{segment(channel)}",
             json=body or {},
@@ -167,7 +176,10 @@ class RefClient:
         encoding: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """POST .../channels/{channel}/rows with NDJSON, optionally gzip/zstd (§4.4)."""
+        """POST .../channels/{channel}/rows with NDJSON, optionally gzip/zstd.
+
+        See docs/protocol.md#append-rows.
+        """
         body = rows if isinstance(rows, bytes) else b"".join(
             orjson.dumps(r) + b"\n" for r in rows
         )
@@ -198,7 +210,7 @@ class RefClient:
     def status(
         self, db: str, schema: str, pipe: str, names: list[str], *, token: str | None = None
     ) -> httpx.Response:
-        """POST .../pipes/{pipe}:bulk-channel-status (§4.7)."""
+        """POST .../pipes/{pipe}:bulk-channel-status (docs/protocol.md#bulk-channel-status)."""
         headers = self._scoped_headers()
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -211,7 +223,7 @@ class RefClient:
     def drop(
         self, db: str, schema: str, pipe: str, channel: str, body: dict[str, Any] | None = None
     ) -> httpx.Response:
-        """DELETE .../channels/{channel} (§4.6)."""
+        """DELETE .../channels/{channel} (docs/protocol.md#drop-channel)."""
         return self.http.request(
             "DELETE",
             f"{self.ingest_url}{self._pipe_path(db, schema, pipe)}/channels/{segment(channel)}",

@@ -32,7 +32,10 @@ def client(registered: RunningEmulator) -> Iterator[RefClient]:
 
 
 def assert_jwt_invalid(response: httpx.Response) -> None:
-    """401 {"code":"390144","message":"JWT token is invalid. [<uuid>]"} (reference §2.4)."""
+    """401 {"code":"390144","message":"JWT token is invalid. [<uuid>]"}.
+
+    See docs/protocol.md#errors.
+    """
     assert response.status_code == 401, response.text
     body = response.json()
     assert body["code"] == "390144"

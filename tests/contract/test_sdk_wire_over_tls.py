@@ -1,7 +1,7 @@
 """Over HTTPS, the emulator answers exactly what Snowflake's SDK sends and requires (no SDK needed).
 
 These pin, with a reference client, the wire details that `test_official_sdk.py` exercises through
-the real SDK (reference official-sdk.md §1.4, §1.5, §8.1): plain-text hostname without a port,
+the real SDK (docs/protocol.md#snowflakes-sdk): plain-text hostname without a port,
 JWT-shaped scoped token, millisecond key-pair JWTs with an `scp` claim, `:pipe-info` with complete
 stage locations and in-range parameters, sessionless telemetry, and the SDK's append request
 (`requestId`/`retryCount`, zstd with `x-snowflake-uncompressed-content-length`, trailing blank

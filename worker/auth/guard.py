@@ -1,7 +1,7 @@
 """TokenGuard: a valid token for every request, refreshed ahead of expiry, one refresh at a time.
 
 The refresh moment of each token is pinned when it is obtained, in monotonic time
-(../shared/DESIGN.md "Tokens", ../shared/reference/refresh-and-retry.md §0 and §15):
+(docs/tokens-and-retries.md#refresh-moment, and the windows below it):
 
     soft_margin = min(max_margin, fraction * L)        # 120 s / 20 % by default
     hard_margin = min(hard_margin_setting, soft_margin / 2)

@@ -2,7 +2,7 @@
 
 Loading validates the RSA key (~36 ms with OpenSSL 3), so a process loads it once and keeps the
 key object; `jwt.encode` is always given that object, never PEM text (PEM would be parsed and
-validated again on every token, ~40 ms each). See ../shared/reference/snowpipe-rest-api.md §2.1.
+validated again on every token, ~40 ms each). See docs/protocol.md#key-pair-jwt.
 
 Error messages name the problem and the fix; they never contain key material or a passphrase.
 """
@@ -175,7 +175,7 @@ def public_key_fingerprint(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> str:
 
 
 def normalize_account(account: str) -> str:
-    """The account as Snowflake expects it in JWT claims (§2.1).
+    """The account as Snowflake expects it in JWT claims (docs/protocol.md#key-pair-jwt).
 
     Upper case; a locator's region is dropped (`xy12345.us-east-1` -> `XY12345`); with `.global`
     (replication) only the part before the first `-` is kept, as Snowflake's connector does.

@@ -8,8 +8,8 @@
 `SnowflakeAuth` owns both `TokenGuard`s. The HTTP calls themselves belong to the client (one
 `httpx.Client` per process); it hands them in as two functions, so this module stays free of
 transport details. Parsing of the hostname answer (plain text, JSON string or JSON object, with
-`_` turned into `-`, reference §4.1) and the ingest base URL (the account URL's scheme and port)
-live here too.
+`_` turned into `-`, docs/protocol.md#hostname) and the ingest base URL (the account URL's scheme
+and port) live here too.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = [
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # The scoped token's lifetime is undocumented; clients that cannot read `exp` assume 55 minutes
-# (reference §2.2).
+# (docs/protocol.md#scoped-token).
 SCOPED_TOKEN_FALLBACK_SECONDS: Final = 55 * 60
 # Differences below this are clock noise, not the whole-second truncation of `iat`.
 _LIFETIME_SLACK: Final = 0.01
@@ -78,13 +78,13 @@ def parse_hostname(body: bytes) -> str:
             op="hostname",
         )
     # Snowflake: an account name with `_` gives a host that must use `-` for every later call
-    # (reference §1, newest tutorial).
+    # (docs/protocol.md#hosts).
     return host.replace("_", "-")
 
 
 def ingest_base_url(account_url: str, host: str) -> str:
     """`scheme://host[:port]` for the ingest host: the account URL's scheme, and its port unless
-    the host names one (the official SDK does the same, reference official-sdk §1.4/1.7)."""
+    the host names one (the official SDK does the same, docs/protocol.md#hosts)."""
     parts = urlsplit(account_url)
     if _has_port(host):
         return f"{parts.scheme}://{host}"

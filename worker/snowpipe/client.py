@@ -12,7 +12,7 @@ How a call runs (`_call`): the RetryPolicy runs attempts; each attempt reads the
 guard afresh (a retry never reuses a token that expired meanwhile), sends, and on 401/403
 invalidates that token and resends once with a new one; a second 401/403 is an `AuthError`, never
 a loop. Error responses become the typed errors of `worker.snowpipe.errors`. One `requestId` per
-logical call, the same on each retry (Snowflake asks for that, reference §3).
+logical call, the same on each retry (Snowflake asks for that, docs/protocol.md#headers).
 
 The two hostname/token calls are made on behalf of the scoped-token guard (single flight); they
 are retried as calls of their own (`own_layer`), bounded by the guard's wait timeout.
@@ -80,7 +80,7 @@ try:
 except Exception:  # noqa: BLE001 - running from a checkout without metadata
     _VERSION = "0.0.0"
 
-# Format recommended by Snowflake (reference §3), with our own product name.
+# Format recommended by Snowflake (docs/protocol.md#headers), with our own product name.
 USER_AGENT: Final = (
     f"snowpipe-worker/{_VERSION} ({platform.system().lower()} {platform.machine()}) "
     f"PYTHON/{platform.python_version()}"
@@ -112,7 +112,7 @@ class ChannelStatus:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, channel: str = "") -> ChannelStatus:
         """Parse a status object; `rows_errors` (bulk status docs) and `rows_error_count` both
-        count errors (reference §4.7); missing counters read as 0."""
+        count errors (docs/protocol.md#bulk-channel-status); missing counters read as 0."""
         errors = data.get("rows_error_count")
         if errors is None:
             errors = data.get("rows_errors")
@@ -449,7 +449,7 @@ class SnowpipeClient:
             content=str(form).encode(),
             headers={"Content-Type": "application/x-www-form-urlencoded"},
             # No token-type header here: tutorials omit it and a live client asserts it must be
-            # absent (reference §4.2).
+            # absent (docs/protocol.md#token-exchange).
             token_type=None,
             own_layer=True,
         )

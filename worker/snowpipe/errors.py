@@ -36,7 +36,7 @@ the leaves exist so that callers and logs can be precise.
             └── RowTooLargeError        one row alone exceeds the request size cap
 
 `error_from_response()` turns an HTTP error response into the right leaf. It reads every body
-shape Snowflake has been seen to send (reference §5.1): `{"code","message"}`,
+shape Snowflake has been seen to send (docs/protocol.md#error-bodies): `{"code","message"}`,
 `{"error_code","message"}`, a bare JSON string, numeric codes, extra fields, and non-JSON text.
 A Snowflake code decides the class when it is known (a 400 with STALE_CONTINUATION_TOKEN_SEQUENCER
 is a reopen, a 409 with ERR_OPEN_CHANNEL_IN_PROGRESS is retryable); otherwise the HTTP status does.
@@ -254,8 +254,9 @@ class AppendOutcomeUnknownError(ChannelReopenRequired):
     """An append may have reached Snowflake, but its answer was lost (read timeout, reset).
 
     Resending it with the same continuation token could commit its rows twice if the first copy
-    landed (reference §11, open question 2), so it is never retried blindly: reopening the channel
-    settles it (the rows are either committed or discarded by the open), then the writer replays.
+    landed (docs/protocol.md#open-questions, question 2), so it is never retried blindly:
+    reopening the channel settles it (the rows are either committed or discarded by the open),
+    then the writer replays.
     """
 
     hint = "reopen the channel (which commits or discards the lost append), then replay from it"
@@ -360,7 +361,8 @@ class RowTooLargeError(EncodingError):
 
 RETRY_REQUEST_CODES = frozenset({"ERR_GENERAL_EXCEPTION_RETRY_REQUEST"})
 OPEN_IN_PROGRESS_CODES = frozenset({"ERR_OPEN_CHANNEL_IN_PROGRESS"})
-# 390701 is the documented rate-limit code; the others are backpressure names (reference §5.2).
+# 390701 is the documented rate-limit code; the others are backpressure names
+# (docs/protocol.md#error-codes).
 RATE_LIMIT_CODES = frozenset(
     {
         "390701",
