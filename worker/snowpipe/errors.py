@@ -382,7 +382,14 @@ INVALIDATED_CODES = frozenset(
         "STALE_PIPE_CACHE",
     }
 )
-CHANNEL_NOT_FOUND_CODES = frozenset({"ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED"})
+# Both spellings: Snowflake's error-handling page and the live service use `_IS_`, its SDK and
+# older answers the other. A missing channel is reopened, never taken for a missing pipe.
+CHANNEL_NOT_FOUND_CODES = frozenset(
+    {
+        "ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED",
+        "ERR_CHANNEL_DOES_NOT_EXIST_OR_NOT_AUTHORIZED",
+    }
+)
 PIPE_NOT_FOUND_CODES = frozenset(
     {
         "ERR_PIPE_DOES_NOT_EXIST_OR_NOT_AUTHORIZED",
