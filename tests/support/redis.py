@@ -96,6 +96,9 @@ def free_port() -> int:
 class PrivateRedis:
     """A `redis-server` of one test: its own port and data dir, AOF with fsync on every write.
 
+    `appendfsync="everysec"` starts it with the fsync policy that may lose its last second (what
+    bench/durability.py compares). Automatic AOF rewrites are off, so the AOF only grows.
+
     Use it where a test stops, kills or restarts the server (never the shared one):
 
         with private_redis(tmp_path / "redis") as server:
@@ -108,9 +111,12 @@ class PrivateRedis:
     START_TIMEOUT = 20.0
     STOP_TIMEOUT = 10.0
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always"
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.appendfsync = appendfsync  # "always" (the default) or "everysec" / "no"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "redis-server.log"
 
@@ -126,9 +132,9 @@ class PrivateRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             "redis-server", "--port", str(self.port), "--bind", REDIS_HOST,
-            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
+            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
-            "--logfile", str(self.log_path),
+            "--logfile", str(self.log_path), "--auto-aof-rewrite-percentage", "0",
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.START_TIMEOUT
@@ -179,9 +185,11 @@ class PrivateRedis:
 
 
 @contextmanager
-def private_redis(data_dir: Path, port: int | None = None) -> Iterator[PrivateRedis]:
+def private_redis(
+    data_dir: Path, port: int | None = None, *, appendfsync: str = "always"
+) -> Iterator[PrivateRedis]:
     """A started PrivateRedis for the block; stopped afterwards (its data dir stays in tmp)."""
-    server = PrivateRedis(data_dir, port)
+    server = PrivateRedis(data_dir, port, appendfsync=appendfsync)
     server.start()
     try:
         yield server
