@@ -132,12 +132,19 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {"visibility_timeout": vt},
     }
     if settings.broker_is_redis:
+        # kombu's Redis transport, with the fix that keeps a broker restart from stopping the
+        # worker (worker/broker.py).
+        if settings.broker_url.startswith("redis://"):
+            config["broker_transport"] = "worker.broker:Transport"
         config["broker_transport_options"] = {
             "visibility_timeout": vt,
             # Sweep for a dead node's unacked messages every few seconds (kombu 5.7 defaults to
             # ~100 s), at most a fifth of the visibility timeout.
             "unacked_restore_interval": max(1, min(10, vt // 5)),
             "unacked_restore_throttle": 1,
+            # The sweep holds a lock; a node killed while holding it would block every other
+            # node's sweep for kombu's default 300 s.
+            "unacked_mutex_expire": 30,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "retry_on_timeout": True,
