@@ -45,10 +45,49 @@ from worker.delivery.channels import (
     channel_key,
 )
 
+# Offsets as decimal strings (Lua helper, pasted into the scripts that compute offsets). Lua's
+# numbers are doubles: above 2^53 `x + 1 == x`, so an offset Snowflake reports as committed that
+# is that large (another writer's, or a clock far ahead) would make the scripts issue one offset
+# twice (XADD refuses it) and, in _RAISE_FLOOR, drop entries. Digit strings are exact.
+_DECIMAL = """
+local function dec(s)
+  s = string.gsub(s, '^0+', '')
+  if s == '' then return '0' end
+  return s
+end
+local function dec_cmp(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function dec_max(a, b)
+  if dec_cmp(a, b) >= 0 then return a end
+  return b
+end
+local function dec_add(a, n)
+  local digits = {}
+  local carry = n
+  for i = #a, 1, -1 do
+    local d = string.byte(a, i) - 48 + carry
+    digits[#digits + 1] = d % 10
+    carry = (d - d % 10) / 10
+  end
+  while carry > 0 do
+    digits[#digits + 1] = carry % 10
+    carry = (carry - carry % 10) / 10
+  end
+  local out = {}
+  for i = #digits, 1, -1 do out[#out + 1] = string.format('%d', digits[i]) end
+  return dec(table.concat(out))
+end
+"""
+
 # KEYS: batch, next, log, bytes, channels, stats.  ARGV: batch id, ttl, cap, chan key,
 # n pieces, then per piece: row count, NDJSON bytes. Counts its outcome in stats (no extra
 # round trip per task).
-_APPEND = """
+_APPEND = (
+    _DECIMAL
+    + """
 local seen = redis.call('GET', KEYS[1])
 if seen then
   redis.call('HINCRBY', KEYS[6], 'already_logged', 1)
@@ -63,30 +102,31 @@ if cap > 0 then
   end
 end
 local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-local first = math.max(last + 1, now_us)
+local now_us = dec(t[1] .. string.format('%06d', tonumber(t[2])))
+local last = dec(redis.call('GET', KEYS[2]) or '0')
+local first = dec_max(dec_add(last, 1), now_us)
 local n = tonumber(ARGV[5])
 local total = 0
 local rows = 0
-local now_ms = string.format('%.0f', math.floor(now_us / 1000))
+local now_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 for i = 0, n - 1 do
   local data = ARGV[7 + 2 * i]
-  redis.call('XADD', KEYS[3], string.format('%.0f-0', first + i),
+  redis.call('XADD', KEYS[3], dec_add(first, i) .. '-0',
              'b', ARGV[1], 'n', ARGV[6 + 2 * i], 'd', data, 't', now_ms)
   total = total + #data
   rows = rows + tonumber(ARGV[6 + 2 * i])
 end
 redis.call('HINCRBY', KEYS[6], 'logged', 1)
 redis.call('HINCRBY', KEYS[6], 'rows_logged', rows)
-local final = string.format('%.0f', first + n - 1)
+local final = dec_add(first, n - 1)
 redis.call('SET', KEYS[2], final)
 redis.call('INCRBY', KEYS[4], total)
-local record = ARGV[4] .. '\\t' .. string.format('%.0f', first) .. '\\t' .. final
+local record = ARGV[4] .. '\\t' .. first .. '\\t' .. final
 redis.call('SET', KEYS[1], record, 'EX', tonumber(ARGV[2]))
 redis.call('SADD', KEYS[5], ARGV[4])
 return {1, record}
 """
+)
 
 # Sum of the `d` field lengths of stream entries (Lua helper, pasted into scripts below).
 _DATA_BYTES = """
@@ -146,25 +186,28 @@ return removed
 # KEYS: lease, next, log.  ARGV: lease value, committed offset, chan key, dedup key prefix.
 # If Snowflake's committed offset is beyond the last offset issued, the log forgot (the state
 # Redis came back empty or older): raise the counter above it and move every entry that sits
-# at or below it to new offsets above it, in order, updating their dedup records.
-_RAISE_FLOOR = """
+# at or below it to new offsets above it, in order, updating their dedup records. Each entry is
+# added at its new offset before it is deleted at the old one: a script that fails half-way
+# (Redis does not roll scripts back) leaves a duplicate entry, never a lost one.
+_RAISE_FLOOR = (
+    _DECIMAL
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, 0} end
-local committed = tonumber(ARGV[2])
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-if last >= committed then return {0, 0} end
+local committed = dec(ARGV[2])
+local last = dec(redis.call('GET', KEYS[2]) or '0')
+if dec_cmp(last, committed) >= 0 then return {0, 0} end
 local stale = redis.call('XRANGE', KEYS[3], '-', ARGV[2])
 local next_offset = committed
 local tail = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 if #tail > 0 then
-  local top = tonumber(string.match(tail[1][1], '^(%d+)'))
-  if top > next_offset then next_offset = top end
+  next_offset = dec_max(next_offset, dec(string.match(tail[1][1], '^(%d+)')))
 end
 for _, e in ipairs(stale) do
-  redis.call('XDEL', KEYS[3], e[1])
-  next_offset = next_offset + 1
-  local id = string.format('%.0f', next_offset)
+  next_offset = dec_add(next_offset, 1)
+  local id = next_offset
   local f = e[2]
   redis.call('XADD', KEYS[3], id .. '-0', unpack(f))
+  redis.call('XDEL', KEYS[3], e[1])
   for i = 1, #f, 2 do
     if f[i] == 'b' then
       local key = ARGV[4] .. f[i + 1]
@@ -175,9 +218,10 @@ for _, e in ipairs(stale) do
     end
   end
 end
-redis.call('SET', KEYS[2], string.format('%.0f', next_offset))
+redis.call('SET', KEYS[2], next_offset)
 return {1, #stale}
 """
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,13 @@ channel's lease. Its loop:
    trimmed up to the committed offset.
 
 Anything that breaks the continuation chain (a stale continuation token, an invalidated or
-missing channel, an append whose answer was lost, a channel status that is not SUCCESS) is met
-the same way: reopen and replay from the committed offset. Transient failures after the
-RetryPolicy gave up do the same after the policy's countdown. A request Snowflake refuses for
-good is retried one entry at a time to find the batch it belongs to, and that batch goes to the
-dead letters with the reason. A lost lease stops the pump: another node's pump owns the channel.
+missing channel, an append whose answer was lost, a channel status that is not SUCCESS, an append
+not committed within `commit_timeout_seconds`: discarded without a sign, e.g. by another
+writer's open) is met the same way: reopen and replay from the committed offset. Transient
+failures after the RetryPolicy gave up do the same after the policy's countdown. A request
+Snowflake refuses for good is retried one entry at a time to find the batch it belongs to, and
+that batch goes to the dead letters with the reason. A lost lease stops the pump: another node's
+pump owns the channel.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Entry, LeaseLost
 from worker.observability import get_logger
+from worker.settings import DEFAULT_COMMIT_TIMEOUT_SECONDS
 from worker.snowpipe.encoding import Compression, EncodedRows, encode_request
 from worker.snowpipe.errors import (
     BadRequestError,
@@ -135,8 +138,9 @@ class PumpConfig:
     coalesce_max_bytes: int
     requests_per_second: float
     bytes_per_second: float
-    commit_timeout_seconds: float
     countdown: Callable[[int, BaseException | None], float]  # the RetryPolicy's, continued
+    # An append still not committed this long after it was sent is taken as discarded.
+    commit_timeout_seconds: float = DEFAULT_COMMIT_TIMEOUT_SECONDS
 
 
 @dataclass
@@ -148,7 +152,7 @@ class InFlight:
     batch_ids: tuple[str, ...]
     rows: int
     oldest_ms: int
-    sent_at: float
+    sent_at: float  # on the pump's clock
 
 
 class ChannelPump:
@@ -238,11 +242,11 @@ class ChannelPump:
                 if not self.opened:
                     self._open()
                 self._take_status()
+                self._check_commit_timeout()
                 if not self.opened or self._stop.is_set():
                     continue
                 if not self._send_some():
                     self._wait_for_work()
-                self._check_commit_timeout()
                 self._failures = 0
             except LeaseLost:
                 self.lost = True
@@ -421,27 +425,6 @@ class ChannelPump:
 
     # --- Commits --------------------------------------------------------------------------------
 
-    def _check_commit_timeout(self) -> None:
-        """Reopen if the oldest request in flight has waited too long for its commit.
-
-        Another pump's open (a takeover race) can discard what this pump sent without this pump
-        ever seeing an error: with nothing new to send, it would wait forever. A reopen settles
-        it (the model check in tests/model found this case).
-        """
-        if not self._inflight:
-            return
-        waited = self._clock() - self._inflight[0].sent_at
-        if waited > self._config.commit_timeout_seconds:
-            _log.warning(
-                "channel.commit_timeout",
-                channel=self.ref.channel,
-                pipe=self.ref.pipe,
-                waited_s=round(waited, 1),
-                offset=self._inflight[0].last,
-            )
-            self._stats.count("commit_timeouts")
-            self.opened = False
-
     def _take_status(self) -> None:
         with self._status_lock:
             status, self._status = self._status, None
@@ -483,13 +466,38 @@ class ChannelPump:
             self._stats.count("rows_committed", rows)
             self._stats.count("entries_committed", batches)
 
+    def _check_commit_timeout(self) -> None:
+        """Reopen when the oldest append in flight waited too long for its commit.
+
+        Appends in flight can be discarded without a sign in the channel status: an open by
+        another writer (a pump whose lease expired while it was paused after its `holds()`
+        check, opening after this pump did) or a loss on Snowflake's side leaves the status
+        SUCCESS and the committed offset where it was. Only a later append would meet the stale
+        continuation token, and on a channel that logs nothing new there is none: its batches
+        would wait forever. A reopen replays from the committed offset (exactly once either way).
+        """
+        if not self.opened or not self._inflight:
+            return
+        waited = self._clock() - self._inflight[0].sent_at
+        if waited < self._config.commit_timeout_seconds:
+            return
+        _log.warning(
+            "channel.commit_timeout",
+            channel=self.ref.channel,
+            pipe=self.ref.pipe,
+            first=self._inflight[0].first,
+            committed=self.committed,
+            waited_s=round(waited, 1),
+        )
+        self._stats.count("commit_timeouts")
+        self.opened = False
+
     def _row_errors(self, status: ChannelStatus) -> None:
         """Dead-letter the batches of the request Snowflake reported row errors in."""
         seen = self._errors_seen
         if seen is None or status.rows_error_count <= seen:
             return
         count = status.rows_error_count - seen
-        self._errors_seen = status.rows_error_count
         bound = status.last_error_offset_upper_bound
         try:
             upper = int(bound) if bound is not None else None
@@ -510,6 +518,7 @@ class ChannelPump:
                 message=message,
             )
             self._stats.count("row_errors_unattributed", count)
+            self._errors_seen = status.rows_error_count
             return
         by_batch = _group(entries)
         for batch_id, parts in by_batch.items():
@@ -522,6 +531,8 @@ class ChannelPump:
             _log.warning(
                 "channel.row_errors", channel=self.ref.channel, batch_id=batch_id, count=count
             )
+        # Only now: if storing a letter failed, the next status (or the reopen) reports again.
+        self._errors_seen = status.rows_error_count
         self._stats.count("row_errors", count)
 
     # --- Refusals -------------------------------------------------------------------------------
@@ -569,7 +580,10 @@ class ChannelPump:
     def _letter(
         self, batch_id: str, parts: Sequence[Entry], reason: str, *, kind: Kind = "failed"
     ) -> DeadLetter:
-        rows = [orjson.loads(line) for e in parts for line in e.data.splitlines() if line]
+        rows, unparsed = _rows(parts)
+        detail: dict[str, Any] = {"channel": self.ref.channel, "offsets": [e.offset for e in parts]}
+        if unparsed:
+            detail["unparsed_lines"] = unparsed
         return DeadLetter(
             batch_id,
             self.ref.database,
@@ -578,8 +592,31 @@ class ChannelPump:
             reason,
             rows,
             kind=kind,
-            detail={"channel": self.ref.channel, "offsets": [e.offset for e in parts]},
+            detail=detail,
         )
+
+
+def _rows(parts: Sequence[Entry]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON-object rows of `parts`, and (as text) the lines that are not JSON objects.
+
+    A line that is not a JSON object is what Snowflake reports as a row error: a dead letter
+    must keep it, not fail on it (the row error report would be lost with it).
+    """
+    rows: list[dict[str, Any]] = []
+    unparsed: list[str] = []
+    for entry in parts:
+        for line in entry.data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                unparsed.append(line.decode("utf-8", "replace"))
+    return rows, unparsed
 
 
 def _same_batch(entries: Sequence[Entry], batch_id: str) -> list[Entry]:
