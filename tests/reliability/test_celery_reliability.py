@@ -231,14 +231,24 @@ def test_kill_9_of_a_pool_child_mid_run_loses_and_duplicates_nothing(
     with make_rig(tmp_path, broker, BASE_EMU) as rig:
         worker = launch_worker(rig.env, tmp_path, name="kchild", pool="prefork", concurrency=4)
         with running(worker):
-            rig.publish(0, 80)
+            rig.publish(0, 40)
             wait_until(lambda: rig.committed() >= 15 * ROWS, timeout=60, what="15 batches",
                        logs=[worker])
             children = worker.children()
             assert children, worker.log_tail()
             os.kill(children[0], signal.SIGKILL)
+            # The second half goes through the pool with its child killed (the first half may
+            # be all done by now: a fast run logs 40 batches in well under a second).
+            rig.publish(40, 40)
             rig.finish(80, [worker])
-            assert "WorkerLostError" in worker.log() or "exited with" in worker.log()
+            # The pool notices the dead child when it next maintains itself (on RabbitMQ that
+            # can come after the run has finished).
+            wait_until(
+                lambda: "WorkerLostError" in worker.log() or "exited with" in worker.log(),
+                timeout=30,
+                what="the pool to report the killed child",
+                logs=[worker],
+            )
 
 
 @pytest.mark.slow
