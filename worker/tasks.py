@@ -12,7 +12,8 @@ acknowledged and a rejection deletes the message); every ending is explicit:
   then put the batch back in the queue (same batch id) and return;
 - the state Redis failed: wait the RetryPolicy's countdown, put the batch back in the queue and
   return; if that publish fails too, `Reject(requeue=True)` keeps the message in the broker;
-- rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter.
+- rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter;
+- the soft time limit (prefork), wherever it strikes: `Reject(requeue=True)` keeps the message.
 """
 
 from __future__ import annotations
@@ -61,10 +62,27 @@ def ingest_batch(
     attempt: int = 0,
 ) -> dict[str, Any]:
     """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary."""
+    batch = Batch(batch_id, database, schema, pipe, rows, attempt)
+    try:
+        return _ingest(self, batch)
+    except SoftTimeLimitExceeded as exc:
+        # Wherever it struck (a retry's countdown, a publish), the batch may not be logged:
+        # keep the message. A raised exception would be acknowledged on Redis.
+        raise Reject(f"soft time limit while handling batch {batch_id}", requeue=True) from exc
+
+
+def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
     from worker.snowpipe.encoding import encode_pieces
     from worker.snowpipe.errors import PermanentError
 
-    batch = Batch(batch_id, database, schema, pipe, rows, attempt)
+    batch_id, database, schema, pipe, rows, attempt = (
+        batch.batch_id,
+        batch.database,
+        batch.schema,
+        batch.pipe,
+        batch.rows,
+        batch.attempt,
+    )
     rt = runtime.current()
     s = rt.settings
     try:
@@ -94,7 +112,7 @@ def ingest_batch(
                     f"the log write reached {acked} of {s.state_min_replicas} replicas in "
                     f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
                 )
-    except (redis.RedisError, SoftTimeLimitExceeded) as exc:
+    except redis.RedisError as exc:
         _log.warning("ingest.state_failed", batch_id=batch_id, error=type(exc).__name__,
                      detail=str(exc))
         return _retry_later(self, batch, exc, next_attempt=attempt + 1)
