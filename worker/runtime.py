@@ -8,6 +8,7 @@ it between threads (every part is thread-safe).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -79,6 +80,36 @@ class Counters:
         """Add `amount` to counter `name`."""
         with contextlib.suppress(redis.RedisError):
             self._redis.hincrby(STATS_KEY, name, amount)
+
+
+class BufferedCounters(Counters):
+    """Counters kept in memory and written in one round trip by `flush()` (the pumps' hot path
+    counts every append and commit; a Redis call each would cost more than the append)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client)
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._pending_lock = threading.Lock()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add `amount` to counter `name` (written at the next flush)."""
+        with self._pending_lock:
+            self._pending[name] += amount
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush (kept for the next one if Redis fails)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, collections.Counter()
+        if not pending:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for name, amount in pending.items():
+                pipe.hincrby(STATS_KEY, name, amount)
+            pipe.execute()
+        except redis.RedisError:
+            with self._pending_lock:
+                self._pending.update(pending)
 
 
 _local = threading.local()

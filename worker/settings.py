@@ -48,6 +48,7 @@ DEFAULT_BACKPRESSURE_WAIT_SECONDS = 5.0  # then the task puts the batch back in 
 DEFAULT_CHANNEL_REQUESTS_PER_SECOND = 10.0  # Snowflake's documented per-channel request rate
 DEFAULT_CHANNEL_BYTES_PER_SECOND = 16 * 1024 * 1024  # under Snowflake's 20 MB/s per channel
 DEFAULT_COALESCE_MAX_BYTES = 16 * 1024 * 1024  # uncompressed NDJSON per append request
+DEFAULT_APPEND_LINGER_SECONDS = 0.5  # a batch waits at most this long for others to join it
 DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
 
 _LOOPBACK_NAMES = {"localhost"}
@@ -151,6 +152,7 @@ class Settings(BaseSettings):
     channel_requests_per_second: float = Field(DEFAULT_CHANNEL_REQUESTS_PER_SECOND, gt=0)
     channel_bytes_per_second: float = Field(DEFAULT_CHANNEL_BYTES_PER_SECOND, gt=0)
     coalesce_max_bytes: int = Field(DEFAULT_COALESCE_MAX_BYTES, gt=1024)
+    append_linger_seconds: float = Field(DEFAULT_APPEND_LINGER_SECONDS, ge=0, le=10)
     dedup_ttl_seconds: int = Field(DEFAULT_DEDUP_TTL_SECONDS, ge=60)
     # WAIT for this many replicas of the state Redis after each log write (0: do not wait).
     state_min_replicas: int = Field(0, ge=0)

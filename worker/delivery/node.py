@@ -54,7 +54,7 @@ class Node:
         self.log = ChannelLog(self.redis, dedup_ttl_seconds=settings.dedup_ttl_seconds)
         self.leases = LeaseTable(self.redis, name, ttl_seconds=settings.lease_ttl_seconds)
         self.dead_letters = DeadLetters(self.redis)
-        self.stats = runtime.Counters(self.redis)
+        self.stats = runtime.BufferedCounters(self.redis)
         if client is None:
             from worker.snowpipe.client import SnowpipeClient
 
@@ -71,6 +71,7 @@ class Node:
             requests_per_second=settings.channel_requests_per_second,
             bytes_per_second=settings.channel_bytes_per_second,
             commit_timeout_seconds=settings.commit_timeout_seconds,
+            linger_seconds=settings.append_linger_seconds,
             countdown=policy.countdown,
         )
         self._lock = threading.Lock()
@@ -110,6 +111,7 @@ class Node:
         with self._lock:
             self._pumps.clear()
         self.poller.stop()
+        self.stats.flush()
         with contextlib.suppress(redis.RedisError):
             self.leases.leave()
         _log.info("node.stopped", node=self.name)
@@ -226,6 +228,7 @@ class Balancer:
     def tick(self) -> None:
         """One round: heartbeat, renew, then release or acquire toward the target share."""
         node = self._node
+        node.stats.flush()
         live = node.leases.heartbeat()
         for pump in node.pumps():
             if pump.lost or not pump.alive:

@@ -67,6 +67,8 @@ BATCH_REFUSED = (BadRequestError, PayloadTooLargeError, RequestRejectedError)
 # After a pipe-level refusal (unknown pipe) the channel is tried again this much later.
 REFUSED_PAUSE_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 30.0
+# The longest a pipe waiting for a commit goes without a status poll.
+MAX_POLL_SECONDS = 1.0
 
 _log = get_logger("worker.delivery.pump")
 
@@ -141,6 +143,8 @@ class PumpConfig:
     countdown: Callable[[int, BaseException | None], float]  # the RetryPolicy's, continued
     # An append still not committed this long after it was sent is taken as discarded.
     commit_timeout_seconds: float = DEFAULT_COMMIT_TIMEOUT_SECONDS
+    # How long the first batch of a request may wait for others to join it.
+    linger_seconds: float = 0.0
 
 
 @dataclass
@@ -192,6 +196,8 @@ class ChannelPump:
         self.sent_upto = 0
         self._read_upto = 0
         self._buffer: deque[Entry] = deque()
+        self._buffered_bytes = 0
+        self._buffered_at = 0.0  # when the buffer last went from empty to not empty
         self._inflight: deque[InFlight] = deque()
         self._errors_seen: int | None = None
         self._isolate_until = 0  # send entries up to this offset one per request
@@ -313,6 +319,7 @@ class ChannelPump:
         self._continuation = result.continuation_token
         self.committed = self.sent_upto = self._read_upto = committed
         self._buffer.clear()
+        self._buffered_bytes = 0
         self._inflight.clear()
         if self._errors_seen is None:
             self._errors_seen = status.rows_error_count
@@ -334,14 +341,17 @@ class ChannelPump:
         """Top the buffer up from the log (an empty buffer is filled by `_wait_for_work`)."""
         if not self._buffer:
             return
-        if sum(len(e.data) for e in self._buffer) >= self._config.coalesce_max_bytes:
+        if self._buffered_bytes >= self._config.coalesce_max_bytes:
             return
         self._extend(self._log.read(self.ref, self._read_upto, READ_COUNT))
 
     def _extend(self, entries: Sequence[Entry]) -> None:
         for entry in entries:
             if entry.offset > self._read_upto:
+                if not self._buffer:
+                    self._buffered_at = self._clock()
                 self._buffer.append(entry)
+                self._buffered_bytes += len(entry.data)
                 self._read_upto = entry.offset
 
     def _send_some(self) -> bool:
@@ -353,6 +363,17 @@ class ChannelPump:
         if now < self._next_send_at:
             self._wake.clear()
             self._wake.wait(self._next_send_at - now)
+            return True
+        linger_until = self._buffered_at + self._config.linger_seconds
+        if (
+            now < linger_until
+            and self._buffered_bytes < self._config.coalesce_max_bytes
+            and len(self._buffer) < READ_COUNT  # a backlog goes out at once
+        ):
+            # Let a few more batches join this request (Snowflake commits every few seconds
+            # anyway; one request per batch would cost a request's CPU per batch).
+            wait_ms = max(1, int((linger_until - now) * 1000))
+            self._extend(self._log.wait(self.ref, self._read_upto, READ_COUNT, wait_ms))
             return True
         entries = self._next_request()
         payload = self._encode(entries)
@@ -375,7 +396,7 @@ class ChannelPump:
         except (PipeNotFoundError, *BATCH_REFUSED) as exc:
             raise RequestRefused(exc, entries) from exc
         for _ in entries:
-            self._buffer.popleft()
+            self._buffered_bytes -= len(self._buffer.popleft().data)
         self.sent_upto = last
         self._inflight.append(
             InFlight(
@@ -637,7 +658,12 @@ def _group(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
 
 
 class CommitPoller:
-    """One bulk-status poll per pipe for every channel of it that awaits a commit."""
+    """One bulk-status poll per pipe for every channel of it that awaits a commit.
+
+    A pipe is polled every `poll_seconds` while its commits advance; while they do not (a
+    commit takes Snowflake seconds), its interval doubles up to `max_poll_seconds`, so a commit
+    is seen at most that late and a pipe waiting for one costs a few polls, not dozens.
+    """
 
     def __init__(
         self,
@@ -645,10 +671,16 @@ class CommitPoller:
         pumps: Callable[[], Sequence[ChannelPump]],
         *,
         poll_seconds: float,
+        max_poll_seconds: float = MAX_POLL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._pumps = pumps
         self._poll = poll_seconds
+        self._max_poll = max(poll_seconds, max_poll_seconds)
+        self._clock = clock
+        self._interval: dict[tuple[str, str, str], float] = {}
+        self._due: dict[tuple[str, str, str], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -665,22 +697,39 @@ class CommitPoller:
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll):
-            self.poll_once()
+            self.poll_once(scheduled=True)
 
-    def poll_once(self) -> None:
-        """Fetch and deliver the statuses of every channel that waits for a commit."""
-        by_pipe: dict[tuple[str, str, str], list[tuple[ChannelPump, int]]] = {}
+    def poll_once(self, *, scheduled: bool = False) -> None:
+        """Fetch and deliver the statuses of every channel that waits for a commit (`scheduled`:
+        only of the pipes whose next poll is due)."""
+        by_pipe: dict[tuple[str, str, str], list[tuple[ChannelPump, int, int]]] = {}
         for pump in self._pumps():
             if pump.wants_status():
-                by_pipe.setdefault(pump.ref.target, []).append((pump, pump.epoch))
+                by_pipe.setdefault(pump.ref.target, []).append((pump, pump.epoch, pump.committed))
+        now = self._clock()
+        for target in [t for t in self._due if t not in by_pipe]:
+            del self._due[target]
+            self._interval.pop(target, None)
         for target, waiting in by_pipe.items():
-            names = [pump.ref.channel for pump, _ in waiting]
+            if scheduled and now < self._due.get(target, 0.0):
+                continue
+            names = [pump.ref.channel for pump, _, _ in waiting]
             try:
                 statuses = self._client.bulk_channel_status(*target, names)
             except Exception as exc:  # noqa: BLE001 (the next poll tries again)
                 _log.warning("commit.poll.failed", pipe=target[2], error=str(exc))
                 continue
-            for pump, epoch in waiting:
+            moved = False
+            for pump, epoch, seen in waiting:
                 status = statuses.get(pump.ref.channel)
                 if status is not None:
+                    moved = moved or committed_offset(status) > seen
+                    moved = moved or status.channel_status_code != SUCCESS
                     pump.on_status(status, epoch)
+            interval = (
+                self._poll
+                if moved
+                else min(self._max_poll, 2 * self._interval.get(target, self._poll / 2))
+            )
+            self._interval[target] = interval
+            self._due[target] = now + interval
