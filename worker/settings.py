@@ -48,7 +48,7 @@ DEFAULT_BACKPRESSURE_WAIT_SECONDS = 5.0  # then the task puts the batch back in 
 DEFAULT_CHANNEL_REQUESTS_PER_SECOND = 10.0  # Snowflake's documented per-channel request rate
 DEFAULT_CHANNEL_BYTES_PER_SECOND = 16 * 1024 * 1024  # under Snowflake's 20 MB/s per channel
 DEFAULT_COALESCE_MAX_BYTES = 16 * 1024 * 1024  # uncompressed NDJSON per append request
-DEFAULT_APPEND_LINGER_SECONDS = 0.5  # a batch waits at most this long for others to join it
+DEFAULT_APPEND_LINGER_SECONDS = 1.0  # like the SDK's max client lag: a batch waits for others
 DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
 
 _LOOPBACK_NAMES = {"localhost"}
