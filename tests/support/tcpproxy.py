@@ -5,6 +5,7 @@
         ... start a client on `url` ...
         proxy.cut()      # close every proxied connection; refuse new ones (accept + close)
         proxy.restore()  # accept and forward again
+        proxy.mute()     # keep forwarding requests but swallow every reply (lost answers)
 
 Threads only (one pump thread per direction per connection); every socket operation is bounded
 by a short timeout, and `close()` ends every thread it started.
@@ -39,6 +40,7 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._threads: list[threading.Thread] = []
         self._cut = threading.Event()
+        self._muted = threading.Event()
         self._closed = threading.Event()
         self.accepted = 0
         self.cuts = 0
@@ -69,8 +71,14 @@ class TcpProxy:
         self._drop_all()
 
     def restore(self) -> None:
-        """Forward new connections again."""
+        """Forward new connections again (and replies, after mute())."""
         self._cut.clear()
+        self._muted.clear()
+
+    def mute(self) -> None:
+        """Forward what clients send, drop what the server answers: a request executes, and its
+        reply never arrives."""
+        self._muted.set()
 
     def close(self) -> None:
         """Stop accepting, drop every connection, join every thread."""
@@ -111,15 +119,22 @@ class TcpProxy:
             pair = (client, upstream)
             with self._lock:
                 self._pairs.append(pair)
-            for src, dst in ((client, upstream), (upstream, client)):
+            for src, dst, replies in ((client, upstream, False), (upstream, client, True)):
                 thread = threading.Thread(
-                    target=self._pump, args=(src, dst, pair), name="tcpproxy-pump", daemon=True
+                    target=self._pump,
+                    args=(src, dst, pair, replies),
+                    name="tcpproxy-pump",
+                    daemon=True,
                 )
                 self._threads.append(thread)
                 thread.start()
 
     def _pump(
-        self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, socket.socket]
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        pair: tuple[socket.socket, socket.socket],
+        replies: bool,
     ) -> None:
         try:
             while not self._closed.is_set():
@@ -129,6 +144,8 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if replies and self._muted.is_set():
+                    continue
                 dst.sendall(data)
         except (OSError, ValueError):  # ValueError: select() on a socket cut() just closed
             pass
