@@ -190,6 +190,7 @@ class Channel(kombu_redis.Channel):
         self._claim_checked = False  # this channel looked for a claim a lost reply left behind
         self._wait_key: str | None = None
         self._claim_keys: list[str] = []
+        self._server_claims: bool | None = None
         init: Any = super().__init__
         init(*args, **kwargs)
 
@@ -218,7 +219,30 @@ class Channel(kombu_redis.Channel):
 
     def _claims(self) -> bool:
         """Whether this channel takes messages with the claim script."""
-        return not self.global_keyprefix and not (self._noack & set(self._active_queues))
+        if self.global_keyprefix or self._noack & set(self._active_queues):
+            return False
+        if self._server_claims is None:
+            self._server_claims = self._server_has_blmove()
+        return self._server_claims
+
+    def _server_has_blmove(self) -> bool:
+        """BLMOVE came with Redis 6.2; an older server keeps kombu's own path."""
+        try:
+            with self.conn_or_acquire() as client:
+                version = str(client.info("server").get("redis_version", "0"))
+        except _CONNECTION_ERRORS:
+            raise
+        except redis.RedisError:
+            return True  # INFO refused (managed Redis): assume a current server
+        parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:2]]
+        if tuple(parts) >= (6, 2):
+            return True
+        log.warning(
+            "the Redis broker is version %s: without BLMOVE (6.2+) a message whose hand-over is "
+            "cut off by a broker restart can be lost; upgrade the broker to Redis 6.2 or newer",
+            version,
+        )
+        return False
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self._claims():
