@@ -188,7 +188,7 @@ class Channel(kombu_redis.Channel):
         self._claim_waiting = False  # the command in flight is the wait, not a claim
         self._claim_inflight = False  # the command in flight is ours (not kombu's BRPOP)
         self._claim_checked = False  # this channel looked for a claim a lost reply left behind
-        self._wait_key: str | None = None
+        self._deliveries: dict[str, int] = {}  # messages claimed, by queue key
         self._claim_keys: list[str] = []
         self._server_claims: bool | None = None
         init: Any = super().__init__
@@ -266,7 +266,9 @@ class Channel(kombu_redis.Channel):
         self._claim_inflight = True
         if self._claim_idle:
             # Wait for a message without taking it: the head is popped and pushed back in place.
-            key = self._wait_key if self._wait_key in keys else keys[0]
+            # Wait on the queue that delivered most (the others are claimed from after each
+            # wait, at least every `brpop_timeout`).
+            key = max(keys, key=lambda k: self._deliveries.get(k, 0))
             self._claim_waiting = True
             connection.send_command("BLMOVE", key, key, "LEFT", "LEFT", timeout or 0)
             return
@@ -296,7 +298,9 @@ class Channel(kombu_redis.Channel):
             reply = self._read_reply("BLMOVE" if self._claim_waiting else "EVAL", options)
             if self._claim_waiting:
                 if reply is None:
-                    raise Empty()  # the wait timed out: claim next
+                    # The wait timed out: claim next (from every queue, not only the one waited on).
+                    self._claim_idle = False
+                    raise Empty()
                 # A message arrived: claim it now, on the same connection.
                 self._claim_idle = self._claim_waiting = False
                 self._send_claim(self._claim_keys)
@@ -310,8 +314,9 @@ class Channel(kombu_redis.Channel):
             if isinstance(tag, str):
                 self._claimed.add(tag)
                 _received(tag)
-            self._wait_key = _text(key)
-            dest = self._wait_key.rsplit(self.sep, 1)[0]
+            key = _text(key)
+            self._deliveries[key] = self._deliveries.get(key, 0) + 1
+            dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             self.connection._deliver(message, dest)
             return True

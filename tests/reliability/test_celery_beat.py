@@ -33,8 +33,8 @@ from worker.tokenstore import TokenStore
 
 PIPES = ["P0", "P1"]
 ROWS = 20
-WITH_BEAT_SECONDS = 120
-WITHOUT_BEAT_SECONDS = 40  # longer than one token lifetime
+WITH_BEAT_SECONDS = 60  # two token lifetimes
+WITHOUT_BEAT_SECONDS = 35  # longer than one token lifetime
 
 
 @pytest.mark.slow
