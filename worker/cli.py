@@ -440,6 +440,86 @@ def run(
     raise typer.Exit(run_demo(rows=rows, pipes=pipes, batch_rows=batch_rows, console=out))
 
 
+@app.command()
+def doctor(
+    pipe: Annotated[
+        list[str] | None,
+        typer.Option("--pipe", help="DB.SCHEMA.PIPE to probe (repeatable; default SNOWPIPE_PIPES)"),
+    ] = None,
+) -> None:
+    """Check the configuration end to end: settings, key, account, token, pipes, broker, state
+    store. One line per check; exit 0 only if every check passes."""
+    from worker.doctor import run_doctor
+
+    result = run_doctor(pipe or ())
+    for check in result.results:
+        mark, style = ("✓", "green") if check.ok else ("✗", "red")
+        out.print(f"[{style}]{mark}[/] {check.name}: {check.detail}", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+        if not check.ok and check.fix:
+            out.print(f"    fix: {check.fix}", highlight=False, soft_wrap=True)
+    failed = sum(1 for check in result.results if not check.ok)
+    out.print(f"{len(result.results) - failed} passed, {failed} failed", highlight=False)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def health(
+    node: Annotated[
+        str | None, typer.Option(help="only this node, e.g. celery@HOST (default: every node)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for answers")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="the answers as JSON")] = False,
+) -> None:
+    """Liveness/readiness probe: exit 0 if the broker and state store answer and every node
+    (or --node) reports its token guard, state store and leases healthy; else 1."""
+    from celery import Celery
+
+    from worker.celery_config import build_config
+    from worker.connectivity import UnreachableError, check_broker, state_client
+    from worker.health import ask_nodes
+
+    s = _settings()
+    problems: list[str] = []
+    try:
+        check_broker(s)
+    except UnreachableError as exc:
+        problems.append(str(exc))
+    try:
+        state_client(s).close()
+    except UnreachableError as exc:
+        problems.append(str(exc))
+    answers: dict[str, Any] = {}
+    if not problems:
+        celery_app = Celery("snowpipe-health", set_as_current=False)
+        celery_app.conf.update(build_config(s))
+        try:
+            answers = ask_nodes(celery_app, node=node, timeout=timeout)
+        finally:
+            celery_app.close()
+        if not answers:
+            who = f"node {node}" if node else "no worker node"
+            problems.append(
+                f"{who} answered within {timeout:g} s: start `celery -A worker worker` with the "
+                "same SNOWPIPE_BROKER_URL and SNOWPIPE_QUEUE_NAME, or check --node"
+            )
+    ok = not problems and all(a["ok"] for a in answers.values())
+    if as_json:
+        sys.stdout.write(orjson.dumps({"ok": ok, "problems": problems, "nodes": answers}).decode())
+        sys.stdout.write("\n")
+    else:
+        for problem in problems:
+            out.print(f"[red]✗[/] {problem}", highlight=False, soft_wrap=True)
+        for name, answer in sorted(answers.items()):
+            mark = "[green]✓[/]" if answer["ok"] else "[red]✗[/]"
+            out.print(f"{mark} {name}", highlight=False)
+            for check_name, check in answer["checks"].items():
+                sub = "✓" if check["ok"] else "✗"
+                out.print(f"    {sub} {check_name}: {check['detail']}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+    raise typer.Exit(0 if ok else 1)
+
+
 def main() -> None:
     """Console entry point of `snowpipe-worker`."""
     app()

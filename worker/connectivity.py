@@ -61,7 +61,7 @@ def state_error(settings: Settings, exc: BaseException | None = None) -> StateSt
     """The error for a state Redis that cannot be reached."""
     why = f": {_reason(exc)}" if exc is not None else ""
     default = (
-        " (it defaults to SNOWPIPE_BROKER_URL)" if settings.state_url == settings.broker_url else ""
+        ", which defaults to SNOWPIPE_BROKER_URL" if settings.state_url == settings.broker_url else ""
     )
     return StateStoreUnavailableError(
         f"cannot reach the state store at {redact_url(settings.state_url)} "
