@@ -96,7 +96,7 @@ RUN_TIMEOUT_SECONDS = 900.0
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 

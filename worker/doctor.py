@@ -140,7 +140,8 @@ class Doctor:
                 finally:
                     client.close()
         self._broker(s)
-        if self._state(s):
+        # At start the node itself logs the state store's persistence (state.persistence.*).
+        if self._state(s) and not self.startup:
             self._persistence(s)
         return self.results
 
@@ -361,6 +362,9 @@ def run_doctor(pipes: Iterable[str] = (), settings: Settings | None = None) -> D
 
 _startup_lock = threading.Lock()
 startup_failures: list[Check] = []  # what the last start-up run found (health reports it)
+# Failures that stop every delivery of this node (health reports them as unhealthy); the others
+# (broker, state store, one pipe) may be transient or partial and are logged only.
+FATAL_CHECKS = frozenset({"settings", "private key", "key-pair JWT", "token exchange"})
 _startup_done = threading.Event()
 
 
@@ -377,7 +381,7 @@ def startup_checks(settings: Settings) -> list[Check]:
     with _startup_lock:
         startup_failures[:] = failed
     for check in failed:
-        if check.name in ("key-pair JWT", "token exchange", "private key"):
+        if check.name in FATAL_CHECKS:
             _log.error(
                 "startup.check_failed",
                 check=check.name,

@@ -7,7 +7,8 @@ A node is healthy when:
 - the broker answers (the reply itself travels through it) and the state Redis answers PING;
 - every channel lease it holds is still its own in the state Redis (renewed in time), and its
   node heartbeat has not expired;
-- the start-up checks (worker/doctor.py) found nothing wrong.
+- the start-up checks (worker/doctor.py) found nothing that stops every delivery (the key,
+  the key-pair JWT, the token exchange).
 
 The inspect command runs in the node's main process, where the pumps and their guard live, and
 answers `{"ok": bool, "checks": {name: {"ok": bool, "detail": str}}}`. `snowpipe-worker health`
@@ -84,8 +85,9 @@ def node_health(controller: Any) -> dict[str, Any]:
         except redis.RedisError as exc:
             checks["leases"] = _check(False, f"cannot read leases: {exc}")
     failed = list(doctor.startup_failures)
+    fatal = [c for c in failed if c.name in doctor.FATAL_CHECKS]
     checks["startup checks"] = _check(
-        not failed,
+        not fatal,
         "; ".join(f"{c.name}: {c.detail}" for c in failed) if failed else "passed (or not run)",
     )
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
