@@ -60,9 +60,9 @@ def broker_error(settings: Settings, exc: BaseException | None = None) -> Broker
 def state_error(settings: Settings, exc: BaseException | None = None) -> StateStoreUnavailableError:
     """The error for a state Redis that cannot be reached."""
     why = f": {_reason(exc)}" if exc is not None else ""
-    default = (
-        ", which defaults to SNOWPIPE_BROKER_URL" if settings.state_url == settings.broker_url else ""
-    )
+    default = ""
+    if settings.state_url == settings.broker_url:
+        default = ", which defaults to SNOWPIPE_BROKER_URL"
     return StateStoreUnavailableError(
         f"cannot reach the state store at {redact_url(settings.state_url)} "
         f"(SNOWPIPE_STATE_URL{default}){why}; start Redis there, or point SNOWPIPE_STATE_URL at a "
