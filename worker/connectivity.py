@@ -93,6 +93,11 @@ def state_client(settings: Settings, *, check: bool = True) -> redis.Redis:
     """A client of the state Redis; with `check`, PINGed once (StateStoreUnavailableError)."""
     from worker import runtime
 
+    if not settings.state_url:
+        raise StateStoreUnavailableError(
+            "SNOWPIPE_STATE_URL is not set (with a RabbitMQ broker there is no default): set it "
+            "to the state Redis, e.g. redis://127.0.0.1:6379/0"
+        )
     client = runtime.redis_client(settings.state_url)
     if check:
         try:

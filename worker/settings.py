@@ -240,13 +240,9 @@ class Settings(BaseSettings):
             )
         state = self.state_url
         if not state:
-            if broker.startswith("redis"):
-                state = self.broker_url
-            else:
-                raise ValueError(
-                    "SNOWPIPE_STATE_URL is required when the broker is RabbitMQ: "
-                    + _FIXES["state_url"]
-                )
+            if not broker.startswith("redis"):
+                return  # RabbitMQ without a state URL: enough to publish (identity_problems)
+            state = self.broker_url
         if urlsplit(state).scheme not in ("redis", "rediss"):
             raise ValueError(
                 f"SNOWPIPE_STATE_URL {state!r} is not a Redis URL: {_FIXES['state_url']}"
@@ -254,13 +250,18 @@ class Settings(BaseSettings):
         object.__setattr__(self, "state_url", state)
 
     def identity_problems(self) -> list[str]:
-        """What a worker needs and these settings lack (account, user, a private key); each line
+        """What a worker needs and these settings lack (account, user, a private key, a state
+        URL with RabbitMQ); each line
         names the setting and its fix. Empty for a complete identity."""
         problems = [
             f"{env_name(name)}: is required ({_FIXES[name]})"
             for name in ("account", "user")
             if not getattr(self, name)
         ]
+        if not self.state_url:
+            problems.append(
+                "SNOWPIPE_STATE_URL is required when the broker is RabbitMQ: " + _FIXES["state_url"]
+            )
         if self.private_key_path is None and self.private_key is None:
             problems.append(
                 "no private key: set SNOWPIPE_PRIVATE_KEY_PATH (a PEM file) or "
