@@ -204,3 +204,43 @@ def test_up_stops_every_child_on_sigterm_and_names_a_port_in_use(tmp_path: Path)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def test_a_dead_lettered_batch_is_a_failed_task_in_celery_events(
+    emulator: RunningEmulator, db: RedisDB, tmp_path: Path
+) -> None:
+    import threading
+
+    from celery import Celery
+
+    from worker.celery_config import INGEST_TASK, build_config
+
+    pair = key_pair("events")
+    emulator.register_key(ACCOUNT, USER, pair.public_pem)
+    env = worker_env(emulator, db.url, pair.write_private(tmp_path / "key.pem"),
+                     queue=unique_queue("events"))  # fmt: skip
+    settings = load_settings(**settings_overrides(env))
+    app = Celery("events-test", set_as_current=False)
+    app.conf.update(build_config(settings))
+    seen: list[dict[str, object]] = []
+    worker = launch_worker(env, tmp_path, name="events", concurrency=2, extra=["-E"])
+    with running(worker), app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        listener = threading.Thread(
+            target=lambda: receiver.capture(limit=None, timeout=None, wakeup=True), daemon=True
+        )
+        listener.start()
+        time.sleep(0.5)  # subscribed before the task runs
+        app.send_task(INGEST_TASK, task_id="empty-batch", queue=settings.queue_name,
+                      kwargs={"batch_id": "empty-batch", "database": "DB", "schema": "PUBLIC",
+                              "pipe": "P", "rows": []})  # fmt: skip
+        wait_until(lambda: any(e.get("type") == "task-failed" for e in seen), timeout=20,
+                   what="a task-failed event", logs=[worker])  # fmt: skip
+        receiver.should_stop = True
+        failed = next(e for e in seen if e.get("type") == "task-failed")
+        assert failed["uuid"] == "empty-batch" and "DeadLettered" in str(failed["exception"])
+        assert not any(e.get("type") == "task-succeeded" for e in seen)
+        wait_until(lambda: db.client.llen(settings.queue_name) == 0, timeout=10,
+                   what="the message acknowledged")  # fmt: skip
+        assert db.client.llen("snowpipe:dead") == 1
+    app.close()
