@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready
 
 from worker import runtime
 from worker.celery_config import (
@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None) -> Celery:
 app = create_app()
 # The node's channel pumps run in the worker's main process (worker/delivery/node.py).
 app.steps["worker"].add(PumpStep)
+# `celery -A worker inspect snowpipe_health` (registered by importing it).
+import worker.health  # noqa: E402, F401
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
@@ -46,11 +48,26 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
 
     level = loglevel if loglevel is not None else logging.INFO
     configure_logging(level, json=not sys.stderr.isatty())
+    # httpx/httpcore log every request at INFO: quiet them unless the worker runs at DEBUG.
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    quiet = logging.DEBUG if numeric == logging.DEBUG else logging.WARNING
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _declare_dead_letters(**_: Any) -> None:
     declare_dead_letter_queue(app, runtime.settings())
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _startup_checks(**_: Any) -> None:
+    # doctor's checks, once, in the background: each failure is logged once, clearly.
+    settings = runtime.settings()
+    if settings.startup_checks:
+        from worker.doctor import start_startup_checks
+
+        start_startup_checks(settings)
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

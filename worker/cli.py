@@ -1,8 +1,10 @@
 """`snowpipe-worker`: publish NDJSON, manage dead letters, run the local stack.
 
     snowpipe-worker publish --database D --schema S --pipe P [--batch-rows N] FILE|-
-    snowpipe-worker dead-letters list|requeue|drop [--batch-id ID]
+    snowpipe-worker dead-letters list|requeue|drop [--batch-id ID] [--json]
     snowpipe-worker stats
+    snowpipe-worker doctor [--pipe DB.SCHEMA.PIPE ...]   # every check, one line each; exit 0/1
+    snowpipe-worker health [--node NAME]                 # liveness/readiness probe; exit 0/1
     snowpipe-worker run      # the first run: local stack + 50k sample rows, verified, then exit
     snowpipe-worker up       # the local stack, kept running until Ctrl-C
 
@@ -11,11 +13,14 @@ The worker itself is `celery -A worker worker` (and one `celery -A worker beat`)
 
 from __future__ import annotations
 
+import functools
+import signal
+import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, TypeVar
 
 import orjson
 import typer
@@ -23,13 +28,66 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.settings import SettingsError
+from worker.connectivity import UnreachableError
+from worker.settings import Settings, SettingsError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+)
 dead_app = typer.Typer(no_args_is_help=True, help="Inspect, requeue or drop dead letters.")
 app.add_typer(dead_app, name="dead-letters")
 console = Console(stderr=True)
 out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+# Exit codes: 1 a failure, 2 bad usage or configuration, 3 the broker or state store unreachable.
+EXIT_UNREACHABLE = 3
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+) -> None:
+    global _debug  # noqa: PLW0603 (one flag per CLI invocation)
+    _debug = debug
+
+
+def _edge(command: F) -> F:
+    """Turn an unreachable broker or state store into one line (a traceback with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import kombu.exceptions
+        import redis
+
+        from worker.connectivity import broker_error, state_error
+
+        try:
+            return command(*args, **kwargs)
+        except UnreachableError as exc:
+            if _debug:
+                raise
+            raise _fail(str(exc), EXIT_UNREACHABLE) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if _debug:
+                raise
+            raise _fail(str(state_error(_settings(), exc)), EXIT_UNREACHABLE) from None
+        except (kombu.exceptions.OperationalError, ConnectionError) as exc:
+            if _debug:
+                raise
+            raise _fail(str(broker_error(_settings(), exc)), EXIT_UNREACHABLE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings() -> Settings:
+    """The producer settings (broker and state URLs; no Snowflake identity needed)."""
+    from worker import runtime
+
+    try:
+        return runtime.producer_settings()
+    except SettingsError as exc:
+        raise _fail(str(exc), 2) from None
 
 DEFAULT_BATCH_ROWS = 500
 SAMPLE_ROWS = 50_000
@@ -38,7 +96,7 @@ RUN_TIMEOUT_SECONDS = 900.0
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -61,6 +119,7 @@ def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
 
 
 @app.command()
+@_edge
 def publish(
     source: Annotated[str, typer.Argument(help="NDJSON file, or - for standard input")] = "-",
     database: Annotated[str, typer.Option(help="target database")] = ...,  # type: ignore[assignment]
@@ -68,14 +127,17 @@ def publish(
     pipe: Annotated[str, typer.Option(help="target pipe (a table T has pipe T-STREAMING)")] = ...,  # type: ignore[assignment]
     batch_rows: Annotated[int, typer.Option(min=1, help="rows per batch")] = DEFAULT_BATCH_ROWS,
 ) -> None:
-    """Publish NDJSON rows as batches of --batch-rows to the ingest queue."""
-    from worker import runtime
+    """Publish NDJSON rows as batches of --batch-rows to the ingest queue (only the broker
+    settings are needed)."""
     from worker.publish import InvalidBatchError, Publisher
 
+    settings = _settings()
+    publisher = Publisher(settings)
     try:
-        publisher = Publisher(runtime.settings())
-    except SettingsError as exc:
-        raise _fail(str(exc), 2) from None
+        publisher.check_broker()
+    except UnreachableError:
+        publisher.close()
+        raise
     stream: IO[bytes]
     if source == "-":
         stream, total = sys.stdin.buffer, None
@@ -129,53 +191,87 @@ def _progress() -> Progress:
 
 
 def _dead_letters() -> Any:
-    from worker import runtime
+    from worker.connectivity import state_client
     from worker.deadletter import DeadLetters
 
-    try:
-        s = runtime.settings()
-    except SettingsError as exc:
-        raise _fail(str(exc), 2) from None
-    return DeadLetters(runtime.redis_client(s.state_url))
+    return DeadLetters(state_client(_settings()))
+
+
+def _broker_dead_letters() -> Any:
+    from worker.deadletter import BrokerDeadLetters
+
+    return BrokerDeadLetters(_settings())
+
+
+def _letter_json(stored: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {**asdict(stored.letter), "source": "state", "index": stored.index}
 
 
 @dead_app.command("list")
+@_edge
 def dead_list(
     batch_id: Annotated[str | None, typer.Option(help="only this batch")] = None,
     rows: Annotated[bool, typer.Option(help="print the rows too")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document (rows included)")] = (
+        False
+    ),
 ) -> None:
-    """List dead letters: batch id, target, kind, reason."""
-    dead = _dead_letters()
-    table = Table("#", "batch id", "target", "kind", "rows", "reason")
-    count = 0
-    for stored in dead.entries(batch_id=batch_id):
+    """List dead letters: the state store's, then the broker's dead-letter queue (RabbitMQ)."""
+    state = list(_dead_letters().entries(batch_id=batch_id))
+    broker = _broker_dead_letters()
+    from_broker = broker.entries(batch_id=batch_id)
+    if as_json:
+        entries = [_letter_json(stored) for stored in state]
+        entries += [letter.as_json() for letter in from_broker]
+        sys.stdout.write(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    listed: list[tuple[str, str, str, str, str, str]] = []
+    for stored in state:
         letter = stored.letter
-        table.add_row(
-            str(stored.index),
-            letter.batch_id,
-            f"{letter.database}.{letter.schema}.{letter.pipe}",
-            letter.kind,
-            str(len(letter.rows)),
-            letter.reason,
-        )
-        count += 1
-        if rows:
-            for row in letter.rows:
+        target = f"{letter.database}.{letter.schema}.{letter.pipe}"
+        listed.append((str(stored.index), letter.batch_id, target, letter.kind,
+                       str(len(letter.rows)), letter.reason))  # fmt: skip
+    for n, b in enumerate(from_broker):
+        listed.append((f"{broker.name}#{n}", b.batch_id, f"{b.database}.{b.schema}.{b.pipe}",
+                       "broker", str(len(b.rows)), b.reason))  # fmt: skip
+    if out.is_terminal:
+        table = Table("#", "batch id", "target", "kind", "rows", "reason")
+        table.columns[1].overflow = "fold"  # whole ids, never an ellipsis
+        table.columns[1].no_wrap = False
+        for line in listed:
+            table.add_row(*line)
+        out.print(table)
+    else:
+        # Not a terminal: tab-separated, whole values (ids can be pasted into --batch-id).
+        sys.stdout.write("#\tbatch id\ttarget\tkind\trows\treason\n")
+        for line in listed:
+            sys.stdout.write("\t".join(field.replace("\t", " ") for field in line) + "\n")
+        sys.stdout.flush()
+    if rows:
+        for stored in state:
+            for row in stored.letter.rows:
                 out.print_json(orjson.dumps(row).decode())
-    out.print(table)
-    out.print(f"{count} dead letter(s)")
+        for b in from_broker:
+            for row in b.rows:
+                out.print_json(orjson.dumps(row).decode())
+    where = f" ({len(from_broker)} in the broker's queue {broker.name})" if from_broker else ""
+    out.print(f"{len(listed)} dead letter(s){where}")
 
 
 @dead_app.command("requeue")
+@_edge
 def dead_requeue(
     batch_id: Annotated[str | None, typer.Option(help="only this batch (default: all)")] = None,
 ) -> None:
-    """Publish failed dead letters again (same batch id: nothing committed is sent twice)."""
-    from worker import runtime
+    """Publish dead letters again, the broker's dead-letter queue's too (same batch id: nothing
+    committed is sent twice)."""
     from worker.publish import Publisher
 
     dead = _dead_letters()
-    publisher = Publisher(runtime.settings())
+    broker = _broker_dead_letters()
+    publisher = Publisher(_settings())
     try:
         requeued, skipped = dead.requeue(
             lambda letter: publisher.publish(
@@ -187,22 +283,40 @@ def dead_requeue(
             ),
             batch_id=batch_id,
         )
+        moved, kept = broker.requeue(
+            lambda letter: publisher.publish(
+                letter.rows,
+                database=letter.database,
+                schema=letter.schema,
+                pipe=letter.pipe,
+                batch_id=letter.batch_id,
+            ),
+            batch_id=batch_id,
+        )
     finally:
         publisher.close()
-    out.print(f"requeued {requeued} batch(es)")
+    out.print(f"requeued {requeued + moved} batch(es)")
+    if moved:
+        out.print(f"({moved} of them from the broker's dead-letter queue {broker.name})")
     if skipped:
         out.print(
             f"kept {skipped} row_errors entr(ies): those batches were committed; requeueing "
             "would duplicate their good rows (drop them when inspected)"
         )
+    if kept:
+        out.print(
+            f"kept {kept} message(s) in {broker.name}: not ingest batches, or rows that cannot "
+            "be published (see `dead-letters list --rows`)"
+        )
 
 
 @dead_app.command("drop")
+@_edge
 def dead_drop(
     batch_id: Annotated[str | None, typer.Option(help="only this batch")] = None,
     all_: Annotated[bool, typer.Option("--all", help="drop every dead letter")] = False,
 ) -> None:
-    """Delete dead letters (one batch with --batch-id, or --all)."""
+    """Delete dead letters of the state store (one batch with --batch-id, or --all)."""
     if batch_id is None and not all_:
         raise _fail("say which: --batch-id ID, or --all", 2)
     dropped = _dead_letters().drop(batch_id=batch_id)
@@ -210,24 +324,27 @@ def dead_drop(
 
 
 @app.command()
+@_edge
 def stats() -> None:
-    """Counters: batches committed, retries, dead letters, token refreshes by reason."""
+    """Counters: batches committed, retries, dead letters (both kinds), token refreshes."""
     from worker import runtime
+    from worker.connectivity import state_client
     from worker.tokenstore import TokenStore
 
-    try:
-        s = runtime.settings()
-    except SettingsError as exc:
-        raise _fail(str(exc), 2) from None
-    client = runtime.redis_client(s.state_url)
+    s = _settings()
+    client = state_client(s)
     counters = runtime.counters(client)
-    refreshes = TokenStore(client, runtime.identity(s)).refresh_counts()
     table = Table("counter", "value")
     for name, value in sorted(counters.items()):
         table.add_row(name, str(value))
-    for reason, value in sorted(refreshes.items()):
-        table.add_row(f"token refreshes ({reason})", str(value))
+    if s.account and s.user:
+        refreshes = TokenStore(client, runtime.identity(s)).refresh_counts()
+        for reason, value in sorted(refreshes.items()):
+            table.add_row(f"token refreshes ({reason})", str(value))
     table.add_row("dead letters", str(client.llen("snowpipe:dead")))
+    broker = _broker_dead_letters()
+    if broker.enabled:
+        table.add_row(f"broker dead-letter queue ({broker.name})", str(broker.count()))
     out.print(table)
 
 
@@ -242,38 +359,73 @@ def keygen(
     out.print(f"private key {private}\npublic key  {public}")
 
 
+def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class _Stop(Exception):
+    """SIGTERM/SIGHUP received: stop the stack like Ctrl-C does."""
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 @app.command()
 def up(
     pool: Annotated[str, typer.Option(help="worker pool: threads or prefork")] = "threads",
     concurrency: Annotated[int, typer.Option(min=1)] = 16,
+    redis_port: Annotated[int, typer.Option(help="port of the embedded broker")] = 6399,
+    emulator_port: Annotated[int, typer.Option(help="port of the emulator")] = 8087,
 ) -> None:
-    """Start the local stack (embedded broker, emulator, worker, beat) and keep it running."""
+    """Start the local stack (embedded broker, emulator, worker, beat) and keep it running;
+    Ctrl-C, SIGTERM or SIGHUP stop every part."""
     from worker.devstack import LocalStack, StackError
 
-    stack = LocalStack(redis_port=6399, emulator_port=8087, pool=pool, concurrency=concurrency)
-    try:
-        stack.start()
-    except (StackError, OSError) as exc:
-        stack.stop()
-        raise _fail(str(exc)) from None
-    assert stack.redis is not None
-    out.print(
-        f"[bold green]up[/]: broker {stack.redis.url}, emulator {stack.emulator_url}, "
-        f"worker + beat (logs in {stack.log_dir})\n"
-        "publish from another shell with:\n"
-        "  SNOWPIPE_CONFIG=local .venv/bin/snowpipe-worker publish --database DEMO "
-        "--schema PUBLIC --pipe EVENTS FILE.ndjson\n"
-        "Ctrl-C stops everything."
+    for port, what, option in ((redis_port, "the embedded broker", "--redis-port"),
+                               (emulator_port, "the emulator", "--emulator-port")):  # fmt: skip
+        if port and _port_in_use(port):
+            raise _fail(
+                f"port {port} ({what}) is already in use on 127.0.0.1: another `snowpipe-worker "
+                f"up` may be running (stop it), or pick another port with {option}"
+            )
+    stack = LocalStack(
+        redis_port=redis_port, emulator_port=emulator_port, pool=pool, concurrency=concurrency
     )
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        try:
+            stack.start()
+        except (StackError, OSError) as exc:
+            raise _fail(str(exc)) from None
+        assert stack.redis is not None
+        out.print(
+            f"[bold green]up[/]: broker {stack.redis.url}, emulator {stack.emulator_url}, "
+            f"worker + beat (logs in {stack.log_dir})\n"
+            "publish from another shell with:\n"
+            f"  SNOWPIPE_CONFIG=local SNOWPIPE_BROKER_URL={stack.redis.url} "
+            ".venv/bin/snowpipe-worker publish --database DEMO "
+            "--schema PUBLIC --pipe EVENTS FILE.ndjson\n"
+            "Ctrl-C (or SIGTERM) stops everything."
+        )
         while all(stack.alive().values()):
             time.sleep(1)
         dead = [name for name, alive in stack.alive().items() if not alive]
         raise _fail(f"{', '.join(dead)} exited; see {stack.log_dir}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         out.print("stopping")
     finally:
+        # A second signal while stopping must not interrupt the stop itself.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()
@@ -286,6 +438,86 @@ def run(
     from worker.demo import run_demo
 
     raise typer.Exit(run_demo(rows=rows, pipes=pipes, batch_rows=batch_rows, console=out))
+
+
+@app.command()
+def doctor(
+    pipe: Annotated[
+        list[str] | None,
+        typer.Option("--pipe", help="DB.SCHEMA.PIPE to probe (repeatable; default SNOWPIPE_PIPES)"),
+    ] = None,
+) -> None:
+    """Check the configuration end to end: settings, key, account, token, pipes, broker, state
+    store. One line per check; exit 0 only if every check passes."""
+    from worker.doctor import run_doctor
+
+    result = run_doctor(pipe or ())
+    for check in result.results:
+        mark, style = ("✓", "green") if check.ok else ("✗", "red")
+        out.print(f"[{style}]{mark}[/] {check.name}: {check.detail}", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+        if not check.ok and check.fix:
+            out.print(f"    fix: {check.fix}", highlight=False, soft_wrap=True)
+    failed = sum(1 for check in result.results if not check.ok)
+    out.print(f"{len(result.results) - failed} passed, {failed} failed", highlight=False)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def health(
+    node: Annotated[
+        str | None, typer.Option(help="only this node, e.g. celery@HOST (default: every node)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for answers")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="the answers as JSON")] = False,
+) -> None:
+    """Liveness/readiness probe: exit 0 if the broker and state store answer and every node
+    (or --node) reports its token guard, state store and leases healthy; else 1."""
+    from celery import Celery
+
+    from worker.celery_config import build_config
+    from worker.connectivity import UnreachableError, check_broker, state_client
+    from worker.health import ask_nodes
+
+    s = _settings()
+    problems: list[str] = []
+    try:
+        check_broker(s)
+    except UnreachableError as exc:
+        problems.append(str(exc))
+    try:
+        state_client(s).close()
+    except UnreachableError as exc:
+        problems.append(str(exc))
+    answers: dict[str, Any] = {}
+    if not problems:
+        celery_app = Celery("snowpipe-health", set_as_current=False)
+        celery_app.conf.update(build_config(s))
+        try:
+            answers = ask_nodes(celery_app, node=node, timeout=timeout)
+        finally:
+            celery_app.close()
+        if not answers:
+            who = f"node {node}" if node else "no worker node"
+            problems.append(
+                f"{who} answered within {timeout:g} s: start `celery -A worker worker` with the "
+                "same SNOWPIPE_BROKER_URL and SNOWPIPE_QUEUE_NAME, or check --node"
+            )
+    ok = not problems and all(a["ok"] for a in answers.values())
+    if as_json:
+        sys.stdout.write(orjson.dumps({"ok": ok, "problems": problems, "nodes": answers}).decode())
+        sys.stdout.write("\n")
+    else:
+        for problem in problems:
+            out.print(f"[red]✗[/] {problem}", highlight=False, soft_wrap=True)
+        for name, answer in sorted(answers.items()):
+            mark = "[green]✓[/]" if answer["ok"] else "[red]✗[/]"
+            out.print(f"{mark} {name}", highlight=False)
+            for check_name, check in answer["checks"].items():
+                sub = "✓" if check["ok"] else "✗"
+                out.print(f"    {sub} {check_name}: {check['detail']}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+    raise typer.Exit(0 if ok else 1)
 
 
 def main() -> None:

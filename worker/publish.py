@@ -21,7 +21,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import kombu.exceptions
+
 from worker import runtime
+from worker.connectivity import broker_error, check_broker
 from worker.settings import Settings
 
 
@@ -122,7 +125,18 @@ class Publisher:
         # A publishing app of its own: no task bodies needed, only the queues and routes.
         self.app = Celery("snowpipe-publisher", set_as_current=False)
         self.app.conf.update(build_config(settings))
-        declare_dead_letter_queue(self.app, settings)
+        # What kombu raises when the broker is down or did not confirm (OperationalError,
+        # redis/amqp connection errors, OSError): the caller gets BrokerUnavailableError.
+        self._broker_errors: tuple[type[BaseException], ...] = (
+            kombu.exceptions.OperationalError,
+            kombu.exceptions.KombuError,
+            *self.app.connection_for_write().connection_errors,
+            OSError,
+        )
+        try:
+            declare_dead_letter_queue(self.app, settings)
+        except self._broker_errors as exc:
+            raise broker_error(settings, exc) from None
 
     def publish(
         self,
@@ -152,14 +166,21 @@ class Publisher:
         }
         if attempt:
             kwargs["attempt"] = attempt
-        self.app.send_task(
-            INGEST_TASK,
-            kwargs=kwargs,
-            task_id=batch_id if not attempt else f"{batch_id}:{attempt}",
-            queue=s.queue_name,
-            routing_key=s.queue_name,
-        )
+        try:
+            self.app.send_task(
+                INGEST_TASK,
+                kwargs=kwargs,
+                task_id=batch_id if not attempt else f"{batch_id}:{attempt}",
+                queue=s.queue_name,
+                routing_key=s.queue_name,
+            )
+        except self._broker_errors as exc:
+            raise broker_error(s, exc) from None
         return batch_id
+
+    def check_broker(self) -> None:
+        """Connect to the broker once, without retries (BrokerUnavailableError if it is down)."""
+        check_broker(self.settings)
 
     def close(self) -> None:
         """Release the broker connections."""
@@ -176,7 +197,7 @@ def default_publisher() -> Publisher:
     if _default is None:
         with _default_lock:
             if _default is None:
-                _default = Publisher(runtime.settings())
+                _default = Publisher(runtime.producer_settings())
     return _default
 
 
@@ -190,8 +211,10 @@ def publish_batch(
 ) -> str:
     """Check and publish one batch of rows for `database.schema.pipe`; its batch id.
 
-    Raises InvalidBatchError for bad input, and the broker's error if the broker did not take the
-    message (then nothing was published; publishing again with the same batch id is safe).
+    Needs only the broker settings (SNOWPIPE_BROKER_URL), no Snowflake ones. Raises
+    InvalidBatchError for bad input, and `worker.connectivity.BrokerUnavailableError` (a
+    ConnectionError naming SNOWPIPE_BROKER_URL and the fix) if the broker did not take the message
+    (then nothing was published; publishing again with the same batch id is safe).
     """
     return default_publisher().publish(
         rows, database=database, schema=schema, pipe=pipe, batch_id=batch_id

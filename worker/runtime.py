@@ -33,6 +33,7 @@ REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 REDIS_HEALTH_CHECK_SECONDS = 25
 
 _settings: Settings | None = None
+_producer_settings: Settings | None = None
 _settings_lock = threading.Lock()
 
 
@@ -44,6 +45,18 @@ def settings() -> Settings:
             if _settings is None:
                 _settings = load_settings()
     return _settings
+
+
+def producer_settings() -> Settings:
+    """The settings of a producer (publish, dead letters, stats): no Snowflake identity needed."""
+    global _producer_settings  # noqa: PLW0603 (one process-wide value, set once)
+    if _settings is not None:
+        return _settings
+    if _producer_settings is None:
+        with _settings_lock:
+            if _producer_settings is None:
+                _producer_settings = load_settings(require_identity=False)
+    return _producer_settings
 
 
 def redis_client(url: str) -> redis.Redis:

@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     toml_path: ClassVar[Path | None] = None
 
     # --- Identity -------------------------------------------------------------------------------
-    account: str = Field(min_length=1)
-    user: str = Field(min_length=1)
+    # Required by workers (`load_settings()`); producers may omit them (`require_identity=False`).
+    account: str = ""
+    user: str = ""
     role: str | None = None
     private_key_path: Path | None = None
     private_key: SecretStr | None = None
@@ -160,6 +161,11 @@ class Settings(BaseSettings):
     pump_enabled: bool = True  # False: this node only takes batches off the queue
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
 
+    # --- Operations (docs/operations.md) ----------------------------------------------------------
+    # The pipes `snowpipe-worker doctor` and the worker's start-up checks probe: DB.SCHEMA.PIPE,...
+    pipes: str = ""
+    startup_checks: bool = True  # the worker runs doctor's checks at start and logs failures
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -178,10 +184,7 @@ class Settings(BaseSettings):
     @field_validator("account", "user")
     @classmethod
     def _strip(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("must not be empty")
-        return value
+        return value.strip()
 
     @field_validator("private_key_path", "ca_file")
     @classmethod
@@ -197,15 +200,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
-        if self.private_key_path is None and self.private_key is None:
-            raise ValueError(
-                "no private key: set SNOWPIPE_PRIVATE_KEY_PATH (a PEM file) or "
-                "SNOWPIPE_PRIVATE_KEY (the PEM text)"
-            )
         if self.private_key_path is not None and self.private_key is not None:
             raise ValueError(
                 "both SNOWPIPE_PRIVATE_KEY_PATH and SNOWPIPE_PRIVATE_KEY are set: keep one"
             )
+        self._check_account_url()
+        self._check_broker_and_state()
+        if self.refresh_hard_margin_seconds >= self.refresh_max_margin_seconds > 0:
+            raise ValueError(
+                "SNOWPIPE_REFRESH_HARD_MARGIN_SECONDS must be below "
+                "SNOWPIPE_REFRESH_MAX_MARGIN_SECONDS, or the soft window is empty"
+            )
+        return self
+
+    def _check_account_url(self) -> None:
+        if not self.account_url and not self.account:
+            return  # a producer's settings: no Snowflake identity (identity_problems says so)
         url = (
             self.account_url
             or f"https://{self.account.lower().replace('_', '-')}.snowflakecomputing.com"
@@ -222,6 +232,7 @@ class Settings(BaseSettings):
             )
         object.__setattr__(self, "account_url", url.rstrip("/"))
 
+    def _check_broker_and_state(self) -> None:
         broker = urlsplit(self.broker_url).scheme
         if broker not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
             raise ValueError(
@@ -229,24 +240,49 @@ class Settings(BaseSettings):
             )
         state = self.state_url
         if not state:
-            if broker.startswith("redis"):
-                state = self.broker_url
-            else:
-                raise ValueError(
-                    "SNOWPIPE_STATE_URL is required when the broker is RabbitMQ: "
-                    + _FIXES["state_url"]
-                )
+            if not broker.startswith("redis"):
+                return  # RabbitMQ without a state URL: enough to publish (identity_problems)
+            state = self.broker_url
         if urlsplit(state).scheme not in ("redis", "rediss"):
             raise ValueError(
                 f"SNOWPIPE_STATE_URL {state!r} is not a Redis URL: {_FIXES['state_url']}"
             )
         object.__setattr__(self, "state_url", state)
-        if self.refresh_hard_margin_seconds >= self.refresh_max_margin_seconds > 0:
-            raise ValueError(
-                "SNOWPIPE_REFRESH_HARD_MARGIN_SECONDS must be below "
-                "SNOWPIPE_REFRESH_MAX_MARGIN_SECONDS, or the soft window is empty"
+
+    def identity_problems(self) -> list[str]:
+        """What a worker needs and these settings lack (account, user, a private key, a state
+        URL with RabbitMQ); each line
+        names the setting and its fix. Empty for a complete identity."""
+        problems = [
+            f"{env_name(name)}: is required ({_FIXES[name]})"
+            for name in ("account", "user")
+            if not getattr(self, name)
+        ]
+        if not self.state_url:
+            problems.append(
+                "SNOWPIPE_STATE_URL is required when the broker is RabbitMQ: " + _FIXES["state_url"]
             )
-        return self
+        if self.private_key_path is None and self.private_key is None:
+            problems.append(
+                "no private key: set SNOWPIPE_PRIVATE_KEY_PATH (a PEM file) or "
+                "SNOWPIPE_PRIVATE_KEY (the PEM text)"
+            )
+        return problems
+
+    @field_validator("pipes")
+    @classmethod
+    def _pipe_list(cls, value: str) -> str:
+        for name in (part.strip() for part in value.split(",")):
+            if name and len(name.split(".")) != 3:
+                raise ValueError(
+                    f"{name!r} is not DATABASE.SCHEMA.PIPE: list pipes as "
+                    "DB.SCHEMA.PIPE, comma-separated"
+                )
+        return value
+
+    def pipe_names(self) -> list[str]:
+        """The pipes of SNOWPIPE_PIPES, as DB.SCHEMA.PIPE strings."""
+        return [name.strip() for name in self.pipes.split(",") if name.strip()]
 
     @property
     def broker_is_redis(self) -> bool:
@@ -304,15 +340,23 @@ def _describe(error: dict[str, Any]) -> str:
     return line
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Load and validate the settings, or raise `SettingsError` naming each problem and its fix."""
+def load_settings(*, require_identity: bool = True, **overrides: Any) -> Settings:
+    """Load and validate the settings, or raise `SettingsError` naming each problem and its fix.
+
+    `require_identity=False` is for producers (publishing, dead letters, stats): they need the
+    broker and state URLs only, not the Snowflake account, user and key.
+    """
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = [_describe(dict(err)) for err in exc.errors(include_input=False)]
-        if profile_path() is None:
-            names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-            problems.append(
-                f"(no profile chosen: SNOWPIPE_CONFIG may name one of {names}, or a .toml path)"
-            )
-        raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems)) from None
+    else:
+        problems = settings.identity_problems() if require_identity else []
+        if not problems:
+            return settings
+    if profile_path() is None:
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        problems.append(
+            f"(no profile chosen: SNOWPIPE_CONFIG may name one of {names}, or a .toml path)"
+        )
+    raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems)) from None

@@ -12,7 +12,10 @@ acknowledged and a rejection deletes the message); every ending is explicit:
   then put the batch back in the queue (same batch id) and return;
 - the state Redis failed: wait the RetryPolicy's countdown, put the batch back in the queue and
   return; if that publish fails too, `Reject(requeue=True)` keeps the message in the broker;
-- rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter;
+- rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter, then
+  `DeadLettered` is raised so that Flower and `celery events` show the task as FAILURE; the
+  task's request class (`IngestRequest`) acknowledges that message instead of rejecting it (on
+  RabbitMQ a rejection would also put it in the broker's dead-letter queue: a second copy);
 - the soft time limit (prefork), wherever it strikes: `Reject(requeue=True)` keeps the message.
 """
 
@@ -25,6 +28,8 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.utils.serialization import get_pickled_exception
+from celery.worker.request import Request
 
 from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
@@ -50,7 +55,41 @@ class StateNotReplicatedError(redis.RedisError):
     """The state Redis did not get the log write to enough replicas in time."""
 
 
-@app.task(name=INGEST_TASK, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+class DeadLettered(Exception):
+    """The batch was stored as a dead letter (`snowpipe-worker dead-letters list` shows it)."""
+
+
+class IngestRequest(Request):  # type: ignore[misc]
+    """ingest_batch's request: a `DeadLettered` failure is acknowledged (the batch is stored in
+    the dead letters) and announced as task-failed; every other failure as Celery decides."""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if not isinstance(exc, DeadLettered):
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        from celery.worker.state import task_ready
+
+        task_ready(self)
+        if send_failed_event:
+            self.send_event(
+                "task-failed",
+                exception=repr(get_pickled_exception(exc_info.exception)),
+                traceback=exc_info.traceback,
+            )
+        self.acknowledge()
+        return None
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=INGEST_TASK,
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+    Request=IngestRequest,
+    throws=(DeadLettered,),  # logged at INFO without a traceback: the dead letter is the record
+)
 def ingest_batch(
     self: Task,
     *,
@@ -96,7 +135,7 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
         ]
     except (PermanentError, EmptyBatchError) as exc:
         _dead_letter(rt, self, batch, str(exc))
-        return {"batch_id": batch_id, "outcome": "dead_letter", "reason": str(exc)}
+        raise DeadLettered(f"batch {batch_id} dead-lettered: {exc}") from None
     ref = rt.channel(batch_id, database, schema, pipe)
     waited_until = time.monotonic() + s.backpressure_wait_seconds
     try:

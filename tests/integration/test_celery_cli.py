@@ -73,11 +73,21 @@ def test_publish_names_the_bad_line_and_publishes_nothing_after_it(
     assert db.client.llen(env["SNOWPIPE_QUEUE_NAME"]) == 0
 
 
-def test_publish_without_settings_names_the_missing_setting(env: dict[str, str]) -> None:
-    del env["SNOWPIPE_ACCOUNT"]
+def test_publish_needs_only_the_broker_url(env: dict[str, str], db: RedisDB) -> None:
+    for name in ("SNOWPIPE_ACCOUNT", "SNOWPIPE_USER", "SNOWPIPE_PRIVATE_KEY_PATH",
+                 "SNOWPIPE_ACCOUNT_URL"):  # fmt: skip
+        del env[name]
+    result = cli(env, "publish", "--database", "D", "--schema", "S", "--pipe", "P", "-",
+                 stdin=b'{"id": 1}\n')
+    assert result.returncode == 0, result.stderr
+    assert db.client.llen(env["SNOWPIPE_QUEUE_NAME"]) == 1
+
+
+def test_a_bad_broker_setting_is_still_named(env: dict[str, str]) -> None:
+    env["SNOWPIPE_BROKER_URL"] = "kafka://127.0.0.1:9092"
     result = cli(env, "publish", "--database", "D", "--schema", "S", "--pipe", "P", "-")
     assert result.returncode == 2
-    assert "SNOWPIPE_ACCOUNT" in result.stderr
+    assert "SNOWPIPE_BROKER_URL" in result.stderr
 
 
 def test_dead_letters_list_requeue_and_drop(env: dict[str, str], db: RedisDB) -> None:
