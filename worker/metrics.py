@@ -204,15 +204,19 @@ def _republish_gauges() -> None:
     the retry budget: the process's state is the parent's at the fork) reads 0 there until
     set again; `livemin` would then report an escalation that is not there.
     """
+    inherited: list[tuple[Any, float]] = []
     for metric in list(REGISTRY._collector_to_names):
         if not isinstance(metric, Gauge):
             continue
         collector: Any = metric
         children = list(collector._metrics.values()) if collector._labelnames else [collector]
         for child in children:
-            inherited = getattr(child._value, "_value", None)  # still the parent's, in memory
-            if isinstance(inherited, float):
-                child.set(inherited)
+            value = getattr(child._value, "_value", None)  # still the parent's, in memory
+            if isinstance(value, float):
+                inherited.append((child, value))
+    # All read first: the first set() in this process resets every value to its (empty) file.
+    for child, value in inherited:
+        child.set(value)
 
 
 def _hold_lock_across_fork(value_class: Any) -> None:
