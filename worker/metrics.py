@@ -176,7 +176,10 @@ def enable_multiprocess(path: Path) -> None:
     exists: labelled metrics create their values on first use (after this), unlabelled ones are
     re-created. What was counted before (nothing on the task paths) starts again from zero.
     """
+    from worker import observability
+
     os.environ[MULTIPROC_ENV] = str(path)
+    observability._ingest_children.clear()
     prom: Any = _values  # prometheus_client's internals are untyped
     value_class = prom.MultiProcessValue()
     prom.ValueClass = value_class
