@@ -28,11 +28,13 @@ from tests.support.celery import (
     wait_until,
     worker_env,
 )
+from tests.support.delivery import EMULATOR_ARGS, KEY_NAME, delivery_rig
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
 from tests.support.redis import RedisDB, claimed_db, free_port
 from worker.publish import Publisher
 from worker.settings import load_settings
+from worker.snowpipe.errors import BadRequestError, StaleContinuationTokenError
 
 PIPE = "P"
 LABEL = f"{DATABASE}.{SCHEMA}.{PIPE}"
@@ -153,3 +155,62 @@ def test_a_scrape_shows_the_run_and_counters_move(
             assert "metrics.serving" in worker.log()
     finally:
         publisher.close()
+
+
+# --- The pump's failure counters, in-process (the delivery rig: real log, pump and emulator) ---
+
+
+@pytest.fixture
+def rig_emu(tmp_path: Path) -> Iterator[RunningEmulator]:
+    with start_emulator(*EMULATOR_ARGS, workdir=tmp_path / "rig-emu") as emulator:
+        emulator.register_key(ACCOUNT, USER, key_pair(KEY_NAME).public_pem)
+        yield emulator
+
+
+def test_reopens_refusals_and_dead_letters_are_counted(rig_emu: RunningEmulator) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+    with delivery_rig(rig_emu) as rig:
+        ref = rig.ref()
+        label = f"{DATABASE}.{SCHEMA}.{ref.pipe}"
+        names = [
+            ("snowpipe_appends_total", {"pipe": label, "outcome": "reopen_required"}),
+            ("snowpipe_appends_total", {"pipe": label, "outcome": "refused"}),
+            ("snowpipe_channel_reopens_total",
+             {"pipe": label, "reason": "StaleContinuationTokenError"}),
+            ("snowpipe_channel_reopens_total", {"pipe": label, "reason": "refused"}),
+            ("snowpipe_dead_letters_total", {"kind": "failed"}),
+            ("snowpipe_rows_committed_total", {"pipe": label}),
+        ]  # fmt: skip
+        before = {(n, tuple(ls.items())): sample(n, **ls) for n, ls in names}
+
+        def delta(metric: str, **labels: str) -> float:
+            return sample(metric, **labels) - before[(metric, tuple(labels.items()))]
+
+        rig.log_batch(ref, "m-ok-1", range(0, 10))
+        bad = rig.log_batch(ref, "m-bad", range(10, 20))
+        rig.log_batch(ref, "m-ok-2", range(20, 30))
+        stale = [True]
+
+        def before_append(first: int, last: int) -> None:
+            if stale:
+                stale.clear()
+                raise StaleContinuationTokenError("injected", code="STALE_CONTINUATION_TOKEN")
+            if first <= bad.first <= last:
+                raise BadRequestError("injected: the batch is malformed", status=400)
+
+        client = rig.client()
+        client.before_append = before_append
+        rig.start_pump(ref, client=client)
+        rig.wait_exactly_once(set(range(0, 10)) | set(range(20, 30)), refs=[ref], timeout=30)
+        assert rig.dead_letters.count() == 1
+        assert delta("snowpipe_appends_total", pipe=label, outcome="reopen_required") == 1
+        assert delta("snowpipe_channel_reopens_total", pipe=label,
+                     reason="StaleContinuationTokenError") == 1  # fmt: skip
+        assert delta("snowpipe_appends_total", pipe=label, outcome="refused") >= 1
+        assert delta("snowpipe_channel_reopens_total", pipe=label, reason="refused") >= 1
+        assert delta("snowpipe_dead_letters_total", kind="failed") == 1
+        assert delta("snowpipe_rows_committed_total", pipe=label) == 20
