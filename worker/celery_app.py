@@ -11,7 +11,14 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from worker import runtime
 from worker.celery_config import (
@@ -70,7 +77,37 @@ def _startup_checks(**_: Any) -> None:
         start_startup_checks(settings)
 
 
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _start_metrics(sender: Any = None, **_: Any) -> None:
+    # Before the pool forks: under prefork every process must write to the node's metric files.
+    from worker import metrics
+
+    metrics.start(
+        runtime.settings(),
+        nodename=getattr(sender, "hostname", "worker"),
+        pool=getattr(sender, "pool_cls", None),
+    )
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _reset_process_state(**_: Any) -> None:
     # Prefork children: drop anything inherited (the fork hook does too); nothing blocking here.
+    from worker import metrics
+
     runtime.reset()
+    metrics.after_fork_in_child()
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _process_metrics_dead(pid: int | None = None, **_: Any) -> None:
+    from worker import metrics
+
+    if pid is not None:
+        metrics.process_exited(pid)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_metrics(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.stop()

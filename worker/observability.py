@@ -11,8 +11,8 @@ whatever logger produced the line:
 - any registered secret (`register_secret`) is masked wherever it appears in a string;
 - JWT-shaped strings and PEM blocks are masked anywhere in any string.
 
-Metrics live at module level in the default Prometheus registry: token refreshes and guard health
-here; retry metrics have their own section below.
+Metrics live at module level in the default Prometheus registry (worker/metrics.py serves them;
+docs/operations.md#metrics lists them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import IO, Any
 
 import structlog
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 REDACTED = "[REDACTED]"
 
@@ -208,18 +208,177 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-# --- Metrics: tokens ------------------------------------------------------------------------------
+# --- Metrics ---------------------------------------------------------------------------------
+# Module-level metrics in the default registry; worker/metrics.py serves them (in multiprocess
+# mode under the prefork pool, where every gauge below aggregates as its `multiprocess_mode`
+# says). Labelled children are created on first use, after the worker chose the mode. The hot
+# paths keep the children they use (`.labels()` once per pump), so an update costs a lock and an
+# add. Names, labels and meaning: docs/operations.md#metrics.
 
+# Seconds: a commit takes Snowflake seconds; a token wait is milliseconds unless a fetch is slow.
+COMMIT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Bytes on the wire per append request (capped at 4 MiB by Snowflake).
+BYTES_BUCKETS = tuple(float(1 << n) for n in range(10, 23, 2))  # 1 KiB .. 4 MiB
+
+# --- Tasks (pool processes) ---
+INGEST_BATCHES = Counter(
+    "snowpipe_ingest_batches",
+    "Batches ingest_batch handled, by pipe and outcome (logged, already_logged, backpressure, "
+    "retry_later, dead_letter, requeued).",
+    ["pipe", "outcome"],
+)
+INGEST_ROWS = Counter(
+    "snowpipe_ingest_rows", "Rows written to a channel log by ingest_batch, by pipe.", ["pipe"]
+)
+
+# --- Pumps (the node's main process) ---
+APPENDS = Counter(
+    "snowpipe_appends",
+    "Append requests by pipe and outcome (accepted, refused, reopen_required, failed).",
+    ["pipe", "outcome"],
+)
+APPEND_BYTES = Histogram(
+    "snowpipe_append_bytes",
+    "Bytes on the wire per accepted append request, by pipe.",
+    ["pipe"],
+    buckets=BYTES_BUCKETS,
+)
+COMMIT_LATENCY = Histogram(
+    "snowpipe_commit_latency_seconds",
+    "From an accepted append to the status poll that saw it committed, by pipe.",
+    ["pipe"],
+    buckets=COMMIT_BUCKETS,
+)
+DELIVERY_LATENCY = Histogram(
+    "snowpipe_delivery_latency_seconds",
+    "From the oldest batch of a request written to the channel log to its commit, by pipe.",
+    ["pipe"],
+    buckets=COMMIT_BUCKETS,
+)
+BATCHES_COMMITTED = Counter(
+    "snowpipe_batches_committed",
+    "Batches seen committed in Snowflake, by pipe (a batch split over two requests counts twice).",
+    ["pipe"],
+)
+ROWS_COMMITTED = Counter(
+    "snowpipe_rows_committed", "Rows seen committed in Snowflake, by pipe.", ["pipe"]
+)
+ROW_ERRORS = Counter(
+    "snowpipe_row_errors", "Rows Snowflake reported in error (channel status), by pipe.", ["pipe"]
+)
+CHANNEL_OPENS = Counter(
+    "snowpipe_channel_opens", "Channel opens (the first and every reopen), by pipe.", ["pipe"]
+)
+CHANNEL_REOPENS = Counter(
+    "snowpipe_channel_reopens",
+    "Times an open channel had to be reopened, by pipe and reason (the error class, "
+    "status_error, commit_timeout, refused, error).",
+    ["pipe", "reason"],
+)
+LOG_FORGOT = Counter(
+    "snowpipe_channel_log_forgot",
+    "Opens that found Snowflake's committed offset above what the log issued (the state Redis "
+    "lost writes), by pipe.",
+    ["pipe"],
+)
+DEAD_LETTERS = Counter(
+    "snowpipe_dead_letters",
+    "Batches dead-lettered, by kind (failed: never delivered, requeue after the fix; row_errors: "
+    "committed with rows in error, kept for inspection).",
+    ["kind"],
+)
+LEASE_EVENTS = Counter(
+    "snowpipe_lease_events",
+    "Channel lease changes of this node, by event (acquired, released, lost).",
+    ["event"],
+)
+
+class PumpMetrics:
+    """The metric children of one channel pump, resolved once (the pump's hot path only adds)."""
+
+    __slots__ = (
+        "_pipe",
+        "accepted",
+        "append_bytes",
+        "batches",
+        "commit_latency",
+        "delivery_latency",
+        "opens",
+        "row_errors",
+        "rows",
+    )
+
+    def __init__(self, pipe: str) -> None:
+        self._pipe = pipe
+        self.accepted = APPENDS.labels(pipe=pipe, outcome="accepted")
+        self.append_bytes = APPEND_BYTES.labels(pipe=pipe)
+        self.commit_latency = COMMIT_LATENCY.labels(pipe=pipe)
+        self.delivery_latency = DELIVERY_LATENCY.labels(pipe=pipe)
+        self.batches = BATCHES_COMMITTED.labels(pipe=pipe)
+        self.rows = ROWS_COMMITTED.labels(pipe=pipe)
+        self.row_errors = ROW_ERRORS.labels(pipe=pipe)
+        self.opens = CHANNEL_OPENS.labels(pipe=pipe)
+
+    def append_failed(self, outcome: str) -> None:
+        """An append that was not accepted (refused, reopen_required, failed)."""
+        APPENDS.labels(pipe=self._pipe, outcome=outcome).inc()
+
+    def reopen(self, reason: str) -> None:
+        """An open channel must be reopened, and why."""
+        CHANNEL_REOPENS.labels(pipe=self._pipe, reason=reason).inc()
+
+    def log_forgot(self) -> None:
+        """The open found offsets committed that the log never issued."""
+        LOG_FORGOT.labels(pipe=self._pipe).inc()
+
+
+def record_dead_letter(kind: str) -> None:
+    """Count one dead-lettered batch of `kind` (failed, row_errors)."""
+    DEAD_LETTERS.labels(kind=kind).inc()
+
+
+def record_lease_event(event: str) -> None:
+    """Count one lease change of this node (acquired, released, lost)."""
+    LEASE_EVENTS.labels(event=event).inc()
+
+
+# Children of the task path's counters by label values: `.labels()` costs ~5 us, a dict lookup
+# nothing. Cleared when the worker switches to multiprocess mode (worker/metrics.py).
+_ingest_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def record_ingest(pipe: str, outcome: str, rows: int = 0) -> None:
+    """Count one ingest_batch ending (and the rows it logged)."""
+    children = _ingest_children.get((pipe, outcome))
+    if children is None:
+        children = (INGEST_BATCHES.labels(pipe, outcome), INGEST_ROWS.labels(pipe))
+        _ingest_children[(pipe, outcome)] = children
+    children[0].inc()
+    if rows:
+        children[1].inc(rows)
+
+
+# --- Tokens ---
 TOKEN_REFRESHES = Counter(
-    "snowpipe_token_refresh_total",
+    "snowpipe_token_refreshes",
     "Token refresh attempts by guard name, reason (soft, hard, 401, beat, shared, initial) "
     "and outcome (success, failure).",
     ["name", "reason", "outcome"],
 )
 TOKEN_GUARD_HEALTHY = Gauge(
     "snowpipe_token_guard_healthy",
-    "1 while the guard's refreshes succeed, 0 after repeated consecutive failures.",
+    "1 while the guard's refreshes succeed, 0 after repeated consecutive failures (the "
+    "escalation flag; the lowest over the node's processes).",
     ["name"],
+    multiprocess_mode="livemin",
+)
+TOKEN_GUARD_WAIT = Histogram(
+    "snowpipe_token_guard_wait_seconds",
+    "Time a request spent in the TokenGuard beyond its fast path (refreshing, or waiting for "
+    "the refresh in progress), by guard name.",
+    ["name"],
+    buckets=WAIT_BUCKETS,
 )
 
 
@@ -231,6 +390,11 @@ def record_token_refresh(name: str, reason: str, outcome: str) -> None:
 def set_guard_health(name: str, healthy: bool) -> None:
     """Publish the health flag of the guard `name`."""
     TOKEN_GUARD_HEALTHY.labels(name=name).set(1 if healthy else 0)
+
+
+def record_guard_wait(name: str, seconds: float) -> None:
+    """Time one `get()` of the guard `name` spent off its fast path."""
+    TOKEN_GUARD_WAIT.labels(name=name).observe(seconds)
 
 
 # --- Metrics: retries -----------------------------------------------------------------------------
@@ -250,7 +414,9 @@ RETRIES_EXHAUSTED = Counter(
 )
 RETRY_BUDGET_TOKENS = Gauge(
     "snowpipe_retry_budget_tokens",
-    "Tokens left in the process-wide retry budget (a retry costs one by default).",
+    "Tokens left in the process-wide retry budget (a retry costs one by default; the lowest "
+    "over the node's processes).",
+    multiprocess_mode="livemin",
 )
 
 
@@ -259,6 +425,11 @@ def record_retry(op: str, error_type: str, budget_tokens: float | None) -> None:
     RETRIES.labels(op=op, error_type=error_type).inc()
     if budget_tokens is not None:
         RETRY_BUDGET_TOKENS.set(budget_tokens)
+
+
+def record_retry_budget(tokens: float) -> None:
+    """Publish what is left in the process-wide retry budget."""
+    RETRY_BUDGET_TOKENS.set(tokens)
 
 
 def record_retry_exhausted(op: str, reason: str) -> None:

@@ -27,7 +27,8 @@ continued.
 Events (structlog): `retry.scheduled` (op, attempt, delay, error type/status/code, budget) and
 `retry.exhausted` (op, attempts, reason, elapsed, error). Never a token or a URL. Metrics
 (`worker.observability`): `snowpipe_retries_total{op,error_type}`,
-`snowpipe_retries_exhausted_total{op,reason}` and the `snowpipe_retry_budget_tokens` gauge.
+`snowpipe_retries_exhausted_total{op,reason}` and the `snowpipe_retry_budget_tokens` gauge (the
+process budget's level, published when it changes).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVar
 import httpx
 from tenacity import RetryCallState, Retrying
 
-from worker.observability import get_logger, record_retry, record_retry_exhausted
+from worker.observability import (
+    get_logger,
+    record_retry,
+    record_retry_budget,
+    record_retry_exhausted,
+)
 from worker.snowpipe.errors import (
     AuthError,
     ChannelReopenRequired,
@@ -130,6 +136,7 @@ class RetryBudget:
         self.refill = float(refill)
         self._tokens = float(capacity)
         self._lock = threading.Lock()
+        self.published = False  # the process budget publishes its level (a metrics gauge)
         _BUDGETS.add(self)
 
     @classmethod
@@ -160,6 +167,8 @@ class RetryBudget:
             return  # common case: full bucket, no lock
         with self._lock:
             self._tokens = min(self.capacity, self._tokens + self.refill)
+        if self.published:
+            record_retry_budget(self._tokens)
 
     def _after_fork(self) -> None:
         # A lock held by another thread at fork() stays held forever in the child.
@@ -188,6 +197,8 @@ def process_budget(settings: Settings) -> RetryBudget:
             budget = _process_budget
             if budget is None:
                 budget = _process_budget = RetryBudget.from_settings(settings)
+                budget.published = True
+                record_retry_budget(budget.tokens)
     return budget
 
 

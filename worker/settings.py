@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     state_replica_timeout_ms: int = Field(1000, ge=1)
     pump_enabled: bool = True  # False: this node only takes batches off the queue
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # Prometheus metrics on this port of every worker node (0: no metrics endpoint).
+    metrics_port: int = Field(0, ge=0, le=65535)
 
     # --- Operations (docs/operations.md) ----------------------------------------------------------
     # The pipes `snowpipe-worker doctor` and the worker's start-up checks probe: DB.SCHEMA.PIPE,...

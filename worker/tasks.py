@@ -35,7 +35,7 @@ from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import AlreadyLogged, LogFull, Piece
-from worker.observability import get_logger
+from worker.observability import get_logger, record_dead_letter, record_ingest
 
 # Never sleep longer than this before re-publishing (the message is unacked meanwhile).
 MAX_COUNTDOWN_SECONDS = 30.0
@@ -102,12 +102,23 @@ def ingest_batch(
 ) -> dict[str, Any]:
     """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary."""
     batch = Batch(batch_id, database, schema, pipe, rows, attempt)
+    label = f"{database}.{schema}.{pipe}"
     try:
-        return _ingest(self, batch)
+        result = _ingest(self, batch)
     except SoftTimeLimitExceeded as exc:
         # Wherever it struck (a retry's countdown, a publish), the batch may not be logged:
         # keep the message. A raised exception would be acknowledged on Redis.
+        record_ingest(label, "requeued")
         raise Reject(f"soft time limit while handling batch {batch_id}", requeue=True) from exc
+    except Reject:
+        record_ingest(label, "requeued")
+        raise
+    except DeadLettered:
+        record_ingest(label, "dead_letter")
+        raise
+    outcome = "backpressure" if result.get("reason") == "backpressure" else str(result["outcome"])
+    record_ingest(label, outcome, len(rows) if outcome == "logged" else 0)
+    return result
 
 
 def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
@@ -165,7 +176,7 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
             waited_s=s.backpressure_wait_seconds,
         )
         rt.count("backpressure")
-        return _retry_later(self, batch, None, next_attempt=attempt)
+        return {**_retry_later(self, batch, None, next_attempt=attempt), "reason": "backpressure"}
     # (The append script counted logged / already_logged itself.)
     if isinstance(result, AlreadyLogged):
         return {"batch_id": batch_id, "outcome": "already_logged"}
@@ -200,6 +211,7 @@ def _dead_letter(rt: runtime.Runtime, task: Task, batch: Batch, reason: str) -> 
                 task_id=task.request.id,
             )
         )
+        record_dead_letter("failed")
     except Exception as exc:
         # Could not keep it: leave the message in the broker rather than lose the batch.
         raise Reject(f"dead letter not stored: {exc}", requeue=True) from exc

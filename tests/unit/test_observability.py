@@ -200,9 +200,9 @@ def test_transient_secrets_are_bounded() -> None:
 
 def test_refresh_counter_and_health_gauge() -> None:
     labels = {"name": "metrics-test", "reason": "soft", "outcome": "success"}
-    before = REGISTRY.get_sample_value("snowpipe_token_refresh_total", labels) or 0.0
+    before = REGISTRY.get_sample_value("snowpipe_token_refreshes_total", labels) or 0.0
     record_token_refresh("metrics-test", "soft", "success")
-    assert REGISTRY.get_sample_value("snowpipe_token_refresh_total", labels) == before + 1
+    assert REGISTRY.get_sample_value("snowpipe_token_refreshes_total", labels) == before + 1
     set_guard_health("metrics-test", False)
     sample = REGISTRY.get_sample_value("snowpipe_token_guard_healthy", {"name": "metrics-test"})
     assert sample == 0.0

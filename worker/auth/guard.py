@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from worker.observability import (
     get_logger,
+    record_guard_wait,
     record_token_refresh,
     register_secret,
     set_guard_health,
@@ -223,7 +224,12 @@ class TokenGuard:
         snap = self._snap
         if self._clock() < snap.check_at:
             return snap.value
-        return self._get_slow()
+        started = time.perf_counter()
+        try:
+            return self._get_slow()
+        finally:
+            # Off the fast path only (a refresh, a wait for one): the metric costs nothing per call.
+            record_guard_wait(self.name, time.perf_counter() - started)
 
     def call_authorized(self, send: Callable[[str], R], *, unauthorized: Callable[[R], bool]) -> R:
         """`send(token)`, resent once with a refreshed token if `unauthorized(result)`.

@@ -445,6 +445,23 @@ class ChannelLog:
         oldest = _entries(first)[0].written_ms if first else None
         return Depth(int(length), int(_text(used)) if used else 0, oldest)
 
+    def depths(self, refs: Sequence[ChannelRef]) -> list[Depth]:
+        """`depth` of each of `refs`, in one round trip."""
+        if not refs:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for ref in refs:
+            pipe.xlen(channel_key("log", ref))
+            pipe.get(channel_key("bytes", ref))
+            pipe.xrange(channel_key("log", ref), "-", "+", count=1)
+        raw = pipe.execute()
+        out: list[Depth] = []
+        for i in range(0, len(raw), 3):
+            length, used, first = raw[i : i + 3]
+            oldest = _entries(first)[0].written_ms if first else None
+            out.append(Depth(int(length), int(_text(used)) if used else 0, oldest))
+        return out
+
     def last_offset(self, ref: ChannelRef) -> int:
         """The last offset issued on the channel (0 if none)."""
         value = self._redis.get(channel_key("next", ref))

@@ -30,9 +30,9 @@ from celery import bootsteps
 from worker.deadletter import DeadLetters
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
-from worker.delivery.log import ChannelLog
+from worker.delivery.log import ChannelLog, Depth
 from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig
-from worker.observability import get_logger
+from worker.observability import get_logger, record_lease_event
 from worker.settings import Settings
 
 MAX_TICK_SECONDS = 3.0
@@ -80,6 +80,10 @@ class Node:
             self.client, self.pumps, poll_seconds=settings.commit_poll_seconds
         )
         self.balancer = Balancer(self)
+        # For the metrics endpoint (worker/metrics.py): sampled on the balancer's tick.
+        self.sample_depths = settings.metrics_port > 0
+        self.depths: dict[ChannelRef, Depth] = {}
+        self.live_nodes = 0
 
     def pumps(self) -> list[ChannelPump]:
         """The pumps running now."""
@@ -93,13 +97,19 @@ class Node:
 
     def start(self) -> None:
         """Check the state store, then start balancing and polling."""
+        from worker import metrics
+
         check_persistence(self.redis)
         self.poller.start()
         self.balancer.start()
+        metrics.watch(self)
         _log.info("node.started", node=self.name, channels_per_pipe=self.settings.channels_per_pipe)
 
     def stop(self) -> None:
         """Stop the pumps, give the leases back, leave (the others take over at once)."""
+        from worker import metrics
+
+        metrics.unwatch(self)
         self.balancer.stop()
         pumps = self.pumps()
         for pump in pumps:
@@ -132,6 +142,7 @@ class Node:
         with self._lock:
             self._pumps[lease.ref] = pump
         pump.start()
+        record_lease_event("acquired")
         _log.info("lease.acquired", channel=str(lease.ref), node=self.name, lease=lease.generation)
 
     def drop_pump(self, ref: ChannelRef, *, release: bool) -> None:
@@ -143,8 +154,10 @@ class Node:
         pump.stop(timeout=PUMP_STOP_SECONDS)
         if release:
             self.leases.release(pump.lease)
+            record_lease_event("released")
             _log.info("lease.released", channel=str(ref), node=self.name)
         else:
+            record_lease_event("lost")
             _log.info("lease.lost", channel=str(ref), node=self.name)
 
 
@@ -230,6 +243,7 @@ class Balancer:
         node = self._node
         node.stats.flush()
         live = node.leases.heartbeat()
+        node.live_nodes = len(set(live) | {node.name})
         for pump in node.pumps():
             if pump.lost or not pump.alive:
                 node.drop_pump(pump.ref, release=True)
@@ -244,6 +258,14 @@ class Balancer:
             self._release(held, len(held) - target)
         elif len(held) < target:
             self._acquire(channels, target - len(held))
+        if node.sample_depths:
+            self._sample_depths()
+
+    def _sample_depths(self) -> None:
+        """The log depth of every held channel, for the metrics endpoint (one round trip)."""
+        node = self._node
+        refs = [lease.ref for lease in node.held()]
+        node.depths = dict(zip(refs, node.log.depths(refs), strict=True))
 
     def _release(self, held: Sequence[Lease], count: int) -> None:
         node = self._node

@@ -41,7 +41,7 @@ from worker.deadletter import DeadLetter, DeadLetters, Kind
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Entry, LeaseLost
-from worker.observability import get_logger
+from worker.observability import PumpMetrics, get_logger, record_dead_letter
 from worker.settings import DEFAULT_COMMIT_TIMEOUT_SECONDS
 from worker.snowpipe.encoding import Compression, EncodedRows, encode_request
 from worker.snowpipe.errors import (
@@ -205,6 +205,7 @@ class ChannelPump:
         self._failures = 0
         self.lost = False  # the lease was found taken: the thread ended
         self.reopens = 0
+        self._metrics = PumpMetrics(f"{self.ref.database}.{self.ref.schema}.{self.ref.pipe}")
 
     # --- Lifecycle ------------------------------------------------------------------------------
 
@@ -225,6 +226,11 @@ class ChannelPump:
     def alive(self) -> bool:
         """Whether the pump's thread is running."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_flight(self) -> int:
+        """Appends accepted and not yet seen committed (a gauge for metrics)."""
+        return len(self._inflight)
 
     def wants_status(self) -> bool:
         """Whether the poller should fetch this channel's status (it waits for commits)."""
@@ -260,7 +266,7 @@ class ChannelPump:
                 return
             except ChannelReopenRequired as exc:
                 log.info("channel.reopen", reason=type(exc).__name__, detail=str(exc))
-                self.opened = False
+                self._reopen(type(exc).__name__)
                 self._failures += 1
                 if self._failures > 2:
                     self._pause(self._backoff(exc))
@@ -269,7 +275,7 @@ class ChannelPump:
             except (PipeNotFoundError, *BATCH_REFUSED) as exc:
                 self._refused_channel(exc, log)
             except Exception as exc:  # noqa: BLE001 (a pump must outlive any failure)
-                self.opened = False
+                self._reopen("error")
                 self._failures += 1
                 delay = self._backoff(exc)
                 log.warning(
@@ -279,6 +285,12 @@ class ChannelPump:
                     retry_in=round(delay, 2),
                 )
                 self._pause(delay)
+
+    def _reopen(self, reason: str) -> None:
+        """Reopen before the next append (counted when the channel was open)."""
+        if self.opened:
+            self._metrics.reopen(reason)
+        self.opened = False
 
     def _backoff(self, exc: BaseException) -> float:
         return min(MAX_BACKOFF_SECONDS, self._config.countdown(self._failures, exc))
@@ -313,6 +325,7 @@ class ChannelPump:
                 moved=floor.moved,
             )
             self._stats.count("log_forgot")
+            self._metrics.log_forgot()
         self._log.trim(self.ref, self.lease.value, committed)
         with self._status_lock:
             self._status = None
@@ -327,6 +340,7 @@ class ChannelPump:
         self.opened = True
         self.reopens += 1
         self._stats.count("channel_opens")
+        self._metrics.opens.inc()
         _log.info(
             "channel.opened",
             channel=self.ref.channel,
@@ -394,7 +408,14 @@ class ChannelPump:
                 end_offset_token=str(last),
             )
         except (PipeNotFoundError, *BATCH_REFUSED) as exc:
+            self._metrics.append_failed("refused")
             raise RequestRefused(exc, entries) from exc
+        except ChannelReopenRequired:
+            self._metrics.append_failed("reopen_required")
+            raise
+        except Exception:
+            self._metrics.append_failed("failed")
+            raise
         for _ in entries:
             self._buffered_bytes -= len(self._buffer.popleft().data)
         self.sent_upto = last
@@ -415,6 +436,8 @@ class ChannelPump:
         self._next_send_at = self._clock() + spacing
         self._stats.count("appends")
         self._stats.count("append_bytes", payload.wire_bytes)
+        self._metrics.accepted.inc()
+        self._metrics.append_bytes.observe(payload.wire_bytes)
         return True
 
     def _next_request(self) -> list[Entry]:
@@ -461,18 +484,22 @@ class ChannelPump:
                 pipe=self.ref.pipe,
                 code=status.channel_status_code,
             )
-            self.opened = False  # reopen and replay from the committed offset
+            self._reopen("status_error")  # reopen and replay from the committed offset
             return
         self._row_errors(status)
         committed = committed_offset(status)
         if committed <= self.committed:
             return
         now_ms = time.time() * 1000
+        now = self._clock()
         batches = rows = 0
+        metrics = self._metrics
         while self._inflight and self._inflight[0].last <= committed:
             done = self._inflight.popleft()
             batches += len(done.batch_ids)
             rows += done.rows
+            metrics.commit_latency.observe(max(0.0, now - done.sent_at))
+            metrics.delivery_latency.observe(max(0.0, (now_ms - done.oldest_ms) / 1000))
             _log.debug(
                 "channel.committed",
                 channel=self.ref.channel,
@@ -486,6 +513,8 @@ class ChannelPump:
         if rows:
             self._stats.count("rows_committed", rows)
             self._stats.count("entries_committed", batches)
+            metrics.rows.inc(rows)
+            metrics.batches.inc(batches)
 
     def _check_commit_timeout(self) -> None:
         """Reopen when the oldest append in flight waited too long for its commit.
@@ -511,7 +540,7 @@ class ChannelPump:
             waited_s=round(waited, 1),
         )
         self._stats.count("commit_timeouts")
-        self.opened = False
+        self._reopen("commit_timeout")
 
     def _row_errors(self, status: ChannelStatus) -> None:
         """Dead-letter the batches of the request Snowflake reported row errors in."""
@@ -539,6 +568,7 @@ class ChannelPump:
                 message=message,
             )
             self._stats.count("row_errors_unattributed", count)
+            self._metrics.row_errors.inc(count)
             self._errors_seen = status.rows_error_count
             return
         by_batch = _group(entries)
@@ -549,12 +579,14 @@ class ChannelPump:
                 "the batch is committed except the rows in error"
             )
             self._dead_letters.add(self._letter(batch_id, parts, reason, kind="row_errors"))
+            record_dead_letter("row_errors")
             _log.warning(
                 "channel.row_errors", channel=self.ref.channel, batch_id=batch_id, count=count
             )
         # Only now: if storing a letter failed, the next status (or the reopen) reports again.
         self._errors_seen = status.rows_error_count
         self._stats.count("row_errors", count)
+        self._metrics.row_errors.inc(count)
 
     # --- Refusals -------------------------------------------------------------------------------
 
@@ -564,14 +596,14 @@ class ChannelPump:
         No batch logged on the channel can succeed as addressed; creating the pipe (or fixing
         its grants) and requeueing the dead letters delivers them.
         """
-        self.opened = False
+        self._reopen("refused")
         log.error("channel.refused", error=type(exc).__name__, detail=str(exc))
         self._dead_letter_all(str(exc))
         self._pause(REFUSED_PAUSE_SECONDS)
 
     def _refused_request(self, exc: RequestRefused, log: Any) -> None:
         """An append was refused for good: find the batch at fault and dead-letter it."""
-        self.opened = False  # reopen: the refused request may have broken the chain
+        self._reopen("refused")  # the refused request may have broken the chain
         entries = exc.entries
         if len(entries) > 1:
             # One of several batches is at fault: send them one per request to find it.
@@ -584,6 +616,7 @@ class ChannelPump:
         letter = self._letter(head.batch_id, parts, f"Snowflake refused the batch: {exc.cause}")
         if self._log.dead_letter(self.ref, self.lease.value, parts, letter.dumps()):
             self._stats.count("dead_letter")
+            record_dead_letter("failed")
         log.error("append.refused", batch_id=head.batch_id, detail=str(exc.cause))
 
     def _dead_letter_all(self, reason: str) -> None:
@@ -597,6 +630,7 @@ class ChannelPump:
                 letter = self._letter(batch_id, parts, f"Snowflake refused the channel: {reason}")
                 if self._log.dead_letter(self.ref, self.lease.value, parts, letter.dumps()):
                     self._stats.count("dead_letter")
+                    record_dead_letter("failed")
 
     def _letter(
         self, batch_id: str, parts: Sequence[Entry], reason: str, *, kind: Kind = "failed"
