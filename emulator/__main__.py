@@ -16,6 +16,7 @@ from pathlib import Path
 
 from emulator import config as defaults
 from emulator.config import EmulatorConfig
+from emulator.schema import Column, parse_columns
 
 
 def _positive_float(text: str) -> float:
@@ -37,11 +38,25 @@ def _public_key(text: str) -> tuple[str, Path]:
     return subject.upper(), pem
 
 
-def _pipe(text: str) -> tuple[str, str, str]:
-    parts = text.split(".")
+def _pipe(text: str) -> tuple[str, str, str, list[Column] | None]:
+    name, paren, rest = text.partition("(")
+    columns: list[Column] | None = None
+    if paren:
+        if not rest.rstrip().endswith(")"):
+            raise argparse.ArgumentTypeError(
+                f"expected DATABASE.SCHEMA.PIPE(COL TYPE [NOT NULL], ...), got {text!r}"
+            )
+        try:
+            columns = parse_columns(rest.rstrip()[:-1])
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parts = name.strip().split(".")
     if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected DATABASE.SCHEMA.PIPE, got {text!r}")
-    return parts[0], parts[1], parts[2]
+        raise argparse.ArgumentTypeError(
+            f"expected DATABASE.SCHEMA.PIPE or DATABASE.SCHEMA.PIPE(COL TYPE [NOT NULL], ...), "
+            f"got {text!r}"
+        )
+    return parts[0], parts[1], parts[2], columns
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="append requests per second per channel (10; 0 = off)",
     )
     p.add_argument(
+        "--max-bytes-per-second", type=_positive_float,
+        default=defaults.DEFAULT_MAX_BYTES_PER_SECOND, metavar="BYTES",
+        help="uncompressed append bytes per second per channel (20 MiB; 0 = off)",
+    )
+    p.add_argument(
         "--max-request-bytes", type=int, default=defaults.DEFAULT_MAX_REQUEST_BYTES,
         metavar="BYTES", help="largest append body on the wire (4194304)",
     )
@@ -77,14 +97,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pipe", type=_pipe, action="append", default=[], metavar="DB.SCHEMA.PIPE",
-        help="register a pipe (repeatable); <TABLE>-STREAMING pipes need no registration",
+        help=(
+            "register a pipe (repeatable), optionally with its table's columns: "
+            "'DB.S.P(ID NUMBER NOT NULL, NAME VARCHAR)'; <TABLE>-STREAMING pipes need no "
+            "registration"
+        ),
     )
     p.add_argument(
         "--accept-any-pipe", action="store_true", help="create every pipe on first use"
     )
     p.add_argument(
         "--strict", action="store_true",
-        help="reject requests without an Accept header (code 391902), as the real service does",
+        help="no effect (kept for old scripts): requests without Accept are refused by default",
+    )
+    p.add_argument(
+        "--allow-missing-accept", action="store_true",
+        help="accept requests without an Accept header (the service answers 391902)",
+    )
+    p.add_argument(
+        "--hostname-with-port", action="store_true",
+        help="answer the hostname call with host:port (for tutorials that build "
+        "https://$INGEST_HOST/...; Snowflake's SDK needs it off)",
+    )
+    p.add_argument(
+        "--case-insensitive-status", action="store_true",
+        help="match bulk-status channel names ignoring case (documented: case-sensitive)",
+    )
+    p.add_argument(
+        "--legacy-channel-not-found", action="store_true",
+        help="answer a missing channel with 404 ERR_CHANNEL_DOES_NOT_EXIST_OR_NOT_AUTHORIZED "
+        "(the service: 400 ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED)",
+    )
+    p.add_argument(
+        "--strict-content-encoding", action="store_true",
+        help="refuse a Content-Encoding the body is not in (default: read such a body as is)",
     )
     p.add_argument("--tls", action="store_true", help="serve HTTPS with a generated certificate")
     p.add_argument("--ca-out", type=Path, metavar="PATH", help="with --tls: write the CA PEM here")
@@ -118,11 +164,18 @@ def parse_config(argv: list[str] | None = None) -> EmulatorConfig:
         scoped_token_ttl=args.scoped_token_ttl,
         commit_delay=args.commit_delay,
         rate_limit=args.rate_limit,
+        max_bytes_per_second=args.max_bytes_per_second,
         max_request_bytes=args.max_request_bytes,
         public_keys=list(args.public_key),
-        pipes=list(args.pipe),
+        pipes=[(d, s, p) for d, s, p, _ in args.pipe],
+        pipe_columns={(d, s, p): cols for d, s, p, cols in args.pipe if cols},
         accept_any_pipe=args.accept_any_pipe,
         strict=args.strict,
+        require_accept=not args.allow_missing_accept,
+        hostname_with_port=args.hostname_with_port,
+        case_insensitive_status=args.case_insensitive_status,
+        legacy_channel_not_found=args.legacy_channel_not_found,
+        strict_content_encoding=args.strict_content_encoding,
         tls=args.tls,
         ca_out=args.ca_out,
         certfile=args.certfile,

@@ -77,6 +77,8 @@ def admin_routes() -> list[BaseRoute]:
         Route("/_emulator/expire-tokens", a(admin.expire_tokens), methods=["POST"]),
         Route("/_emulator/invalidate", a(admin.invalidate), methods=["POST"]),
         Route("/_emulator/commits", a(admin.commits), methods=["POST"]),
+        Route("/_emulator/pats", a(admin.issue_pat), methods=["POST"]),
+        Route("/_emulator/failover", a(admin.failover), methods=["POST"]),
     ]
 
 

@@ -1,7 +1,11 @@
 """Key-pair JWT verification (control plane) and scoped-token issue/verification (data plane).
 
 Key-pair JWTs follow docs/protocol.md#key-pair-jwt: RS256, `iss = ACCOUNT.USER.SHA256:<fp>`,
-`sub = ACCOUNT.USER`, upper case, `iat`/`exp` in seconds or milliseconds, at most one hour.
+`sub = ACCOUNT.USER`, upper case, `iat`/`exp` in seconds or milliseconds. A JWT whose `exp` is
+further out than an hour (Snowflake's connector mints 24 h) is accepted and treated as valid for
+one hour after `iat`, as Snowflake's auth documentation describes.
+Programmatic access tokens (PATs, registered through the admin API) are opaque secrets sent as
+`Authorization: Bearer` to the account host and the ingest host alike.
 Scoped tokens are HS256 JWTs signed with a per-process secret, so a restarted emulator refuses
 the old ones (as a real token would eventually be refused) and clients must exchange again.
 """
@@ -150,11 +154,43 @@ def verify_keypair_jwt(
         raise jwt_invalid(f"JWT expired {now - exp:.0f} s ago")
     if iat > now + JWT_IAT_SKEW_SECONDS:
         raise jwt_invalid(f"iat is {iat - now:.0f} s in the future (allowed skew 60 s)")
-    if exp - iat > JWT_MAX_LIFETIME_SECONDS:
-        raise jwt_invalid(f"JWT lifetime {exp - iat:.0f} s is over one hour")
+    if now > iat + JWT_MAX_LIFETIME_SECONDS:
+        # A longer `exp` is fine, but the JWT counts as valid for one hour after issue only.
+        raise jwt_invalid(
+            f"JWT was issued {now - iat:.0f} s ago; a key-pair JWT is valid for at most one hour "
+            "after its iat whatever its exp says: mint a new one"
+        )
     scp = claims.get("scp")
     role = scp.split(":", 2)[2] if isinstance(scp, str) and scp.count(":") >= 2 else None
     return KeyPairIdentity(subject=sub, role=role)
+
+
+PAT_PREFIX = "emupat_"
+
+
+class PatRegistry:
+    """Programmatic access tokens by value: each names the `ACCOUNT.USER` it authenticates."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, KeyPairIdentity] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, account: str, user: str, role: str | None = None) -> str:
+        """A new PAT for the user (opaque, never a JWT, so it cannot be taken for one)."""
+        if not account.strip() or not user.strip():
+            raise ValueError("account and user must be non-empty")
+        token = PAT_PREFIX + secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = KeyPairIdentity(subject=user_key(account, user), role=role)
+        return token
+
+    def lookup(self, token: str) -> KeyPairIdentity | None:
+        """The identity of a registered PAT, if `token` is one."""
+        return self._tokens.get(token)
+
+    def count(self) -> int:
+        """How many PATs were issued."""
+        return len(self._tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +201,8 @@ class ScopedClaims:
     host: str
     exp: int
     generation: int
+    # The failover epoch the subject had discovered (hostname call) when the token was issued.
+    epoch: int = 0
 
 
 class ScopedTokens:
@@ -177,6 +215,34 @@ class ScopedTokens:
         self._cache: dict[str, ScopedClaims] = {}
         self._lock = threading.Lock()
         self.issued = 0
+        # Failover: the epoch goes up at each failover; a subject's hostname call records the
+        # epoch it has seen, and tokens it is issued afterwards carry that epoch.
+        self.epoch = 0
+        self._failed_over: dict[tuple[str, str, str] | None, int] = {}
+        self._discovered: dict[str, int] = {}
+
+    def fail_over(self, pipe: tuple[str, str, str] | None) -> int:
+        """Fail `pipe` (or, with None, every pipe) over: older tokens get 410 until rediscovery."""
+        with self._lock:
+            self.epoch += 1
+            self._failed_over[pipe] = self.epoch
+            return self.epoch
+
+    def discovered(self, subject: str) -> None:
+        """`subject` asked for the ingest host: tokens issued to it from now on are current."""
+        with self._lock:
+            self._discovered[subject] = self.epoch
+
+    def epoch_of(self, subject: str) -> int:
+        """The failover epoch `subject` last discovered the ingest host in."""
+        return self._discovered.get(subject, 0)
+
+    def failed_over_for(self, claims: ScopedClaims, pipe: tuple[str, str, str]) -> bool:
+        """Whether `pipe` failed over after the discovery `claims` was issued under."""
+        if not self._failed_over:
+            return False
+        moved = max(self._failed_over.get(pipe, 0), self._failed_over.get(None, 0))
+        return claims.epoch < moved
 
     def issue(self, subject: str, host: str, role: str | None) -> str:
         """A new scoped token (an HS256 JWT whose `exp`, in seconds, is now + ttl)."""
@@ -185,6 +251,7 @@ class ScopedTokens:
             self.issued += 1
             serial = self.issued
             generation = self._generation
+            epoch = self._discovered.get(subject, 0)
         # exp is an integer number of seconds: Snowflake's SDK reads it as such.
         exp = int(now + self.ttl)
         claims: dict[str, object] = {
@@ -194,6 +261,7 @@ class ScopedTokens:
             "iat": int(now),
             "exp": exp,
             "gen": generation,
+            "epoch": epoch,
             "jti": f"{serial}-{secrets.token_hex(4)}",
         }
         if role:
@@ -240,4 +308,5 @@ class ScopedTokens:
             host=str(raw["scope"]),
             exp=int(raw["exp"]),
             generation=int(raw["gen"]),
+            epoch=int(raw.get("epoch", 0)),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emulator.auth import KeyRegistry, ScopedTokens
+from emulator.auth import KeyRegistry, PatRegistry, ScopedTokens
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultTable
 from emulator.state import EmulatorState
@@ -17,6 +17,7 @@ class Emulator:
     config: EmulatorConfig
     state: EmulatorState
     keys: KeyRegistry = field(default_factory=KeyRegistry)
+    pats: PatRegistry = field(default_factory=PatRegistry)
     faults: FaultTable = field(default_factory=FaultTable)
     scoped: ScopedTokens = field(init=False)
 

@@ -30,8 +30,19 @@ class ApiError(Exception):
 
 
 def coded(status: int, code: str, message: str, *, reason: str = "") -> ApiError:
-    """The current documented shape: `{"code": ..., "message": ...}`."""
+    """The documented shape `{"code", "message"}`, plus `error_code` (see `with_error_code`)."""
     return ApiError(status, {"code": code, "message": message}, reason=reason)
+
+
+def with_error_code(body: Any) -> Any:
+    """`body` with `error_code` next to `code`: clients of the older revision read that key.
+
+    Every error body the emulator builds goes through here; bodies without a code (and bodies a
+    fault rule gives explicitly) are sent as they are.
+    """
+    if isinstance(body, dict) and "code" in body and "error_code" not in body:
+        return {"code": body["code"], "error_code": body["code"], **body}
+    return body
 
 
 def jwt_invalid(reason: str) -> ApiError:
@@ -59,13 +70,35 @@ def pipe_not_found(database: str, schema: str, pipe: str) -> ApiError:
     )
 
 
-def channel_not_found(channel: str) -> ApiError:
-    """404 for a channel that was never opened (or was dropped)."""
+CHANNEL_NOT_FOUND_CODE = "ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED"
+LEGACY_CHANNEL_NOT_FOUND_CODE = "ERR_CHANNEL_DOES_NOT_EXIST_OR_NOT_AUTHORIZED"
+
+
+def channel_not_found(channel: str, *, legacy: bool = False) -> ApiError:
+    """A channel that was never opened (or was dropped).
+
+    As the live service was recorded answering: 400, the `_IS_` spelling, an empty message.
+    `legacy` (--legacy-channel-not-found) gives the emulator's former 404 with the SDK's spelling.
+    """
+    reason = f"channel {channel!r} is not open: open it (PUT .../channels/{{name}}) first"
+    if legacy:
+        return coded(
+            404, LEGACY_CHANNEL_NOT_FOUND_CODE,
+            f"Channel {channel} does not exist or not authorized.", reason=reason,
+        )
+    return coded(400, CHANNEL_NOT_FOUND_CODE, "", reason=reason)
+
+
+def pipe_failed_over(pipe: str) -> ApiError:
+    """410 after a pipe failed over (the code is the emulator's own: the live one is unknown)."""
     return coded(
-        404,
-        "ERR_CHANNEL_DOES_NOT_EXIST_OR_NOT_AUTHORIZED",
-        f"Channel {channel} does not exist or not authorized.",
-        reason="open the channel (PUT .../channels/{name}) before appending",
+        410,
+        "ERR_PIPE_FAILED_OVER",
+        f"Pipe {pipe} has moved to another ingest host.",
+        reason=(
+            "the pipe failed over (POST /_emulator/failover): call GET /v2/streaming/hostname "
+            "again, exchange a new scoped token, then reopen the channel"
+        ),
     )
 
 
@@ -75,6 +108,8 @@ def bad_request(code: str, message: str) -> ApiError:
 
 
 RATE_LIMIT_BODY = {"code": "390701", "message": "Request rate exceeds max. Try later."}
+# The same code for the byte-rate limit (the live service answers both limits with 390701).
+BYTE_RATE_LIMIT_BODY = {"code": "390701", "message": "Request rate exceeds max. Try later."}
 STALE_SEQUENCER_MESSAGE = (
     "Channel sequencer in the continuation token is stale. Please reopen the channel"
 )

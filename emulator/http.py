@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from emulator.context import Emulator
-from emulator.errors import RATE_LIMIT_BODY, ApiError, coded, jwt_invalid
+from emulator.errors import RATE_LIMIT_BODY, ApiError, coded, jwt_invalid, with_error_code
 from emulator.faults import FaultRule
 
 log = logging.getLogger("emulator")
@@ -46,7 +46,7 @@ def error_response(exc: ApiError) -> Response:
     if exc.reason:
         # Header values must be latin-1; reasons are ASCII by construction.
         headers["X-Emulator-Reason"] = exc.reason.encode("ascii", "replace").decode("ascii")
-    return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+    return JSONResponse(with_error_code(exc.body), status_code=exc.status, headers=headers)
 
 
 class ResponseDropped(Exception):
@@ -101,6 +101,8 @@ def fault_response(rule: FaultRule) -> Response:
         }
     else:
         body = {"code": "ERR_INJECTED_FAULT", "message": "Fault injected by the emulator."}
+    if not rule.has_body:
+        body = with_error_code(body)
     headers = {"X-Emulator-Fault": rule.id}
     if rule.retry_after is not None:
         ra = rule.retry_after
@@ -122,12 +124,15 @@ def endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Respo
                 response = fault_response(rule)
         if response is None:
             try:
-                if emu.config.strict and "accept" not in request.headers:
+                if emu.config.require_accept and "accept" not in request.headers:
                     raise coded(
                         406,
                         "391902",
                         "Unsupported Accept header null is specified",
-                        reason="send Accept: application/json (--strict)",
+                        reason=(
+                            "send Accept: application/json, as the service requires (or start "
+                            "the emulator with --allow-missing-accept)"
+                        ),
                     )
                 response = await handler(request, emu)
             except ApiError as exc:
@@ -152,6 +157,16 @@ def bearer(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def request_port(request: Request) -> int | None:
+    """The port the client addressed (from Host, else the server socket's)."""
+    host = request.headers.get("host", "")
+    tail = host.rsplit("]", 1)[-1]
+    if ":" in tail and tail.rsplit(":", 1)[1].isdigit():
+        return int(tail.rsplit(":", 1)[1])
+    server = request.scope.get("server")
+    return int(server[1]) if server and server[1] else None
 
 
 def request_host(request: Request) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from dataclasses import dataclass
 
@@ -17,10 +18,20 @@ _ZSTD = zstandard.ZstdDecompressor()
 MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes:
-    """The uncompressed body; 400 ApiError for an unknown encoding or a corrupt stream."""
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
+def decode_body(body: bytes, content_encoding: str | None, *, strict: bool = False) -> bytes:
+    """The uncompressed body; 400 ApiError for an unknown encoding or a corrupt stream.
+
+    A body that does not start with the encoding's magic bytes is read as uncompressed (one of
+    Snowflake's tutorials leaves `Content-Encoding: zstd` on a plain body), unless `strict`.
+    """
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
+        return body
+    magic = _MAGIC.get(encoding)
+    if magic is not None and not strict and not body.startswith(magic):
         return body
     try:
         if encoding == "gzip":
@@ -59,7 +70,46 @@ class ParsedRows:
 
 
 def parse_rows(body: bytes) -> ParsedRows:
-    """Split NDJSON (optional \\r before \\n); a line that is not a JSON object is a row error."""
+    """Split NDJSON (optional \\r before \\n); a line that is not a JSON object is a row error.
+
+    A body whose lines do not parse on their own but which is a sequence of JSON objects as a
+    whole (pretty-printed rows, as some of Snowflake's tutorials post) is read as those objects.
+    """
+    rows = _parse_lines(body)
+    if rows.errors:
+        whole = _parse_sequence(body)
+        if whole is not None:
+            return whole
+    return rows
+
+
+def _parse_sequence(body: bytes) -> ParsedRows | None:
+    """The JSON objects of a body of concatenated JSON texts, or None if it is not one."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    good: list[bytes] = []
+    index, end = 0, len(text)
+    while True:
+        while index < end and text[index] in " \t\r\n":
+            index += 1
+        if index >= end:
+            break
+        try:
+            value, index = decoder.raw_decode(text, index)
+        except ValueError:
+            return None
+        if not isinstance(value, dict):
+            return None
+        good.append(orjson.dumps(value))
+    if not good:
+        return None
+    return ParsedRows(good=good, good_positions=None, total=len(good), errors=0, first_error=None)
+
+
+def _parse_lines(body: bytes) -> ParsedRows:
     lines = body.split(b"\n")
     if lines and not lines[-1].strip():
         lines.pop()

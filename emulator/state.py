@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import math
 import secrets
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from emulator.config import EmulatorConfig
 from emulator.errors import (
+    BYTE_RATE_LIMIT_BODY,
     RATE_LIMIT_BODY,
     STALE_SEQUENCER_MESSAGE,
     ApiError,
@@ -29,6 +31,7 @@ from emulator.errors import (
     pipe_not_found,
 )
 from emulator.ndjson import ParsedRows
+from emulator.schema import Column
 from emulator.storage import Storage, StoredBatch, StoredChannel
 
 PipeKey = tuple[str, str, str]
@@ -42,6 +45,14 @@ _COMMIT_BATCH_SLACK = 0.002
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def rfc3339_ms(ms: int | None) -> str | None:
+    """`2026-01-02T03:04:05.678Z` for epoch milliseconds (None stays None)."""
+    if ms is None:
+        return None
+    when = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 @dataclass(slots=True)
@@ -82,6 +93,8 @@ class Channel:
     session: str = field(default_factory=lambda: secrets.token_hex(8))
     bucket: float = 0.0
     bucket_at: float = 0.0
+    byte_bucket: float = 0.0
+    byte_bucket_at: float = 0.0
 
     @property
     def continuation_token(self) -> str:
@@ -89,9 +102,10 @@ class Channel:
         return f"{self.client_seq}_{self.row_seq}"
 
     def status(self, *, requested_name: str | None = None) -> dict[str, Any]:
-        """The channel status object, with both error-count spellings.
+        """The channel status object (docs/protocol.md#bulk-channel-status).
 
-        See docs/protocol.md#bulk-channel-status.
+        One error counter, `rows_error_count` (a client mapping both spellings to one field
+        refuses an object with both); `last_error_timestamp` is RFC 3339 or null.
         """
         return {
             "database_name": self.database,
@@ -104,11 +118,9 @@ class Channel:
             "rows_inserted": self.rows_inserted,
             "rows_parsed": self.rows_parsed,
             "rows_error_count": self.rows_error_count,
-            "rows_errors": self.rows_error_count,
             "last_error_offset_upper_bound": self.last_error_offset_upper_bound,
             "last_error_message": self.last_error_message,
-            "last_error_timestamp": self.last_error_timestamp_ms,
-            "last_error_timestamp_ms": self.last_error_timestamp_ms,
+            "last_error_timestamp": rfc3339_ms(self.last_error_timestamp_ms),
             "snowflake_avg_processing_latency_ms": round(self.avg_latency_ms),
         }
 
@@ -144,9 +156,26 @@ class Stats:
         by_status[key] = by_status.get(key, 0) + 1
 
 
+def identifier(name: str) -> str:
+    """An identifier as Snowflake resolves it: `"Quoted"` keeps its case (without the quotes,
+    `""` read as `"`), anything else is upper-cased."""
+    name = name.strip()
+    if len(name) >= 2 and name.startswith('"') and name.endswith('"'):
+        return name[1:-1].replace('""', '"')
+    return name.upper()
+
+
 def pipe_key(database: str, schema: str, pipe: str) -> PipeKey:
-    """Identifiers are case-insensitive in paths: stored upper-cased."""
-    return (database.upper(), schema.upper(), pipe.upper())
+    """Identifiers in paths: unquoted ones are case-insensitive (stored upper-cased)."""
+    return (identifier(database), identifier(schema), identifier(pipe))
+
+
+def default_pipe(table: str) -> str:
+    """The name of a table's default pipe (`T-STREAMING`, or `"My T-STREAMING"` when quoted)."""
+    table = table.strip()
+    if len(table) >= 2 and table.startswith('"') and table.endswith('"'):
+        return table[:-1] + IMPLICIT_PIPE_SUFFIX + '"'
+    return table + IMPLICIT_PIPE_SUFFIX
 
 
 class EmulatorState:
@@ -157,14 +186,18 @@ class EmulatorState:
         self.storage = Storage(config.db_path)
         self.stats = Stats()
         self.pipes: set[PipeKey] = set()
+        self.columns: dict[PipeKey, list[Column]] = {}
         self.channels: dict[ChannelKey, Channel] = {}
         self.commits_paused = False
         self._queue: deque[PendingBatch] = deque()
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
-        for database, schema, pipe in config.pipes:
-            self.add_pipe(database, schema, pipe)
         self.pipes.update(self.storage.load_pipes())
+        self.columns.update(self.storage.load_columns())
+        for database, schema, pipe in config.pipes:
+            self.add_pipe(
+                database, schema, pipe, columns=config.pipe_columns.get((database, schema, pipe))
+            )
         for c in self.storage.load_channels():
             # After a restart every old continuation token is stale (pending rows were lost):
             # the client must reopen and replay from the committed offset, as after a failover.
@@ -181,15 +214,22 @@ class EmulatorState:
 
     # -- pipes ---------------------------------------------------------------------------------
 
-    def add_pipe(self, database: str, schema: str, pipe: str) -> PipeKey:
-        """Register a pipe (idempotent)."""
+    def add_pipe(
+        self, database: str, schema: str, pipe: str, *, columns: list[Column] | None = None
+    ) -> PipeKey:
+        """Register a pipe (idempotent); with `columns`, (re)define its table's schema."""
         for label, value in (("database", database), ("schema", schema), ("pipe", pipe)):
             if not value or not value.strip():
                 raise ValueError(f"{label} must be a non-empty identifier")
-        key = pipe_key(database, schema, pipe)
+        return self._add_key(pipe_key(database, schema, pipe), columns)
+
+    def _add_key(self, key: PipeKey, columns: list[Column] | None = None) -> PipeKey:
         if key not in self.pipes:
             self.pipes.add(key)
             self.storage.save_pipe(*key)
+        if columns is not None:
+            self.columns[key] = list(columns)
+            self.storage.save_columns(key, [c.as_json() for c in columns])
         return key
 
     def require_pipe(self, database: str, schema: str, pipe: str) -> PipeKey:
@@ -201,7 +241,7 @@ class EmulatorState:
             IMPLICIT_PIPE_SUFFIX
         )
         if implicit or self.config.accept_any_pipe:
-            return self.add_pipe(*key)
+            return self._add_key(key)
         raise pipe_not_found(*key)
 
     # -- channels ------------------------------------------------------------------------------
@@ -232,6 +272,7 @@ class EmulatorState:
             ch.client_seq += 1
             ch.row_seq = 0
             ch.status_code = "SUCCESS"
+            ch.name = channel  # bulk status matches the name of the latest open
         if offset_token is not None:
             ch.last_committed_offset_token = offset_token
         self.storage.write([ch.stored()], [])
@@ -260,20 +301,45 @@ class EmulatorState:
         pkey = self.require_pipe(database, schema, pipe)
         ch = self.channels.get((*pkey, channel.upper()))
         if ch is None:
-            raise channel_not_found(channel)
+            raise channel_not_found(channel, legacy=self.config.legacy_channel_not_found)
         return ch
 
     def statuses(
         self, database: str, schema: str, pipe: str, names: list[str]
     ) -> dict[str, dict[str, Any]]:
-        """Status objects keyed by the exact requested names; channels not found are omitted."""
+        """Status objects keyed by the requested names; channels not found are omitted.
+
+        Names are case-sensitive, as documented: a name matches a channel opened with exactly
+        that name (`--case-insensitive-status` matches ignoring case). Every pipe has its
+        `ELASTIC` channel, appended to or not.
+        """
         pkey = self.require_pipe(database, schema, pipe)
         out: dict[str, dict[str, Any]] = {}
         for name in names:
+            if name == ELASTIC_CHANNEL:
+                out[name] = self._elastic(pkey).status(requested_name=name)
+                continue
             ch = self.channels.get((*pkey, name.upper()))
-            if ch is not None:
+            if ch is None:
+                continue
+            if ch.name == name or self.config.case_insensitive_status:
                 out[name] = ch.status(requested_name=name)
         return out
+
+    def fail_over(self, pipe: PipeKey | None) -> int:
+        """A pipe (None: every pipe) moved host: in-flight rows are lost, tokens go stale.
+
+        Returns how many channels were affected. The scoped-token side (410 until the client
+        rediscovers the host) is `ScopedTokens.fail_over`.
+        """
+        affected = 0
+        for ch in self.channels.values():
+            if pipe is None or (ch.database, ch.schema, ch.pipe) == pipe:
+                self._discard_pending(ch)
+                ch.client_seq += 1
+                ch.row_seq = 0
+                affected += 1
+        return affected
 
     def _check_uncommitted(self, ch: Channel, fail_on_uncommitted_rows: bool) -> None:
         if fail_on_uncommitted_rows and any(not b.discarded for b in ch.pending):
@@ -311,6 +377,34 @@ class EmulatorState:
             429,
             RATE_LIMIT_BODY,
             reason=f"more than {rate:g} requests/s on channel {ch.name} (--rate-limit)",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+    def check_byte_rate(self, ch: Channel, nbytes: int, now: float) -> None:
+        """`max_bytes_per_second` of uncompressed rows per channel; 429 `390701` above it.
+
+        A bucket one second deep: a request is accepted while the bucket is not in debt (so a
+        single request may be larger than a second's allowance) and takes its bytes from it.
+        """
+        rate = self.config.max_bytes_per_second
+        if rate <= 0:
+            return
+        if ch.byte_bucket_at == 0.0:
+            ch.byte_bucket = rate
+        else:
+            ch.byte_bucket = min(rate, ch.byte_bucket + (now - ch.byte_bucket_at) * rate)
+        ch.byte_bucket_at = now
+        if ch.byte_bucket > 0:
+            ch.byte_bucket -= nbytes
+            return
+        wait = -ch.byte_bucket / rate
+        raise ApiError(
+            429,
+            BYTE_RATE_LIMIT_BODY,
+            reason=(
+                f"more than {rate:g} uncompressed bytes/s on channel {ch.name} "
+                "(--max-bytes-per-second): slow down or spread the rows over more channels"
+            ),
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
 
@@ -384,7 +478,9 @@ class EmulatorState:
 
     def elastic_channel(self, database: str, schema: str, pipe: str) -> Channel:
         """The implicit ELASTIC channel of a pipe (no sequencer, no offset tokens)."""
-        pkey = self.require_pipe(database, schema, pipe)
+        return self._elastic(self.require_pipe(database, schema, pipe))
+
+    def _elastic(self, pkey: PipeKey) -> Channel:
         ckey = (*pkey, ELASTIC_CHANNEL)
         ch = self.channels.get(ckey)
         if ch is None:

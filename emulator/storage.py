@@ -11,6 +11,10 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import orjson
+
+from emulator.schema import Column, columns_from_json
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipes (
     database TEXT NOT NULL, schema TEXT NOT NULL, pipe TEXT NOT NULL,
@@ -29,6 +33,10 @@ CREATE TABLE IF NOT EXISTS batches (
     database TEXT NOT NULL, schema TEXT NOT NULL, pipe TEXT NOT NULL, channel TEXT NOT NULL,
     start_offset_token TEXT, end_offset_token TEXT,
     n_rows INTEGER NOT NULL, positions TEXT, rows BLOB NOT NULL, committed_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pipe_columns (
+    database TEXT NOT NULL, schema TEXT NOT NULL, pipe TEXT NOT NULL, columns TEXT NOT NULL,
+    PRIMARY KEY (database, schema, pipe)
 );
 CREATE INDEX IF NOT EXISTS batches_by_pipe ON batches (database, schema, pipe, id);
 """
@@ -103,6 +111,18 @@ class Storage:
         """Remember a pipe."""
         self._db.execute(
             "INSERT OR IGNORE INTO pipes VALUES (?, ?, ?)", (database, schema, pipe)
+        )
+
+    def load_columns(self) -> dict[tuple[str, str, str], list[Column]]:
+        """Every persisted pipe schema."""
+        rows = self._db.execute("SELECT database, schema, pipe, columns FROM pipe_columns")
+        return {(d, s, p): columns_from_json(orjson.loads(c)) for d, s, p, c in rows}
+
+    def save_columns(self, key: tuple[str, str, str], columns: list[dict[str, object]]) -> None:
+        """Remember a pipe's schema."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO pipe_columns VALUES (?, ?, ?, ?)",
+            (*key, orjson.dumps(columns).decode()),
         )
 
     def load_channels(self) -> list[StoredChannel]:

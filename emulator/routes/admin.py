@@ -13,6 +13,8 @@ from starlette.responses import Response, StreamingResponse
 from emulator.context import Emulator
 from emulator.errors import ApiError, coded
 from emulator.http import JSONResponse, error_response, json_body
+from emulator.schema import columns_from_json
+from emulator.state import pipe_key
 from emulator.storage import CommittedRow
 
 _MAX_ADMIN_BODY = 1024 * 1024
@@ -70,10 +72,20 @@ async def register_key(request: Request, emu: Emulator) -> Response:
 
 
 async def add_pipe(request: Request, emu: Emulator) -> Response:
-    """POST /_emulator/pipes {"database","schema","pipe"} registers a pipe."""
+    """POST /_emulator/pipes {"database","schema","pipe"[,"columns"]} registers a pipe.
+
+    `columns` ([{"name","type","nullable"}]) gives its table a schema: rows that violate it
+    become row errors, as on the service.
+    """
     body = await json_body(request, _MAX_ADMIN_BODY)
-    key = emu.state.add_pipe(_field(body, "database"), _field(body, "schema"), _field(body, "pipe"))
-    return JSONResponse({"database": key[0], "schema": key[1], "pipe": key[2]})
+    columns = columns_from_json(body["columns"]) if body.get("columns") is not None else None
+    key = emu.state.add_pipe(
+        _field(body, "database"), _field(body, "schema"), _field(body, "pipe"), columns=columns
+    )
+    out: dict[str, Any] = {"database": key[0], "schema": key[1], "pipe": key[2]}
+    if key in emu.state.columns:
+        out["columns"] = [c.as_json() for c in emu.state.columns[key]]
+    return JSONResponse(out)
 
 
 async def list_pipes(request: Request, emu: Emulator) -> Response:
@@ -118,7 +130,7 @@ async def rows(request: Request, emu: Emulator) -> Response:
     missing = [k for k in ("database", "schema", "pipe") if not q.get(k)]
     if missing:
         raise ValueError(f"query parameters required: {', '.join(missing)}")
-    key = (q["database"].upper(), q["schema"].upper(), q["pipe"].upper())
+    key = pipe_key(q["database"], q["schema"], q["pipe"])
     committed = list(emu.state.storage.iter_rows(*key))
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -167,6 +179,35 @@ async def invalidate(request: Request, emu: Emulator) -> Response:
         _field(body, "channel"),
     )
     return JSONResponse({"channel_status": ch.status()})
+
+
+async def issue_pat(request: Request, emu: Emulator) -> Response:
+    """POST /_emulator/pats {"account","user"[,"role"]} → {"token"}: a programmatic access token.
+
+    The token is a secret: it authenticates as the user on every endpoint, sent as
+    `Authorization: Bearer` (no key pair, no token exchange needed).
+    """
+    body = await json_body(request, _MAX_ADMIN_BODY)
+    role = body.get("role")
+    token = emu.pats.issue(
+        _field(body, "account"), _field(body, "user"), role if isinstance(role, str) else None
+    )
+    return JSONResponse({"token": token, "user": f"{body['account']}.{body['user']}".upper()})
+
+
+async def failover(request: Request, emu: Emulator) -> Response:
+    """POST /_emulator/failover [{"database","schema","pipe"}]: the pipe (or, with no body,
+    every pipe) fails over. Ingest calls answer 410 until the client asks for the hostname again
+    and exchanges a new scoped token; in-flight rows are lost and channels must be reopened."""
+    body = await json_body(request, _MAX_ADMIN_BODY)
+    key = None
+    if body:
+        key = pipe_key(_field(body, "database"), _field(body, "schema"), _field(body, "pipe"))
+    epoch = emu.scoped.fail_over(key)
+    channels = emu.state.fail_over(key)
+    return JSONResponse(
+        {"pipe": None if key is None else ".".join(key), "epoch": epoch, "channels": channels}
+    )
 
 
 async def commits(request: Request, emu: Emulator) -> Response:

@@ -12,23 +12,49 @@ import jwt
 from starlette.requests import Request
 from starlette.responses import Response
 
-from emulator.auth import verify_keypair_jwt
+from emulator import schema
+from emulator.auth import ScopedClaims, verify_keypair_jwt
 from emulator.context import Emulator
-from emulator.errors import ApiError, bad_request, jwt_invalid
+from emulator.errors import ApiError, bad_request, jwt_invalid, pipe_failed_over
 from emulator.http import JSONResponse, bearer, json_body, read_body, request_host
-from emulator.ndjson import decode_body, parse_rows
-from emulator.state import ELASTIC_CHANNEL
+from emulator.ndjson import ParsedRows, decode_body, parse_rows
+from emulator.state import ELASTIC_CHANNEL, PipeKey, default_pipe, pipe_key
 
 # Open/drop/status bodies are small JSON documents.
 _MAX_CONTROL_BODY = 1024 * 1024
 
 
-def require_scoped_token(request: Request, emu: Emulator) -> None:
-    """Pass when the request carries a valid, unexpired scoped token; 401 otherwise."""
+def require_scoped_token(request: Request, emu: Emulator, pipe: PipeKey | None = None) -> None:
+    """Pass when the request carries a valid, unexpired scoped token (or a registered PAT);
+    401 otherwise, 410 when `pipe` failed over since the token's host discovery."""
     token = bearer(request)
     if token is None:
         raise jwt_invalid("missing Authorization: Bearer <scoped token from POST /oauth/token>")
-    emu.scoped.verify(token, request_host(request))
+    pat = emu.pats.lookup(token)
+    if pat is not None:
+        claims = ScopedClaims(
+            pat.subject, request_host(request), 0, 0, emu.scoped.epoch_of(pat.subject)
+        )
+    else:
+        claims = emu.scoped.verify(token, request_host(request))
+    if pipe is not None and emu.scoped.failed_over_for(claims, pipe):
+        raise pipe_failed_over(".".join(pipe))
+
+
+def _key(request: Request) -> PipeKey:
+    return pipe_key(*_path(request))
+
+
+def _apply_schema(emu: Emulator, key: PipeKey, rows: ParsedRows) -> ParsedRows:
+    columns = emu.state.columns.get(key)
+    return rows if columns is None else schema.apply(rows, columns)
+
+
+def _decode(request: Request, emu: Emulator, raw: bytes) -> bytes:
+    return decode_body(
+        raw, request.headers.get("content-encoding"),
+        strict=emu.config.strict_content_encoding,
+    )
 
 
 def _path(request: Request) -> tuple[str, str, str]:
@@ -56,7 +82,7 @@ def _flag(body: dict[str, Any], name: str) -> bool:
 
 async def open_channel(request: Request, emu: Emulator) -> Response:
     """PUT .../channels/{channel}: create or reopen; returns the continuation token and status."""
-    require_scoped_token(request, emu)
+    require_scoped_token(request, emu, _key(request))
     body = await json_body(request, _MAX_CONTROL_BODY)
     ch = emu.state.open_channel(
         *_path(request),
@@ -71,7 +97,7 @@ async def open_channel(request: Request, emu: Emulator) -> Response:
 
 async def drop_channel(request: Request, emu: Emulator) -> Response:
     """DELETE .../channels/{channel}: forget the channel and its offset token."""
-    require_scoped_token(request, emu)
+    require_scoped_token(request, emu, _key(request))
     body = await json_body(request, _MAX_CONTROL_BODY)
     ch = emu.state.drop_channel(
         *_path(request),
@@ -83,7 +109,7 @@ async def drop_channel(request: Request, emu: Emulator) -> Response:
 
 async def append_rows(request: Request, emu: Emulator) -> Response:
     """POST .../channels/{channel}/rows: queue NDJSON rows for commit after the commit delay."""
-    require_scoped_token(request, emu)
+    require_scoped_token(request, emu, _key(request))
     q = request.query_params
     database, schema, pipe = _path(request)
     channel = request.path_params["channel"]
@@ -102,8 +128,9 @@ async def append_rows(request: Request, emu: Emulator) -> Response:
     end = q.get("endOffsetToken") or q.get("offsetToken") or None
     start = q.get("startOffsetToken") or None
     raw = await read_body(request, limit)
-    body = decode_body(raw, request.headers.get("content-encoding"))
-    rows = parse_rows(body)
+    body = _decode(request, emu, raw)
+    state.check_byte_rate(ch, len(body), time.monotonic())
+    rows = _apply_schema(emu, _key(request), parse_rows(body))
     if start is None and rows.total == 1:
         start = end
     # Re-check: the body read awaited, and another request may have reopened the channel.
@@ -119,9 +146,9 @@ async def append_rows(request: Request, emu: Emulator) -> Response:
 
 async def append_table_rows(request: Request, emu: Emulator) -> Response:
     """POST .../tables/{table}/rows: an elastic append through the table's default pipe."""
-    require_scoped_token(request, emu)
     p = request.path_params
-    pipe = f"{p['table']}-STREAMING"
+    pipe = default_pipe(p["table"])
+    require_scoped_token(request, emu, pipe_key(p["database"], p["schema"], pipe))
     return await _elastic_append(request, emu, p["database"], p["schema"], pipe)
 
 
@@ -140,12 +167,16 @@ async def _elastic_append(
         )
     ch = emu.state.elastic_channel(database, schema, pipe)
     raw = await read_body(request, emu.config.max_request_bytes)
-    body = decode_body(raw, request.headers.get("content-encoding"))
+    rows = _apply_schema(
+        emu, pipe_key(database, schema, pipe), parse_rows(_decode(request, emu, raw))
+    )
     emu.state.append(
-        ch, parse_rows(body), start_offset_token=None, end_offset_token=None,
+        ch, rows, start_offset_token=None, end_offset_token=None,
         now=time.monotonic(), advance=False, wire_bytes=len(raw),
     )
-    return JSONResponse({"message": "OK"})
+    # Snowflake's SDK requires a continuation token in every append answer, elastic ones too
+    # (it is never checked on the way back in: elastic appends carry none).
+    return JSONResponse({"message": "OK", "next_continuation_token": ch.continuation_token})
 
 
 async def bulk_channel_status(request: Request, emu: Emulator) -> Response:
@@ -154,8 +185,10 @@ async def bulk_channel_status(request: Request, emu: Emulator) -> Response:
     if token is None:
         raise jwt_invalid("missing Authorization: Bearer <scoped token or key-pair JWT>")
     try:
-        emu.scoped.verify(token, request_host(request))
-    except ApiError:
+        require_scoped_token(request, emu, _key(request))
+    except ApiError as exc:
+        if exc.status == 410:
+            raise
         # Some clients call this on the account host with the key-pair JWT (docs/protocol.md#hosts).
         try:
             alg = jwt.get_unverified_header(token).get("alg")

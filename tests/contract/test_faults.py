@@ -44,7 +44,9 @@ def test_fault_body_and_retry_after_are_sent_as_given(
     limited = client.append(DB, SCHEMA, PIPE, "f", [{"a": 1}], continuation_token=token)
     assert limited.status_code == 429
     assert limited.headers["retry-after"] == "2"
-    assert limited.json() == {"code": "390701", "message": "Request rate exceeds max. Try later."}
+    assert limited.json() == {
+        "code": "390701", "error_code": "390701", "message": "Request rate exceeds max. Try later."
+    }
     status = client.status(DB, SCHEMA, PIPE, ["f"])
     assert status.status_code == 503
     assert status.json() == "ERR_GENERAL_EXCEPTION_RETRY_REQUEST"

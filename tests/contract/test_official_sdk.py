@@ -11,6 +11,7 @@ Deselect offline with `-m 'not sdk'`.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,24 @@ def test_official_sdk_in_table_mode_writes_to_the_implicit_streaming_pipe(
     _run(emu, tmp_path, "table-mode", batches=2, table="EVENTS")
 
     _assert_every_row_exactly_once(emu, "table-mode", 400, pipe="EVENTS-STREAMING")
+
+
+def test_official_sdk_commits_rows_through_the_elastic_channel(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    # get_elastic_channel() only asks bulk status for ELASTIC (every pipe has one, appended to or
+    # not), and each append's answer must carry next_continuation_token for the SDK to ack it.
+    run = _run(emu, tmp_path, "ELASTIC", batches=2, elastic=True)
+
+    assert run.result["channel_name"] == "ELASTIC", run.result
+    assert run.result["final_status"]["status_code"] == "SUCCESS", run.result
+    # At least once and unordered by design: every id, each at least once (an acknowledged
+    # append commits after the emulator's commit delay).
+    expected = set(range(2 * ROWS_PER_BATCH))
+    deadline = time.monotonic() + 5
+    while True:
+        ids = {r["row"]["id"] for r in emu.rows(DB, SCHEMA, PIPE) if r["channel"] == "ELASTIC"}
+        if ids == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert ids == expected, f"{len(expected - ids)} ids never committed"

@@ -34,7 +34,8 @@ def test_rate_limit_answers_429_with_retry_after() -> None:
         assert statuses[:2] == [200, 200]
         assert 429 in statuses
         assert limited.json() == {
-            "code": "390701", "message": "Request rate exceeds max. Try later."
+            "code": "390701", "error_code": "390701",
+            "message": "Request rate exceeds max. Try later.",
         }
         assert int(limited.headers["retry-after"]) >= 1
         c.close()
@@ -92,8 +93,8 @@ def test_scoped_tokens_do_not_survive_a_restart(tmp_path: Path) -> None:
         c.close()
 
 
-def test_strict_mode_rejects_a_missing_accept_header() -> None:
-    with start_emulator("--strict") as emu:
+def test_a_missing_accept_header_is_refused_by_default_as_by_the_service() -> None:
+    with start_emulator() as emu:
         emu.register_key(ACCOUNT, USER, key_pair().public_pem)
         c = RefClient(emu.url, ACCOUNT, USER, key_pair().private_key)
         # httpx always sends Accept: */* unless the header is removed explicitly.

@@ -9,8 +9,9 @@ Plan keys: url, account, user, private_key_file, database, schema, pipe, channel
 rows_per_batch, timeout_seconds. Optional: table (use `from_table`, pipe `<table>-STREAMING`),
 role, client_name, first_offset, properties (more SDK configuration keys, passed as given),
 admin_after_batch ({"0": "/_emulator/expire-tokens"}: POST that admin path once batch 0 is
-flushed) and linger_seconds (keep the client open that long after the commit, so that its
-background token refresh can be observed).
+flushed), linger_seconds (keep the client open that long after the commit, so that its
+background token refresh can be observed) and elastic (append through the client's Elastic channel
+with `append_rows_with_wait`, waiting for each batch's acknowledgement, instead of a named channel).
 Rows are `{"id": n, "batch": b, "note": "..."}` with offset token `str(n)`, so a test can check
 that every id arrived exactly once.
 """
@@ -75,6 +76,9 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
         )
     try:
         result["client_seconds"] = round(time.monotonic() - started, 2)
+        if plan.get("elastic"):
+            result.update(_run_elastic(client, plan, timeout))
+            return result
         channel, status = client.open_channel(plan["channel"])
         result["open_status"] = _status_dict(status)
         first = int(plan.get("first_offset", 0))
@@ -104,6 +108,25 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     finally:
         client.close(timeout_seconds=timeout)
     return result
+
+
+def _run_elastic(client: Any, plan: dict[str, Any], timeout: int) -> dict[str, Any]:
+    """Append every planned batch through the Elastic channel; each must be acknowledged."""
+    channel = client.get_elastic_channel()
+    out: dict[str, Any] = {"channel_name": channel.channel_name}
+    next_id = 0
+    for batch in range(int(plan["batches"])):
+        rows = [
+            {"id": next_id + i, "batch": batch, "note": f"row {next_id + i}"}
+            for i in range(int(plan["rows_per_batch"]))
+        ]
+        future = channel.append_rows_with_wait(rows, f"batch-{batch}")
+        channel.initiate_flush()
+        future.result(timeout=timeout)
+        next_id += len(rows)
+    out["final_status"] = _status_dict(channel.get_channel_status())
+    out["ok"] = True
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -71,6 +71,13 @@ def test_every_body_shape_yields_code_and_message(
             '{"code":"ERR_CHANNEL_DOES_NOT_EXIST_OR_NOT_AUTHORIZED"}',
             e.ChannelNotFoundError,
         ),
+        (
+            400,
+            '{"code":"ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED","message":""}',
+            e.ChannelNotFoundError,
+        ),
+        (410, '{"code":"ERR_PIPE_FAILED_OVER","message":"m"}', e.PipeFailoverError),
+        (410, "", e.PipeFailoverError),
         (404, '{"error_code":"ERR_PIPE_DOES_NOT_EXIST_OR_NOT_AUTHORIZED"}', e.PipeNotFoundError),
         (404, "not found", e.PipeNotFoundError),
         (503, '"ERR_GENERAL_EXCEPTION_RETRY_REQUEST"', e.RetryRequestError),

@@ -88,6 +88,8 @@ USER_AGENT: Final = (
 TOKEN_TYPE_HEADER: Final = "X-Snowflake-Authorization-Token-Type"  # noqa: S105 - a header name
 OffsetTokenForm = Literal["start_end", "legacy"]
 _AUTH_STATUSES: Final = frozenset({401, 403})
+# The pipe failed over to another ingest host (docs/protocol.md#pipe-failover).
+_FAILOVER_STATUS: Final = 410
 
 
 # --- Results -------------------------------------------------------------------------------------
@@ -595,11 +597,14 @@ class SnowpipeClient:
                 log.info(
                     "snowpipe.unauthorized", op=op, status=response.status_code, guard=guard.name
                 )
-                response = send(self._token(guard, op))
+                token = self._token(guard, op)
+                response = send(token)
                 if response.status_code in _AUTH_STATUSES:
                     raise self._auth_error(op, guard, response, request_id)
             if response.is_success:
                 return response
+            if response.status_code == _FAILOVER_STATUS and guard is self._ingest_guard:
+                self._failed_over(op, token)
             raise error_from_response(
                 response.status_code,
                 response.content,
@@ -610,6 +615,17 @@ class SnowpipeClient:
 
         deadline = self._token_deadline if own_layer else None
         return self.policy.call(attempt, op=op, deadline=deadline, own_layer=own_layer)
+
+    def _failed_over(self, op: str, token: str) -> None:
+        """A 410: forget the ingest host and the scoped token that went with it, so the next
+        ingest call (the channel's reopen) rediscovers the host and exchanges a new token.
+
+        Only the token the 410 came with is invalidated: when several calls see it at once, the
+        first invalidation refreshes and the later ones are no-ops (no refresh storm, no loop).
+        """
+        log.warning("snowpipe.pipe_failover", op=op)
+        self.tokens.forget_ingest_host()
+        self._ingest_guard.invalidate(token)
 
     def _token(self, guard: TokenGuard, op: str) -> str:
         """A valid token from `guard`; a refresh failure becomes the cause's own error type."""

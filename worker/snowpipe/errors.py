@@ -18,6 +18,8 @@ the leaves exist so that callers and logs can be precise.
     │   │                               ERR_CHANNEL_HAS_INVALID_{ROW,CLIENT}_SEQUENCER,
     │   │                               STALE_PIPE_CACHE
     │   ├── ChannelNotFoundError        ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED
+    │   ├── PipeFailoverError           410: the pipe moved to another ingest host; the client
+    │   │                               has forgotten the host and the scoped token already
     │   └── AppendOutcomeUnknownError   an append was sent but no answer came back (read timeout,
     │                                   reset): only a reopen tells whether its rows landed
     ├── AuthError                       401/403 after the one forced token refresh
@@ -69,6 +71,7 @@ __all__ = [
     "OpenChannelInProgressError",
     "PayloadTooLargeError",
     "PermanentError",
+    "PipeFailoverError",
     "PipeNotFoundError",
     "ProtocolError",
     "RateLimitedError",
@@ -250,6 +253,20 @@ class ChannelNotFoundError(ChannelReopenRequired):
     hint = "open the channel again (it was dropped or never opened) and replay"
 
 
+class PipeFailoverError(ChannelReopenRequired):
+    """410: the pipe failed over to another ingest host.
+
+    Reopening on the same host with the same scoped token would get 410 again (a loop): the
+    client forgets the ingest host and invalidates the token when it sees the 410, so the reopen
+    rediscovers the host (GET /v2/streaming/hostname) and exchanges a new scoped token first.
+    """
+
+    hint = (
+        "the pipe failed over: the ingest host is looked up again and a new scoped token taken, "
+        "then the channel is reopened and replayed from its committed offset"
+    )
+
+
 class AppendOutcomeUnknownError(ChannelReopenRequired):
     """An append may have reached Snowflake, but its answer was lost (read timeout, reset).
 
@@ -382,8 +399,9 @@ INVALIDATED_CODES = frozenset(
         "STALE_PIPE_CACHE",
     }
 )
-# Both spellings: Snowflake's error-handling page and the live service use `_IS_`, its SDK and
-# older answers the other. A missing channel is reopened, never taken for a missing pipe.
+# Both spellings: Snowflake's error-handling page and the live service use `_IS_` (the service
+# answers it with HTTP 400), its SDK and older answers the other (404). A missing channel is
+# reopened, never taken for a missing pipe or a bad request: the code decides, not the status.
 CHANNEL_NOT_FOUND_CODES = frozenset(
     {
         "ERR_CHANNEL_DOES_NOT_EXIST_OR_IS_NOT_AUTHORIZED",
@@ -419,6 +437,7 @@ _STATUS_CLASSES: dict[int, type[SnowpipeError]] = {
     403: ForbiddenError,
     404: PipeNotFoundError,
     408: RequestTimeoutError,
+    410: PipeFailoverError,
     413: PayloadTooLargeError,
     429: RateLimitedError,
 }
