@@ -43,7 +43,7 @@ class EmulatorConfig:
     # Table columns of pipes given with a schema on the command line.
     pipe_columns: dict[tuple[str, str, str], list[Column]] = field(default_factory=dict)
     accept_any_pipe: bool = False
-    # Switches (docs: README "Emulator switches"). The defaults follow the live service or,
+    # Switches (docs/emulator.md). The defaults follow the live service or,
     # where that is unknown, Snowflake's documentation.
     require_accept: bool = True  # off: --allow-missing-accept
     strict: bool = False  # no effect any more (the Accept check is on by default)

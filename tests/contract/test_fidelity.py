@@ -440,6 +440,6 @@ def _tutorial(emu: RunningEmulator, http: httpx.Client, scheme: str) -> None:
 
 
 def test_without_the_switch_the_hostname_has_no_port(client: RefClient) -> None:
-    # Snowflake's SDK needs this; tutorials then need the emulator on 443 (README).
+    # Snowflake's SDK needs this; tutorials then need the emulator on 443 (docs/emulator.md).
     assert ":" not in client.get_hostname().text
 
