@@ -438,6 +438,8 @@ def status(
     if out.is_terminal:
         for title, header, rows in sections:
             table = Table(*header, title=title, title_justify="left")
+            for column in table.columns:
+                column.overflow = "fold"  # whole offsets and ids, never an ellipsis
             for row in rows:
                 table.add_row(*row)
             out.print(table)
