@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery
 from celery.signals import (
@@ -19,6 +19,7 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from worker import runtime
 from worker.celery_config import (
@@ -33,11 +34,31 @@ from worker.settings import Settings
 __all__ = ["INGEST_TASK", "REFRESH_TASK", "app", "create_app"]
 
 
+# Celery includes this consumer step whenever a queue is a quorum queue (ours on RabbitMQ). It
+# declares 28 `celery_delayed_*` exchanges and queues, binds our queues to them, and warns at
+# every start that our direct exchanges cannot take ETA tasks. The worker publishes no ETA or
+# countdown task: a batch put back in the queue is published to run at once (worker/tasks.py),
+# beat's refresh task only has an expiry. So the step has nothing to do: leave it out.
+DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer without native delayed delivery (see DELAYED_DELIVERY_STEP)."""
+
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
+        default_steps: ClassVar[list[str]] = [
+            step
+            for step in CeleryConsumer.Blueprint.default_steps
+            if step != DELAYED_DELIVERY_STEP
+        ]
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from `settings` (default: the process's settings)."""
     settings = settings or runtime.settings()
     celery_app = Celery("worker", include=["worker.tasks"])
     celery_app.conf.update(build_config(settings))
+    celery_app.conf.worker_consumer = f"{__name__}:Consumer"
     return celery_app
 
 

@@ -36,6 +36,11 @@ INGEST_TASK = "snowpipe.ingest_batch"
 REFRESH_TASK = "snowpipe.refresh_tokens"
 
 
+def soft_time_limit(settings: Settings) -> float:
+    """The tasks' soft time limit (prefork enforces it; the threads pool does not)."""
+    return max(1.0, SOFT_LIMIT_SHARE * settings.visibility_timeout_seconds)
+
+
 def control_queue_name(settings: Settings) -> str:
     """The queue of control tasks (token refresh), beside the ingest queue."""
     return f"{settings.queue_name}.control"
@@ -105,7 +110,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,
-        "task_soft_time_limit": max(1.0, SOFT_LIMIT_SHARE * vt),
+        "task_soft_time_limit": soft_time_limit(settings),
         "task_time_limit": max(2.0, HARD_LIMIT_SHARE * vt),
         "task_publish_retry": True,
         "task_publish_retry_policy": {

@@ -3,6 +3,7 @@
     snowpipe-worker publish --database D --schema S --pipe P [--batch-rows N] FILE|-
     snowpipe-worker dead-letters list|requeue|drop [--batch-id ID] [--json]
     snowpipe-worker stats
+    snowpipe-worker status [--json] [--no-snowflake]     # channels, queues, token, dead letters
     snowpipe-worker doctor [--pipe DB.SCHEMA.PIPE ...]   # every check, one line each; exit 0/1
     snowpipe-worker health [--node NAME]                 # liveness/readiness probe; exit 0/1
     snowpipe-worker run      # the first run: local stack + 50k sample rows, verified, then exit
@@ -346,6 +347,109 @@ def stats() -> None:
     if broker.enabled:
         table.add_row(f"broker dead-letter queue ({broker.name})", str(broker.count()))
     out.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+def _status_sections(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of each part of `status`, as text cells."""
+    chan_header = ["pipe", "channel", "owner", "committed", "last issued", "log entries",
+                   "log bytes", "oldest s", "rows inserted", "rows in error", "status",
+                   "last error"]  # fmt: skip
+    chan_rows = [
+        [_cell(c[k]) for k in ("pipe", "channel", "owner", "committed_offset",
+                               "last_issued_offset", "log_entries", "log_bytes",
+                               "oldest_age_seconds", "rows_inserted", "rows_errors",
+                               "status_code", "last_error")]
+        for c in doc["channels"]
+    ]
+    queue_rows = [
+        [q["queue"], _cell(q.get("ready")), _cell(q.get("unacked")), _cell(q.get("consumers")),
+         _cell(q.get("detail") or q.get("unacked_source"))]
+        for q in doc["queues"]
+    ]
+    tok = doc["token"]
+    if not tok["configured"] or not tok.get("shared"):
+        token_rows = [["token", tok.get("detail", "")]]
+    else:
+        token_rows = [
+            ["identity", tok["identity"]],
+            ["age s", _cell(tok["age_seconds"])],
+            ["lifetime s", _cell(tok["lifetime_seconds"])],
+            ["expires in s", _cell(tok["expires_in_seconds"])],
+            ["beat refresh in s", _cell(tok["beat_refresh_in_seconds"])],
+            ["guard refresh in s (latest)", _cell(tok["guard_refresh_in_seconds"])],
+        ]
+    for reason, count in sorted(tok.get("refreshes", {}).items()):
+        token_rows.append([f"refreshes ({reason})", str(count)])
+    dead = doc["dead_letters"]
+    dead_rows = [["state store", kind, str(n)] for kind, n in dead["state_store"].items()]
+    if not dead["state_store"]:
+        dead_rows.append(["state store", "-", "0"])
+    if dead["broker_queue"] is not None:
+        dead_rows.append([dead["broker_queue"]["queue"], "broker",
+                          str(dead["broker_queue"]["messages"])])  # fmt: skip
+    node_rows = [[n["node"], _cell(n["expires_in_seconds"])] for n in doc["nodes"]]
+    sf = doc["snowflake"]
+    sf_rows = [[pipe, error] for pipe, error in sorted(sf.get("errors", {}).items())]
+    if not sf["queried"]:
+        sf_rows.append(["-", sf["detail"]])
+    return [
+        ("channels", chan_header, chan_rows),
+        ("snowflake", ["pipe", "problem"], sf_rows),
+        ("nodes", ["node", "heartbeat expires in s"], node_rows),
+        ("token", ["what", "value"], token_rows),
+        ("queues", ["queue", "ready", "unacked", "consumers", "note"], queue_rows),
+        ("dead letters", ["where", "kind", "count"], dead_rows),
+    ]
+
+
+@app.command()
+@_edge
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    snowflake: Annotated[
+        bool, typer.Option("--snowflake/--no-snowflake", help="ask Snowflake for each channel")
+    ] = True,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="RabbitMQ: seconds to wait for nodes' unacked counts")
+    ] = 1.0,
+) -> None:
+    """Per channel: owner, committed offset, log depth and age, rows inserted and in error, last
+    error; live nodes; the shared token's age and next refresh; queue depths with
+    unacknowledged messages; dead letters by kind and the broker's dead-letter queue."""
+    import logging
+
+    from worker.observability import configure_logging
+    from worker.status import collect_status
+
+    # The client's own log lines go to standard error, warnings and worse only: stdout is the
+    # report (a JSON document with --json).
+    configure_logging(logging.WARNING, json=not sys.stderr.isatty(), stream=sys.stderr)
+    doc = collect_status(_settings(), snowflake=snowflake, timeout=timeout)
+    if as_json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    sections = [s for s in _status_sections(doc) if s[0] != "snowflake" or s[2]]
+    if out.is_terminal:
+        for title, header, rows in sections:
+            table = Table(*header, title=title, title_justify="left")
+            for column in table.columns:
+                column.overflow = "fold"  # whole offsets and ids, never an ellipsis
+            for row in rows:
+                table.add_row(*row)
+            out.print(table)
+        return
+    # Not a terminal: one `[section]` line, a header line, then tab-separated whole values.
+    for title, header, rows in sections:
+        sys.stdout.write(f"[{title}]\n" + "\t".join(header) + "\n")
+        for row in rows:
+            sys.stdout.write("\t".join(row) + "\n")
+    sys.stdout.flush()
 
 
 @app.command()

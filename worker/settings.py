@@ -49,6 +49,7 @@ DEFAULT_CHANNEL_REQUESTS_PER_SECOND = 10.0  # Snowflake's documented per-channel
 DEFAULT_CHANNEL_BYTES_PER_SECOND = 16 * 1024 * 1024  # under Snowflake's 20 MB/s per channel
 DEFAULT_COALESCE_MAX_BYTES = 16 * 1024 * 1024  # uncompressed NDJSON per append request
 DEFAULT_APPEND_LINGER_SECONDS = 1.0  # like the SDK's max client lag: a batch waits for others
+DEFAULT_STATE_OUTAGE_SECONDS = 300.0  # tasks ride out a state-store outage this long (failover)
 DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
 
 _LOOPBACK_NAMES = {"localhost"}
@@ -158,6 +159,11 @@ class Settings(BaseSettings):
     # WAIT for this many replicas of the state Redis after each log write (0: do not wait).
     state_min_replicas: int = Field(0, ge=0)
     state_replica_timeout_ms: int = Field(1000, ge=1)
+    # How long a task rides out an unreachable state store with its batch kept in the queue
+    # (retrying with capped backoff) before it says so at ERROR; it is never dropped after it
+    # either. Longer than a Redis failover (Sentinel's default down-after is 30 s, plus the
+    # election and the clients' reconnect).
+    state_outage_seconds: float = Field(DEFAULT_STATE_OUTAGE_SECONDS, gt=0)
     pump_enabled: bool = True  # False: this node only takes batches off the queue
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
     # Prometheus metrics on this port of every worker node (0: no metrics endpoint).

@@ -10,8 +10,16 @@ acknowledged and a rejection deletes the message); every ending is explicit:
 - logged (or found already logged): return, Celery acknowledges;
 - the channel's log is over its cap (backpressure): wait up to `backpressure_wait_seconds`,
   then put the batch back in the queue (same batch id) and return;
-- the state Redis failed: wait the RetryPolicy's countdown, put the batch back in the queue and
-  return; if that publish fails too, `Reject(requeue=True)` keeps the message in the broker;
+- the state Redis is unreachable (or did not reach its replicas): ride the outage out with the
+  message held (unacknowledged, so it stays the broker's): retry with capped backoff for up to
+  `SNOWPIPE_STATE_OUTAGE_SECONDS` (300) from the batch's first failure, but never longer in one
+  run than `STATE_HOLD_SHARE` of the soft time limit (the visibility timeout on Redis, the
+  soft/hard limits under prefork, RabbitMQ's consumer timeout all stay far away). When the store
+  answers, the batch is logged and acknowledged as usual. When the hold runs out, the batch is
+  put back in the queue (re-published with the same batch id and the time its outage began,
+  then acknowledged; if that publish fails, `Reject(requeue=True)`) and tried again: a batch is
+  never dropped or dead-lettered for an outage. Past the outage setting it says so at ERROR
+  (`ingest.state_outage_exceeded`);
 - rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter, then
   `DeadLettered` is raised so that Flower and `celery events` show the task as FAILURE; the
   task's request class (`IngestRequest`) acknowledges that message instead of rejecting it (on
@@ -21,30 +29,46 @@ acknowledged and a rejection deletes the message); every ending is explicit:
 
 from __future__ import annotations
 
+import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.signals import worker_shutting_down
 from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
 from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
-from worker.delivery.log import AlreadyLogged, LogFull, Piece
+from worker.delivery.log import AlreadyLogged, AppendResult, LogFull, Piece
 from worker.observability import get_logger, record_dead_letter, record_ingest
 
-# Never sleep longer than this before re-publishing (the message is unacked meanwhile).
-MAX_COUNTDOWN_SECONDS = 30.0
+# Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
+STATE_RETRY_FIRST_SECONDS = 0.5
+STATE_RETRY_CAP_SECONDS = 5.0
+# One run holds its message at most this share of the soft time limit (celery_config.py: half
+# the visibility timeout), then puts the batch back in the queue and acknowledges the message.
+STATE_HOLD_SHARE = 0.8
 # How often a task waiting on a full log looks again.
 BACKPRESSURE_POLL_SECONDS = 0.25
 # The token refresh lock outlives a slow refresh, but not a crashed refresher by much.
 REFRESH_LOCK_EXTRA_SECONDS = 10.0
 
 _log = get_logger("worker.tasks")
+# Set when this process's worker begins a warm shutdown (threads/solo pools share the process):
+# a task riding out an outage puts its batch back in the queue at once instead of holding on.
+_shutting_down = threading.Event()
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _on_shutting_down(**_: Any) -> None:
+    _shutting_down.set()
 
 
 class EmptyBatchError(ValueError):
@@ -99,9 +123,13 @@ def ingest_batch(
     pipe: str,
     rows: list[dict[str, Any]],
     attempt: int = 0,
+    outage_since: float | None = None,
 ) -> dict[str, Any]:
-    """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary."""
-    batch = Batch(batch_id, database, schema, pipe, rows, attempt)
+    """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary.
+
+    `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
+    first failed this batch, carried across re-publications of an outage."""
+    batch = Batch(batch_id, database, schema, pipe, rows, attempt, outage_since)
     label = f"{database}.{schema}.{pipe}"
     try:
         result = _ingest(self, batch)
@@ -125,13 +153,12 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
     from worker.snowpipe.encoding import encode_pieces
     from worker.snowpipe.errors import PermanentError
 
-    batch_id, database, schema, pipe, rows, attempt = (
+    batch_id, database, schema, pipe, rows = (
         batch.batch_id,
         batch.database,
         batch.schema,
         batch.pipe,
         batch.rows,
-        batch.attempt,
     )
     rt = runtime.current()
     s = rt.settings
@@ -145,11 +172,14 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
             )
         ]
     except (PermanentError, EmptyBatchError) as exc:
-        _dead_letter(rt, self, batch, str(exc))
+        requeued = _dead_letter(rt, self, batch, str(exc))
+        if requeued is not None:
+            return requeued
         raise DeadLettered(f"batch {batch_id} dead-lettered: {exc}") from None
     ref = rt.channel(batch_id, database, schema, pipe)
-    waited_until = time.monotonic() + s.backpressure_wait_seconds
-    try:
+
+    def log_batch() -> AppendResult:
+        waited_until = time.monotonic() + s.backpressure_wait_seconds
         while True:
             result = rt.log.append(ref, batch_id, pieces, cap_bytes=s.log_max_bytes)
             if not isinstance(result, LogFull) or time.monotonic() >= waited_until:
@@ -162,10 +192,15 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
                     f"the log write reached {acked} of {s.state_min_replicas} replicas in "
                     f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
                 )
+        return result
+
+    try:
+        result = log_batch()
     except redis.RedisError as exc:
-        _log.warning("ingest.state_failed", batch_id=batch_id, error=type(exc).__name__,
-                     detail=str(exc))
-        return _retry_later(self, batch, exc, next_attempt=attempt + 1)
+        ridden = _ride_out(self, batch, exc, log_batch)
+        if isinstance(ridden, dict):
+            return ridden  # put back in the queue
+        result = ridden.value
     if isinstance(result, LogFull):
         _log.warning(
             "ingest.backpressure",
@@ -176,7 +211,7 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
             waited_s=s.backpressure_wait_seconds,
         )
         rt.count("backpressure")
-        return {**_retry_later(self, batch, None, next_attempt=attempt), "reason": "backpressure"}
+        return {**_retry_later(batch, next_attempt=batch.attempt), "reason": "backpressure"}
     # (The append script counted logged / already_logged itself.)
     if isinstance(result, AlreadyLogged):
         return {"batch_id": batch_id, "outcome": "already_logged"}
@@ -193,56 +228,147 @@ class Batch:
     pipe: str
     rows: list[dict[str, Any]]
     attempt: int
+    outage_since: float | None = None
 
 
-def _dead_letter(rt: runtime.Runtime, task: Task, batch: Batch, reason: str) -> None:
+def _dead_letter(
+    rt: runtime.Runtime, task: Task, batch: Batch, reason: str
+) -> dict[str, Any] | None:
+    """Store the batch as a dead letter (None), or, while the state store is out, put it back
+    in the queue (the summary of `_retry_later`)."""
     _log.error("ingest.dead_letter", batch_id=batch.batch_id, pipe=batch.pipe, reason=reason)
+    letter = DeadLetter(
+        batch.batch_id,
+        batch.database,
+        batch.schema,
+        batch.pipe,
+        reason,
+        batch.rows,
+        attempts=batch.attempt,
+        task_id=task.request.id,
+    )
     try:
-        rt.count("dead_letter")
-        rt.dead_letters.add(
-            DeadLetter(
-                batch.batch_id,
-                batch.database,
-                batch.schema,
-                batch.pipe,
-                reason,
-                batch.rows,
-                attempts=batch.attempt,
-                task_id=task.request.id,
-            )
+        rt.dead_letters.add(letter)
+    except redis.RedisError as exc:
+        # The state store is out: keep the batch (held, then back in the queue), never drop it.
+        ridden = _ride_out(task, batch, exc, lambda: rt.dead_letters.add(letter))
+        if isinstance(ridden, dict):
+            return ridden  # back in the queue: its dead letter waits for the state store
+    rt.count("dead_letter")
+    record_dead_letter("failed")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """What the retried call returned once the state store answered again."""
+
+    value: Any
+
+
+def state_hold_seconds(outage_seconds: float, soft_limit_seconds: float, elapsed: float) -> float:
+    """How long one run may hold its message while the state store is out.
+
+    `elapsed`: seconds since the batch's outage began (0 for a first failure). Inside the outage
+    window: what is left of it, at most `STATE_HOLD_SHARE` of the soft time limit. Past it: one
+    more retry interval, then back in the queue (a batch is never dropped for an outage).
+    """
+    cap = STATE_HOLD_SHARE * soft_limit_seconds
+    left = outage_seconds - elapsed
+    if left <= 0:
+        return min(cap, STATE_RETRY_CAP_SECONDS)
+    return min(cap, left)
+
+
+def state_retry_delay(retry: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds before retry number `retry` (1-based): 0.5 s doubling to 5 s, equal jitter."""
+    ceiling = min(STATE_RETRY_CAP_SECONDS, STATE_RETRY_FIRST_SECONDS * 2.0 ** (retry - 1))
+    return ceiling / 2 + rng() * ceiling / 2
+
+
+def _ride_out(
+    task: Task, batch: Batch, exc: BaseException, again: Callable[[], Any]
+) -> _Done | dict[str, Any]:
+    """Retry `again` while the state store fails, holding the message (see the module
+    docstring): `_Done(result)` once it answers, else the batch is back in the queue (the
+    summary of `_retry_later`)."""
+    from worker.celery_config import soft_time_limit
+
+    rt = runtime.current()
+    s = rt.settings
+    now = time.time()
+    since = batch.outage_since if batch.outage_since is not None else now
+    hold = state_hold_seconds(s.state_outage_seconds, soft_time_limit(s), now - since)
+    started = time.monotonic()
+    _log.warning(
+        "ingest.state_unavailable",
+        batch_id=batch.batch_id,
+        error=type(exc).__name__,
+        detail=str(exc),
+        outage_s=round(now - since, 1),
+        holding_s=round(hold, 1),
+        note="the batch stays in the queue; nothing is lost (SNOWPIPE_STATE_OUTAGE_SECONDS)",
+    )
+    retry = 0
+    while True:
+        left = hold - (time.monotonic() - started)
+        if left <= 0 or _shutting_down.is_set():
+            break
+        retry += 1
+        if _shutting_down.wait(min(left, state_retry_delay(retry))):
+            break
+        try:
+            value = again()
+        except redis.RedisError as error:
+            exc = error
+            _log.debug("ingest.state_retry", batch_id=batch.batch_id, retry=retry,
+                       error=type(error).__name__)  # fmt: skip
+            continue
+        _log.info("ingest.state_recovered", batch_id=batch.batch_id, retries=retry,
+                  outage_s=round(time.time() - since, 1))  # fmt: skip
+        return _Done(value)
+    outage = time.time() - since
+    rt.count("retry_later")
+    fields: dict[str, Any] = {
+        "batch_id": batch.batch_id,
+        "outage_s": round(outage, 1),
+        "error": type(exc).__name__,
+        "attempt": batch.attempt + 1,
+    }
+    if outage >= s.state_outage_seconds:
+        _log.error(
+            "ingest.state_outage_exceeded",
+            **fields,
+            limit_s=s.state_outage_seconds,
+            note="the state store is still unreachable: the batch goes back in the queue and is "
+            "tried again (never dropped); fix SNOWPIPE_STATE_URL's Redis",
         )
-        record_dead_letter("failed")
-    except Exception as exc:
-        # Could not keep it: leave the message in the broker rather than lose the batch.
-        raise Reject(f"dead letter not stored: {exc}", requeue=True) from exc
+    else:
+        _log.info("ingest.state_requeued", **fields, held_s=round(hold, 1))
+    return _retry_later(batch, next_attempt=batch.attempt + 1, outage_since=since)
 
 
 def _retry_later(
-    task: Task, batch: Batch, exc: BaseException | None, *, next_attempt: int
+    batch: Batch, *, next_attempt: int, outage_since: float | None = None
 ) -> dict[str, Any]:
-    """Put the batch back in the queue (after the policy's countdown if something failed)."""
-    from worker.retry import RetryPolicy
-
-    rt = runtime.current()
-    if exc is not None:
-        policy = RetryPolicy.from_settings(rt.settings)
-        countdown = min(MAX_COUNTDOWN_SECONDS, policy.countdown(next_attempt, exc))
-        rt.count("retry_later")
-        # Wait here rather than with an ETA: ETA messages sit unacked in worker memory and
-        # count against the visibility timeout; quorum queues would need delayed delivery.
-        time.sleep(countdown)
+    """Put the batch back in the queue (a new message, same batch id), then return: Celery
+    acknowledges the message in hand. A fresh message starts over with the broker's delivery
+    count (RabbitMQ's delivery limit) and visibility timeout (Redis)."""
+    kwargs: dict[str, Any] = {
+        "batch_id": batch.batch_id,
+        "database": batch.database,
+        "schema": batch.schema,
+        "pipe": batch.pipe,
+        "rows": batch.rows,
+        "attempt": next_attempt,
+    }
+    if outage_since is not None:
+        kwargs["outage_since"] = outage_since
     try:
-        ingest_batch.apply_async(
-            kwargs={
-                "batch_id": batch.batch_id,
-                "database": batch.database,
-                "schema": batch.schema,
-                "pipe": batch.pipe,
-                "rows": batch.rows,
-                "attempt": next_attempt,
-            },
-            task_id=f"{batch.batch_id}:{next_attempt}",
-        )
+        # No countdown or ETA: on RabbitMQ's quorum queues that would need native delayed
+        # delivery (the worker turns that consumer step off: worker/celery_app.py), and an ETA
+        # message waits unacknowledged in the worker's memory.
+        ingest_batch.apply_async(kwargs=kwargs, task_id=f"{batch.batch_id}:{next_attempt}")
     except Exception as publish_error:
         raise Reject(f"re-publish failed: {publish_error}", requeue=True) from publish_error
     return {"batch_id": batch.batch_id, "outcome": "retry_later", "attempt": next_attempt}
