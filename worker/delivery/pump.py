@@ -69,6 +69,11 @@ REFUSED_PAUSE_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 30.0
 # The longest a pipe waiting for a commit goes without a status poll.
 MAX_POLL_SECONDS = 1.0
+# The poller waits for the share below of a channel's recent commit latency after its oldest
+# append before polling for it (never longer than the cap): a commit takes Snowflake seconds, and
+# polling the whole time costs CPU and requests for nothing.
+EXPECT_SHARE = 0.7
+EXPECT_MAX_SECONDS = 5.0
 
 _log = get_logger("worker.delivery.pump")
 
@@ -147,6 +152,13 @@ class PumpConfig:
     linger_seconds: float = 0.0
 
 
+def recent_latency(recent: float, observed: float) -> float:
+    """The channel's recent commit latency after one more observation: it falls to a faster
+    commit at once and rises by a tenth of the way to a slower one (so polls start early rather
+    than late)."""
+    return observed if observed < recent else recent + (observed - recent) / 10
+
+
 @dataclass
 class InFlight:
     """An append Snowflake accepted and has not committed yet."""
@@ -205,6 +217,7 @@ class ChannelPump:
         self._failures = 0
         self.lost = False  # the lease was found taken: the thread ended
         self.reopens = 0
+        self._latency = 0.0  # recent commit latency: falls at once, rises by a tenth
         self._metrics = PumpMetrics(f"{self.ref.database}.{self.ref.schema}.{self.ref.pipe}")
 
     # --- Lifecycle ------------------------------------------------------------------------------
@@ -235,6 +248,15 @@ class ChannelPump:
     def wants_status(self) -> bool:
         """Whether the poller should fetch this channel's status (it waits for commits)."""
         return self.opened and bool(self._inflight)
+
+    def commit_expected_in(self) -> float:
+        """Seconds until the oldest append in flight is likely committed (0: any moment now),
+        from the latencies seen on this channel; the poller does not poll for it before."""
+        inflight = self._inflight
+        if not inflight or self._latency <= 0.0:
+            return 0.0
+        wait = min(EXPECT_MAX_SECONDS, EXPECT_SHARE * self._latency)
+        return max(0.0, inflight[0].sent_at + wait - self._clock())
 
     def on_status(self, status: ChannelStatus, epoch: int) -> None:
         """A status the poller fetched for this channel during open epoch `epoch`."""
@@ -498,7 +520,13 @@ class ChannelPump:
             done = self._inflight.popleft()
             batches += len(done.batch_ids)
             rows += done.rows
-            metrics.commit_latency.observe(max(0.0, now - done.sent_at))
+            latency = max(0.0, now - done.sent_at)
+            metrics.commit_latency.observe(latency)
+            self._latency = (
+                latency
+                if latency < self._latency
+                else self._latency + (latency - self._latency) / 10
+            )
             metrics.delivery_latency.observe(max(0.0, (now_ms - done.oldest_ms) / 1000))
             _log.debug(
                 "channel.committed",
@@ -696,7 +724,10 @@ class CommitPoller:
 
     A pipe is polled every `poll_seconds` while its commits advance; while they do not (a
     commit takes Snowflake seconds), its interval doubles up to `max_poll_seconds`, so a commit
-    is seen at most that late and a pipe waiting for one costs a few polls, not dozens.
+    is seen at most that late and a pipe waiting for one costs a few polls, not dozens. Nor is a
+    pipe polled before the first of its waiting channels expects a commit
+    (`ChannelPump.commit_expected_in`: most of the commit latency recently seen there, after its
+    oldest append in flight).
     """
 
     def __init__(
@@ -746,6 +777,9 @@ class CommitPoller:
             self._interval.pop(target, None)
         for target, waiting in by_pipe.items():
             if scheduled and now < self._due.get(target, 0.0):
+                continue
+            if scheduled and min(pump.commit_expected_in() for pump, _, _ in waiting) > 0.0:
+                self._interval[target] = self._poll / 2  # poll briskly once a commit is due
                 continue
             names = [pump.ref.channel for pump, _, _ in waiting]
             try:
