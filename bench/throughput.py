@@ -159,8 +159,9 @@ class Bench:
         """SNOWPIPE_* of the worker processes (settings an older core does not know are ignored
         by its processes; the publisher passes on only the ones it knows)."""
         a = self.args
+        poll = {} if a.commit_poll is None else {"commit_poll_seconds": a.commit_poll}
         return {
-            "commit_poll_seconds": a.commit_poll,
+            **poll,
             "channels_per_pipe": a.channels_per_pipe,
             "lease_ttl_seconds": a.lease_ttl,
             **extra,
@@ -813,7 +814,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipes", type=int, default=10, help="pipes of the single-node phases")
     p.add_argument("--commit-delay", type=float, nargs="+", default=[6.0, 1.0],
                    help="commit delays of the `ours` phase")  # fmt: skip
-    p.add_argument("--commit-poll", type=float, default=0.25, help="SNOWPIPE_COMMIT_POLL_SECONDS")
+    p.add_argument(
+        "--commit-poll",
+        type=float,
+        default=None,
+        help="SNOWPIPE_COMMIT_POLL_SECONDS (default: the product's)",
+    )
     p.add_argument("--channels-per-pipe", type=int, default=4)
     p.add_argument("--lease-ttl", type=float, default=10.0, help="SNOWPIPE_LEASE_TTL_SECONDS")
     p.add_argument("--load", type=float, help="the ceiling (tasks/s) when it is not measured")

@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     # --- Delivery: channel logs, pumps, leases (docs/delivery.md) ---------------------------------
     channels_per_pipe: int = Field(DEFAULT_CHANNELS_PER_PIPE, ge=1, le=2000)
     channel_prefix: str = Field("snowpipe", pattern=r"^[A-Za-z0-9_-]+$")
-    commit_poll_seconds: float = Field(0.25, gt=0)
+    commit_poll_seconds: float = Field(0.5, gt=0)
     # A request still not committed after this long is replayed (reopen): see docs/delivery.md.
     commit_timeout_seconds: float = Field(DEFAULT_COMMIT_TIMEOUT_SECONDS, gt=0)
     lease_ttl_seconds: float = Field(DEFAULT_LEASE_TTL_SECONDS, ge=1)
