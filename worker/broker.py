@@ -53,7 +53,8 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils import encoding
-from kombu.utils import json as kombu_json
+
+from worker import serialization
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class Channel(kombu_redis.Channel):
                 self._claim_idle = True
                 raise Empty()
             key, item = reply
-            message: dict[str, Any] = kombu_json.loads(_text(item))  # type: ignore[no-untyped-call]
+            message: dict[str, Any] = serialization.loads(item)
             tag = message.get("properties", {}).get("delivery_tag")
             if isinstance(tag, str):
                 self._claimed.add(tag)

@@ -21,7 +21,7 @@ from celery.signals import (
 )
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from worker import runtime
+from worker import runtime, serialization
 from worker.celery_config import (
     INGEST_TASK,
     REFRESH_TASK,
@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
+# Messages of this process decode with orjson (the same values as kombu's decoder).
+serialization.install()
 app = create_app()
 # The node's channel pumps run in the worker's main process (worker/delivery/node.py).
 app.steps["worker"].add(PumpStep)
