@@ -4,7 +4,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY emulator ./emulator
-COPY config ./config
-RUN pip install --no-cache-dir . && useradd --create-home snowpipe \
+# The image runs the emulator too (docker-compose.yml): the [emulator] extra. A production-only
+# image needs just `pip install .`.
+RUN pip install --no-cache-dir '.[emulator]' && useradd --create-home snowpipe \
     && mkdir -p /data /keys && chown snowpipe /data /keys
 USER snowpipe

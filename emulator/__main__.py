@@ -195,15 +195,32 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# The server's own dependencies: the [emulator] extra of snowpipe-worker (pyproject.toml).
+SERVER_MODULES = ("starlette", "uvicorn")
+
+
+def _require_server() -> None:
+    import importlib.util
+
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.stderr.write(
+            f"snowpipe-emulator needs the [emulator] extra ({', '.join(missing)} not installed): "
+            "pip install 'snowpipe-worker[emulator]'\n"
+        )
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the emulator until interrupted."""
+    cfg = parse_config(argv)  # --help and bad arguments work without the extra
+    _require_server()
     import uvicorn
 
     from emulator.app import create_app
     from emulator.context import Emulator
     from emulator.http import install_log_filter
 
-    cfg = parse_config(argv)
     level = cfg.log_level
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"

@@ -26,6 +26,7 @@ from typing import IO, Annotated, Any, TypeVar
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -97,8 +98,17 @@ RUN_TIMEOUT_SECONDS = 900.0
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    # Messages are plain text: "[local]" or "[Errno 111]" must not be read as markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def _require_extra(extra: str, what: str) -> None:
+    from worker.extras import missing_extra
+
+    problem = missing_extra(extra, what)
+    if problem is not None:
+        raise _fail(problem, code=2)
 
 
 class NdjsonError(ValueError):
@@ -488,7 +498,8 @@ def up(
     emulator_port: Annotated[int, typer.Option(help="port of the emulator")] = 8087,
 ) -> None:
     """Start the local stack (embedded broker, emulator, worker, beat) and keep it running;
-    Ctrl-C, SIGTERM or SIGHUP stop every part."""
+    Ctrl-C, SIGTERM or SIGHUP stop every part. Needs the [local] extra."""
+    _require_extra("local", "snowpipe-worker up")
     from worker.devstack import LocalStack, StackError
 
     for port, what, option in ((redis_port, "the embedded broker", "--redis-port"),
@@ -538,7 +549,9 @@ def run(
     pipes: Annotated[int, typer.Option(min=1, help="pipes to spread them over")] = SAMPLE_PIPES,
     batch_rows: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_ROWS,
 ) -> None:
-    """The first run: start the local stack, publish sample rows, verify each committed once."""
+    """The first run: start the local stack, publish sample rows, verify each committed once.
+    Needs the [local] extra."""
+    _require_extra("local", "snowpipe-worker run")
     from worker.demo import run_demo
 
     raise typer.Exit(run_demo(rows=rows, pipes=pipes, batch_rows=batch_rows, console=out))

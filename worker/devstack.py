@@ -1,9 +1,10 @@
 """The local stack of `make run` and `snowpipe-worker up`: broker, emulator, worker, beat.
 
-Everything runs on loopback from the checkout: an embedded Redis (fakeredis, in this process),
-the emulator, one `celery worker` and one `celery beat` (subprocesses), configured by the
-`local` profile (config/local.toml) plus environment overrides for the ports actually used.
-A throwaway key pair is generated under `.local/` and registered with the emulator.
+Everything runs on loopback: an embedded Redis (fakeredis, in this process), the emulator, one
+`celery worker` and one `celery beat` (subprocesses), configured by the `local` profile
+(worker/profiles/local.toml) plus environment overrides for the ports actually used. A throwaway
+key pair is generated under `.local/` in the current directory (where the `local` profile looks
+for it) and registered with the emulator; logs go there too. Needs the [local] extra.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from worker.embedded import EmbeddedRedis, start_embedded_redis
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-LOCAL_DIR = REPO_ROOT / ".local"
+# The directory that holds the `worker` package: a checkout's root, or site-packages.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# Relative to the current directory, like the `local` profile's private_key_path.
+LOCAL_DIR = Path(".local")
 LOCAL_ACCOUNT = "LOCALDEV"
 LOCAL_USER = "LOADER"
 # Short scoped tokens, so even a 10-second first run shows refreshes (and beat sharing them).
@@ -66,7 +69,7 @@ class LocalStack:
     emulator_port: int = 0
     pool: str = "threads"
     concurrency: int = LOCAL_WORKER_CONCURRENCY
-    root: Path = LOCAL_DIR
+    root: Path = field(default_factory=LOCAL_DIR.resolve)
     redis: EmbeddedRedis | None = None
     emulator_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
@@ -78,6 +81,11 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         """Start broker, emulator, worker and beat; raises StackError naming what failed."""
+        from worker.extras import missing_extra
+
+        problem = missing_extra("local", "the local stack")
+        if problem is not None:
+            raise StackError(problem)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         private, public = ensure_key(self.root)
         self.redis = start_embedded_redis(port=self.redis_port)
@@ -91,9 +99,11 @@ class LocalStack:
                 "SNOWPIPE_PRIVATE_KEY_PATH": str(private),
                 "SNOWPIPE_ACCOUNT_URL": self.emulator_url,
                 "SNOWPIPE_BROKER_URL": self.redis.url,
-                "PYTHONPATH": str(REPO_ROOT),
             }
         )
+        if (PACKAGE_ROOT / "pyproject.toml").is_file():
+            # A checkout: the worker and beat import this very `worker` package, wherever they run.
+            self.env["PYTHONPATH"] = str(PACKAGE_ROOT)
         celery = [sys.executable, "-m", "celery", "-A", "worker"]
         self._spawn(
             "worker",
@@ -125,7 +135,7 @@ class LocalStack:
         ]  # fmt: skip
         log = (self.log_dir / "emulator.log").open("wb")
         process = subprocess.Popen(  # noqa: S603 (our own interpreter and fixed arguments)
-            args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, env=dict(os.environ)
+            args, stdout=subprocess.PIPE, stderr=log, env=dict(os.environ)
         )
         self.processes["emulator"] = process
         line: list[bytes] = []
@@ -144,7 +154,7 @@ class LocalStack:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = (self.log_dir / f"{name}.log").open("wb")
         self.processes[name] = subprocess.Popen(  # noqa: S603 (our interpreter, fixed arguments)
-            args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            args, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
 
     def _wait_log(self, name: str, marker: str) -> None:

@@ -46,12 +46,14 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 def start_embedded_redis(host: str = DEFAULT_HOST, port: int = 0) -> EmbeddedRedis:
     """Start the fakeredis TCP server in a daemon thread; port 0 picks a free port."""
-    import importlib.util
+    from worker.extras import missing_extra
 
+    # fakeredis with lupa: kombu's Redis transport needs EVALSHA.
+    problem = missing_extra("local", "the embedded broker")
+    if problem is not None:
+        raise RuntimeError(problem)
     from fakeredis import TcpFakeServer
 
-    if importlib.util.find_spec("lupa") is None:  # kombu's Redis transport needs EVALSHA
-        raise RuntimeError("the embedded broker needs fakeredis[lua] (lupa): run `make install`")
     chosen = port or free_port(host)
     TcpFakeServer.allow_reuse_address = True
     server = TcpFakeServer((host, chosen), server_type="redis")

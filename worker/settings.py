@@ -1,16 +1,19 @@
-"""Typed settings: a TOML profile from `config/` overridden by `SNOWPIPE_*` environment variables.
+"""Typed settings: a TOML profile overridden by `SNOWPIPE_*` environment variables.
 
 The one place for configuration and defaults. `load_settings()` returns a validated, frozen
 `Settings` or raises `SettingsError`, whose message names each bad setting and how to fix it.
 
-Profile: `SNOWPIPE_CONFIG` is a profile name (`local` -> `config/local.toml`) or a path to a TOML
-file. Keys in the file are the setting names in lower case without the prefix
-(`account = "..."` for `SNOWPIPE_ACCOUNT`). Environment variables win over the file.
+Profile: `SNOWPIPE_CONFIG` is a profile name or a path to a TOML file. Names are the profiles
+shipped in the package (`worker/profiles/`, package data: `local` -> `worker/profiles/local.toml`),
+found through `importlib.resources`, so an installed wheel has them too. Keys in the file are the
+setting names in lower case without the prefix (`account = "..."` for `SNOWPIPE_ACCOUNT`).
+Environment variables win over the file.
 Secrets (private key, passphrase) come from the environment or from files, never from the repo.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import os
 from pathlib import Path
@@ -26,7 +29,8 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "SNOWPIPE_"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+# The named profiles, shipped as package data (pyproject.toml: [tool.setuptools.package-data]).
+PROFILE_DIR = Path(str(importlib.resources.files("worker").joinpath("profiles")))
 
 # Named defaults (docs/delivery.md explains the delivery ones).
 DEFAULT_JWT_LIFETIME_SECONDS = 59 * 60  # Snowflake caps key-pair JWTs at one hour
@@ -311,10 +315,15 @@ class Settings(BaseSettings):
         return self.private_key_passphrase.get_secret_value().encode()
 
 
+def profile_names() -> list[str]:
+    """The names of the packaged profiles (`local`, `production.example`)."""
+    return sorted(p.name.removesuffix(".toml") for p in PROFILE_DIR.glob("*.toml"))
+
+
 def profile_path(environ: Any = None) -> Path | None:
     """The TOML profile chosen by `SNOWPIPE_CONFIG`, or None.
 
-    A bare name is looked up in `config/`; anything else is a path.
+    A bare name is one of the packaged profiles (`profile_names()`); anything else is a path.
     """
     env = os.environ if environ is None else environ
     chosen = env.get(ENV_PREFIX + "CONFIG", "").strip()
@@ -322,9 +331,9 @@ def profile_path(environ: Any = None) -> Path | None:
         return None
     candidate = Path(chosen).expanduser()
     if candidate.suffix != ".toml" and os.sep not in chosen:
-        candidate = CONFIG_DIR / f"{chosen}.toml"
+        candidate = PROFILE_DIR / f"{chosen}.toml"
     if not candidate.is_file():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        names = ", ".join(profile_names())
         raise SettingsError(
             f"SNOWPIPE_CONFIG: profile {chosen!r} not found at {candidate}; "
             f"use one of: {names}, or a path to a .toml file"
@@ -363,7 +372,7 @@ def load_settings(*, require_identity: bool = True, **overrides: Any) -> Setting
         if not problems:
             return settings
     if profile_path() is None:
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        names = ", ".join(profile_names())
         problems.append(
             f"(no profile chosen: SNOWPIPE_CONFIG may name one of {names}, or a .toml path)"
         )

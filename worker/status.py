@@ -227,7 +227,7 @@ def token(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         detail = "no SNOWPIPE_ACCOUNT/SNOWPIPE_USER in these settings"
         return {"configured": False, "detail": detail}
     from worker import runtime
-    from worker.tokenstore import TokenStore
+    from worker.tokenstore import TokenStore, advisory_window, guard_margin
 
     store = TokenStore(client, runtime.identity(settings))
     out: dict[str, Any] = {
@@ -241,9 +241,8 @@ def token(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         return out
     now = time.time()
     remaining = shared.remaining(now)
-    margin = min(settings.refresh_max_margin_seconds,
-                 settings.refresh_margin_fraction * shared.lifetime)  # fmt: skip
-    advisory = margin + 1.5 * settings.beat_refresh_seconds
+    margin = guard_margin(settings, shared.lifetime)
+    advisory = advisory_window(settings, shared.lifetime)
     out.update(
         shared=True,
         lifetime_seconds=round(shared.lifetime, 1),

@@ -48,6 +48,7 @@ from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import AlreadyLogged, AppendResult, LogFull, Piece
 from worker.observability import get_logger, record_dead_letter, record_ingest
+from worker.tokenstore import advisory_window
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
 STATE_RETRY_FIRST_SECONDS = 0.5
@@ -378,27 +379,24 @@ def _retry_later(
 def refresh_tokens(self: Task) -> dict[str, Any]:
     """Refresh the shared scoped token if it is inside the advisory window (beat calls this).
 
-    Advisory window: remaining <= margin(L) + 1.5 x beat interval, so beat refreshes before any
-    process's guard reaches its own soft window (margin(L) before expiry) and every guard adopts
-    the shared token instead of refreshing on the request path.
+    Advisory window (`worker.tokenstore.advisory_window`): remaining <= soft_margin(L) + 1.5 x
+    beat interval, so beat refreshes before any process's guard reaches its own soft window
+    (soft_margin(L) before expiry, the guard's own rule) and every guard adopts the shared token
+    instead of refreshing on the request path.
     """
     rt = runtime.current()
     s = rt.settings
     store = rt.token_store
 
-    def advisory(lifetime: float) -> float:
-        margin = min(s.refresh_max_margin_seconds, s.refresh_margin_fraction * lifetime)
-        return margin + 1.5 * s.beat_refresh_seconds
-
     shared = store.load()
-    if shared is not None and shared.remaining() > advisory(shared.lifetime):
+    if shared is not None and shared.remaining() > advisory_window(s, shared.lifetime):
         return {"outcome": "fresh", "remaining": round(shared.remaining(), 1)}
     owner = store.acquire(s.refresh_wait_timeout_seconds + REFRESH_LOCK_EXTRA_SECONDS)
     if owner is None:
         return {"outcome": "locked"}
     try:
         shared = store.load()
-        if shared is not None and shared.remaining() > advisory(shared.lifetime):
+        if shared is not None and shared.remaining() > advisory_window(s, shared.lifetime):
             return {"outcome": "fresh", "remaining": round(shared.remaining(), 1)}
         with runtime.beat_refresh():
             token = rt.client.tokens.refresh("beat")

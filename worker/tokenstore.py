@@ -12,12 +12,18 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
 
 from worker.delivery.channels import KEY_PREFIX
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+# Beat refreshes this many beat intervals before any guard's own soft window opens.
+BEAT_LEAD_INTERVALS = 1.5
 
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -38,6 +44,23 @@ class SharedToken:
     def remaining(self, now: float | None = None) -> float:
         """Seconds until it expires."""
         return self.expires_at - (time.time() if now is None else now)
+
+
+def guard_margin(settings: Settings, lifetime: float) -> float:
+    """The guards' soft margin for a token of `lifetime` with these settings (`soft_margin`)."""
+    from worker.auth.guard import soft_margin  # the guard's rule, not a copy of it
+
+    return soft_margin(
+        lifetime,
+        max_margin=settings.refresh_max_margin_seconds,
+        fraction=settings.refresh_margin_fraction,
+    )
+
+
+def advisory_window(settings: Settings, lifetime: float) -> float:
+    """Beat refreshes the shared token once this little of it is left: the guards' soft margin
+    plus 1.5 beat intervals, so beat gets there before any guard refreshes on its own."""
+    return guard_margin(settings, lifetime) + BEAT_LEAD_INTERVALS * settings.beat_refresh_seconds
 
 
 def _text(value: Any) -> str:

@@ -17,6 +17,7 @@ from worker.auth.guard import (
     TokenGuard,
     TokenNotExtendedError,
     TokenUnavailableError,
+    soft_margin,
 )
 
 WALL_EPOCH = 1_700_000_000.0
@@ -665,3 +666,168 @@ def test_from_settings_uses_the_refresh_knobs(clock: Clock) -> None:
     guard = TokenGuard.from_settings(settings, issuer, name="s", clock=clock, wall_clock=clock.wall)
     guard.get()
     assert guard.seconds_until_refresh() == pytest.approx(3570.0)
+
+
+# --- The documented shape: TokenGuard(fetch), fetch() -> (value, lifetime) or Token(value, L) ----
+
+
+class LifetimeIssuer:
+    """A fetch in the documented shape: the value and its lifetime, no wall-clock expiry.
+
+    `shape` is "pair" for `(value, lifetime)` or "token" for `Token(value, lifetime)`; `takes`
+    moves the clock while the fetch runs (a slow token endpoint).
+    """
+
+    def __init__(self, clock: Clock, shape: str, lifetime: float = 60.0, takes: float = 0.0):
+        self.clock = clock
+        self.shape = shape
+        self.lifetime = lifetime
+        self.takes = takes
+        self.calls = 0
+
+    def __call__(self) -> Token | tuple[str, float]:
+        self.calls += 1
+        self.clock.now += self.takes
+        value = f"tok-{self.calls}"
+        if self.shape == "pair":
+            return (value, self.lifetime)
+        return Token(value, self.lifetime)
+
+
+SHAPES = pytest.mark.parametrize("shape", ["pair", "token"])
+
+
+@SHAPES
+def test_documented_shape_needs_no_name_and_refreshes_at_min_120s_or_20_percent(
+    clock: Clock, shape: str
+) -> None:
+    for lifetime, margin in [(60.0, 12.0), (3600.0, 120.0)]:
+        clock.now = 0.0
+        issuer = LifetimeIssuer(clock, shape, lifetime)
+        guard = TokenGuard(issuer, clock=clock, wall_clock=clock.wall)  # no name=
+        assert guard.name == "token"
+        assert guard.get() == "tok-1"
+        assert guard.seconds_until_refresh() == pytest.approx(lifetime - margin)
+        clock.now = lifetime - margin - 0.001
+        assert guard.get() == "tok-1"
+        clock.now = lifetime - margin
+        assert guard.get() == "tok-2"
+        assert issuer.calls == 2
+
+
+@SHAPES
+def test_documented_shape_expiry_is_pinned_when_the_token_is_obtained(
+    clock: Clock, shape: str
+) -> None:
+    clock.now = 100.0
+    issuer = LifetimeIssuer(clock, shape, 60.0, takes=2.0)  # the endpoint takes 2 s to answer
+    guard = TokenGuard(issuer, clock=clock, wall_clock=clock.wall)
+    guard.get()
+    token = guard.current()
+    assert token is not None and token.lifetime == 60.0
+    # Counted from when the guard asked (100), not from the answer (102): never too late.
+    assert token.expires_at == pytest.approx(WALL_EPOCH + 100.0 + 60.0)
+    assert guard.seconds_until_refresh() == pytest.approx(100.0 + 48.0 - 102.0)
+    # The next token's moment is pinned from its own fetch, not from the first one's.
+    clock.now = 148.0
+    assert guard.get() == "tok-2"
+    token = guard.current()
+    assert token is not None and token.expires_at == pytest.approx(WALL_EPOCH + 148.0 + 60.0)
+    assert guard.seconds_until_refresh() == pytest.approx(148.0 + 48.0 - 150.0)
+
+
+@SHAPES
+def test_documented_shape_publishes_a_token_with_its_wall_clock_expiry(
+    clock: Clock, shape: str
+) -> None:
+    published: list[Token] = []
+    guard = TokenGuard(
+        LifetimeIssuer(clock, shape, 60.0), clock=clock, wall_clock=clock.wall,
+        publish=published.append,
+    )  # fmt: skip
+    guard.get()
+    assert [(t.value, t.lifetime, t.expires_at) for t in published] == [
+        ("tok-1", 60.0, WALL_EPOCH + 60.0)
+    ]
+
+
+@SHAPES
+def test_documented_shape_past_expiry_with_refresh_failing_raises(
+    clock: Clock, shape: str
+) -> None:
+    issuer = LifetimeIssuer(clock, shape, 60.0)
+    guard = TokenGuard(issuer, clock=clock, wall_clock=clock.wall, rng=random.Random(7))
+    guard.get()
+
+    def broken() -> Token:
+        raise ConnectionError("token endpoint down")
+
+    guard._fetch = broken  # the endpoint goes down after the first token
+    clock.now = 60.0
+    with pytest.raises(TokenUnavailableError) as info:
+        guard.get()
+    assert isinstance(info.value.cause, ConnectionError)
+
+
+@pytest.mark.parametrize(
+    "bad", [("only-a-value",), ("v", "60"), (b"v", 60.0), "v", None], ids=repr
+)
+def test_fetch_of_another_shape_is_a_failed_refresh_naming_the_shapes(
+    clock: Clock, bad: object
+) -> None:
+    guard = TokenGuard(lambda: bad, clock=clock, wall_clock=clock.wall)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TokenUnavailableError, match=r"\(value, lifetime_seconds\) pair") as info:
+        guard.get()
+    assert isinstance(info.value.cause, TypeError)
+
+
+def test_pair_with_a_non_positive_lifetime_is_refused(clock: Clock) -> None:
+    guard = TokenGuard(lambda: ("v", 0.0), clock=clock, wall_clock=clock.wall)
+    with pytest.raises(TokenUnavailableError, match="lifetime must be positive"):
+        guard.get()
+
+
+def test_token_without_expires_at_derives_it_from_the_lifetime() -> None:
+    before = time.time()
+    token = Token("v", 60.0)
+    assert token.expiry_derived
+    assert before + 60.0 <= token.expires_at <= time.time() + 60.0
+    explicit = Token("v", 60.0, WALL_EPOCH)
+    assert not explicit.expiry_derived and explicit.expires_at == WALL_EPOCH
+
+
+def test_existing_shape_keeps_the_issuers_expiry(clock: Clock) -> None:
+    # Token(value, lifetime, expires_at) (a JWT's exp): shared as issued, not re-derived.
+    guard = TokenGuard(
+        lambda: Token("jwt", 60.0, WALL_EPOCH + 59.0), name="jwt", clock=clock,
+        wall_clock=clock.wall,
+    )  # fmt: skip
+    guard.get()
+    token = guard.current()
+    assert token is not None and token.expires_at == WALL_EPOCH + 59.0
+    assert guard.seconds_until_refresh() == pytest.approx(48.0)  # monotonic, from the lifetime
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "margin"), [(5.0, 1.0), (60.0, 12.0), (600.0, 120.0), (3600.0, 120.0)]
+)
+def test_soft_margin_is_min_120s_or_20_percent_of_the_lifetime(
+    lifetime: float, margin: float
+) -> None:
+    assert soft_margin(lifetime) == pytest.approx(margin)
+    assert soft_margin(lifetime, max_margin=30.0, fraction=0.5) == pytest.approx(
+        min(30.0, lifetime / 2)
+    )
+
+
+def test_beat_advisory_window_starts_from_the_guards_soft_margin() -> None:
+    from worker.settings import Settings
+    from worker.tokenstore import advisory_window, guard_margin
+
+    settings = Settings(
+        account="acc", user="u", private_key="unused", refresh_max_margin_seconds=30.0,
+        refresh_margin_fraction=0.25, beat_refresh_seconds=10.0,
+    )  # fmt: skip
+    assert guard_margin(settings, 60.0) == soft_margin(60.0, max_margin=30.0, fraction=0.25)
+    assert advisory_window(settings, 60.0) == pytest.approx(15.0 + 1.5 * 10.0)
+    assert advisory_window(settings, 3600.0) == pytest.approx(30.0 + 1.5 * 10.0)

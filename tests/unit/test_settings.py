@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.keys import key_pair
-from worker.settings import CONFIG_DIR, Settings, SettingsError, load_settings, profile_path
+from worker.settings import (
+    PROFILE_DIR,
+    Settings,
+    SettingsError,
+    load_settings,
+    profile_names,
+    profile_path,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,11 +129,21 @@ def test_environment_overrides_the_profile(
     assert s.retry_attempts == 7
 
 
-def test_a_profile_name_is_looked_up_in_config(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_profile_name_is_looked_up_in_the_packaged_profiles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker
+
+    # Package data next to the code (worker/profiles/), so an installed wheel finds it too.
+    assert PROFILE_DIR.resolve() == Path(worker.__file__).resolve().parent / "profiles"
+    assert profile_names() == ["local", "production.example"]
     monkeypatch.setenv("SNOWPIPE_CONFIG", "local")
-    assert profile_path() == CONFIG_DIR / "local.toml"
+    assert profile_path() == PROFILE_DIR / "local.toml"
     monkeypatch.setenv("SNOWPIPE_CONFIG", "nosuch")
-    with pytest.raises(SettingsError, match=r"SNOWPIPE_CONFIG: profile 'nosuch' not found"):
+    with pytest.raises(
+        SettingsError,
+        match=r"SNOWPIPE_CONFIG: profile 'nosuch' not found .*use one of: local, production",
+    ):
         profile_path()
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from worker.auth.guard import Token, TokenGuard, TokenNotExtendedError, TokenUnavailableError
+from worker.auth.guard import (
+    Token,
+    TokenGuard,
+    TokenNotExtendedError,
+    TokenUnavailableError,
+    soft_margin,
+)
 from worker.auth.keypair import (
     KeyPairError,
     KeyPairJWT,
@@ -24,5 +30,6 @@ __all__ = [
     "normalize_account",
     "normalize_user",
     "public_key_fingerprint",
+    "soft_margin",
     "token_from_jwt",
 ]

@@ -1,9 +1,12 @@
 """TokenGuard: a valid token for every request, refreshed ahead of expiry, one refresh at a time.
 
+    guard = TokenGuard(fetch)     # fetch() -> (value, lifetime_seconds) or Token(value, lifetime)
+    guard.get()                   # a valid value: fetched on first use, refreshed ahead of expiry
+
 The refresh moment of each token is pinned when it is obtained, in monotonic time
 (docs/tokens-and-retries.md#refresh-moment, and the windows below it):
 
-    soft_margin = min(max_margin, fraction * L)        # 120 s / 20 % by default
+    soft_margin = min(max_margin, fraction * L)        # soft_margin(L): 120 s / 20 % by default
     hard_margin = min(hard_margin_setting, soft_margin / 2)
     refresh_at  = obtained + L - soft_margin (+ a small per-token jitter, still inside the window)
     hard_at     = obtained + L - hard_margin
@@ -69,26 +72,80 @@ _NEG_INF = -math.inf
 _log = get_logger("worker.auth.guard")
 
 
-@dataclass(frozen=True, slots=True)
+DEFAULT_NAME = "token"
+
+
+def soft_margin(
+    lifetime: float,
+    *,
+    max_margin: float = DEFAULT_MAX_MARGIN,
+    fraction: float = DEFAULT_MARGIN_FRACTION,
+) -> float:
+    """How long before expiry a token of full lifetime `lifetime` is refreshed: min(120 s, 20 % L).
+
+    The one statement of the rule: the guard pins each token's refresh moment with it, and beat's
+    advisory window (worker/tasks.py) starts from it. `max_margin` and `fraction` are
+    SNOWPIPE_REFRESH_MAX_MARGIN_SECONDS and SNOWPIPE_REFRESH_MARGIN_FRACTION.
+    """
+    return min(max_margin, fraction * lifetime)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Token:
-    """A token value with its full lifetime and its wall-clock expiry; the value is never shown."""
+    """A token value with its full lifetime and its wall-clock expiry; the value is never shown.
+
+    `Token(value, lifetime)` is a token issued just now: its `expires_at` is derived from the
+    lifetime (`expiry_derived` is True), and a guard re-derives it from the moment the guard
+    obtained the token, on its own wall clock. `Token(value, lifetime, expires_at)` carries the
+    issuer's expiry (a JWT's `exp`), which is what processes share.
+    """
 
     value: str = field(repr=False)
     lifetime: float  # seconds: the token's full lifetime L (from its own iat/exp when known)
     expires_at: float  # wall-clock epoch seconds (for sharing between processes)
+    expiry_derived: bool = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not self.value:
+    def __init__(self, value: str, lifetime: float, expires_at: float | None = None) -> None:
+        if not value:
             raise ValueError("Token value is empty: the token endpoint returned no token")
-        if not self.lifetime > 0:
-            raise ValueError(f"Token lifetime must be positive, got {self.lifetime!r}")
+        if isinstance(lifetime, bool) or not lifetime > 0:
+            raise ValueError(f"Token lifetime must be positive, got {lifetime!r}")
+        derived = expires_at is None
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "lifetime", float(lifetime))
+        object.__setattr__(
+            self, "expires_at", time.time() + lifetime if expires_at is None else float(expires_at)
+        )
+        object.__setattr__(self, "expiry_derived", derived)
 
 
-# Returns a freshly issued token: its lifetime is counted from the moment of the call (monotonic,
-# so clock skew cannot cause refresh loops). Tokens of unknown age come in through `Adopt`.
-Fetch = Callable[[], Token]
+# What `fetch()` returns: a freshly issued token, as a `Token` or a `(value, lifetime_seconds)`
+# pair. Its lifetime is counted from the moment the guard asked for it (monotonic, so clock skew
+# cannot cause refresh loops). Tokens of unknown age come in through `Adopt`.
+Fetched = Token | tuple[str, float]
+Fetch = Callable[[], Fetched]
 Adopt = Callable[[], "Token | None"]
 Publish = Callable[[Token], None]
+
+
+def as_token(fetched: object, obtained_at: float) -> Token:
+    """`fetched` (a `Token` or a `(value, lifetime)` pair) as a Token with a wall-clock expiry.
+
+    `obtained_at` is the wall-clock moment the token was asked for: a pair, or a Token built
+    without `expires_at`, expires `lifetime` seconds after it. Raises TypeError for other shapes.
+    """
+    if isinstance(fetched, Token):
+        if fetched.expiry_derived:
+            return Token(fetched.value, fetched.lifetime, obtained_at + fetched.lifetime)
+        return fetched
+    if isinstance(fetched, tuple) and len(fetched) == 2:
+        value, lifetime = fetched
+        if isinstance(value, str) and isinstance(lifetime, int | float):
+            return Token(value, lifetime, obtained_at + float(lifetime))
+    raise TypeError(
+        f"fetch() returned {type(fetched).__name__}, expected a Token or a "
+        "(value, lifetime_seconds) pair"
+    )
 
 
 class TokenUnavailableError(RuntimeError):
@@ -136,13 +193,18 @@ os.register_at_fork(after_in_child=_reset_guards_after_fork)
 
 
 class TokenGuard:
-    """A per-process cache of one token that hands out a valid value and refreshes it in time."""
+    """A per-process cache of one token that hands out a valid value and refreshes it in time.
+
+    `fetch()` returns `(value, lifetime_seconds)` or a `Token`; `name` labels logs and metrics
+    (one per guard in a process: "jwt", "scoped"). `clock` (monotonic) and `wall_clock` are
+    injectable for tests.
+    """
 
     def __init__(
         self,
         fetch: Fetch,
         *,
-        name: str,
+        name: str = DEFAULT_NAME,
         max_margin: float = DEFAULT_MAX_MARGIN,
         margin_fraction: float = DEFAULT_MARGIN_FRACTION,
         hard_margin: float = DEFAULT_HARD_MARGIN,
@@ -198,7 +260,7 @@ class TokenGuard:
         settings: Settings,
         fetch: Fetch,
         *,
-        name: str,
+        name: str = DEFAULT_NAME,
         adopt: Adopt | None = None,
         publish: Publish | None = None,
         **overrides: Any,
@@ -301,6 +363,9 @@ class TokenGuard:
 
     # --- Internals ----------------------------------------------------------------------------
 
+    def _soft_margin(self, lifetime: float) -> float:
+        return soft_margin(lifetime, max_margin=self._max_margin, fraction=self._fraction)
+
     def _get_slow(self) -> str:
         now = self._clock()
         snap = self._snap
@@ -401,10 +466,9 @@ class TokenGuard:
             adopted = self._try_adopt(cur, start, reason, remaining)
             if adopted is not None:
                 return adopted
+        wall_start = self._wall()
         try:
-            token = self._fetch()
-            if not isinstance(token, Token):
-                raise TypeError(f"fetch() returned {type(token).__name__}, expected Token")
+            token = as_token(self._fetch(), wall_start)
             if cur.token is not None and not self._extends(cur, token):
                 raise TokenNotExtendedError(
                     f"the {self.name} token endpoint returned a token expiring no later than the "
@@ -444,6 +508,7 @@ class TokenGuard:
             return None
         if candidate is None:
             return None
+        candidate = as_token(candidate, self._wall())
         if cur.token is not None and candidate.expires_at <= cur.token.expires_at:
             return None  # not fresher than ours
         if cur.token is not None and candidate.value == cur.value:
@@ -451,8 +516,7 @@ class TokenGuard:
         # A shared token's age is unknown: its expiry comes from the (shared) wall clock.
         left = min(candidate.lifetime, candidate.expires_at - self._wall())
         expires = now + left
-        soft = min(self._max_margin, self._fraction * candidate.lifetime)
-        if now >= expires - soft:
+        if now >= expires - self._soft_margin(candidate.lifetime):
             return None  # already due itself: fetch a fresh one instead
         register_secret(candidate.value, transient=True)
         self._install(candidate, expires)
@@ -460,8 +524,7 @@ class TokenGuard:
         return candidate
 
     def _install(self, token: Token, expires: float) -> None:
-        lifetime = token.lifetime
-        soft = min(self._max_margin, self._fraction * lifetime)
+        soft = self._soft_margin(token.lifetime)
         hard = min(self._hard_margin, soft / 2)
         refresh_at = expires - soft
         hard_at = expires - hard
