@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import orjson
 import pytest
 
-from tests.support.redis import RedisDB, claimed_db
+from tests.support.redis import RedisDB
 from worker.deadletter import DeadLetters
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import LeaseTable
@@ -23,12 +21,6 @@ from worker.delivery.node import target_share
 
 A = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_0")
 B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 @pytest.fixture

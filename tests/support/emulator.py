@@ -28,6 +28,9 @@ import orjson
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+# The tests' --commit-delay: short enough that a test waiting for a commit stays fast, long
+# enough to observe "pending".
+TEST_COMMIT_DELAY = "0.2"
 
 
 class EmulatorStartError(RuntimeError):
