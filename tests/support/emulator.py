@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +219,7 @@ def start_emulator(
         yield emu
     finally:
         emu.stop()
+
+
+# What the contract fixture `emulator_starter` returns: start(*switches) -> a running emulator.
+Starter = Callable[..., contextlib.AbstractContextManager[RunningEmulator]]
