@@ -29,6 +29,7 @@ from tests.support.emulator import TEST_COMMIT_DELAY, RunningEmulator, Starter, 
 
 SCHEMES = ["http", "https"]
 
+
 @pytest.fixture(scope="session")
 def https_certificates(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """A CA and a server certificate for 127.0.0.1, made once per session."""

@@ -17,7 +17,7 @@ from worker.snowpipe import errors as e
 
 @pytest.fixture
 def fake() -> FakeClock:
-    """The fake clock, where the policy's sleeps move time (at 1000 s: past any deadline math)."""
+    """The fake clock (starting at 1000 s); the policy's sleeps move it on."""
     return FakeClock(1000.0)
 
 
