@@ -1,4 +1,10 @@
-"""Shared fixtures: a running emulator per test (`emulator`) or per module (`shared_emulator`)."""
+"""Fixtures shared by the whole suite.
+
+- `emulator` / `shared_emulator`: an emulator over plain HTTP, per test or per module
+  (tests/contract/conftest.py replaces both with ones parametrized over HTTP and HTTPS);
+- `db`: a claimed, empty database on the shared Redis, emptied and released afterwards;
+- `clock`: the one fake clock (tests/support/clock.py).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.emulator import RunningEmulator, start_emulator
-
-# Short enough that a test waiting for a commit stays fast, long enough to observe "pending".
-TEST_COMMIT_DELAY = "0.2"
+from tests.support.clock import FakeClock
+from tests.support.emulator import TEST_COMMIT_DELAY, RunningEmulator, start_emulator
+from tests.support.redis import RedisDB, claimed_db
 
 
 @pytest.fixture
@@ -28,3 +33,16 @@ def shared_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         "--commit-delay", TEST_COMMIT_DELAY, workdir=tmp_path_factory.mktemp("emulator")
     ) as emu:
         yield emu
+
+
+@pytest.fixture
+def db() -> Iterator[RedisDB]:
+    """A private database on the shared Redis for one test (tests/support/redis.py)."""
+    with claimed_db() as claimed:
+        yield claimed
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock at 0 (wall clock at WALL_EPOCH) that moves only when the test moves it."""
+    return FakeClock()

@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from tests.contract.refclient import GRANT_TYPE, RefClient, mint_jwt, spki_fingerprint
-from tests.support.emulator import RunningEmulator, start_emulator
+from tests.support.emulator import RunningEmulator, Starter
 from tests.support.keys import key_pair
 
 ACCOUNT, USER = "AUTHACCT", "LOADER"
@@ -178,8 +178,8 @@ def test_expire_tokens_makes_every_issued_scoped_token_fail(emulator: RunningEmu
     c.close()
 
 
-def test_scoped_token_expires_after_its_ttl() -> None:
-    with start_emulator("--scoped-token-ttl", "1", "--commit-delay", "0.1") as emu:
+def test_scoped_token_expires_after_its_ttl(emulator_starter: Starter) -> None:
+    with emulator_starter("--scoped-token-ttl", "1") as emu:
         emu.register_key(ACCOUNT, USER, key_pair().public_pem)
         c = RefClient(emu.url, ACCOUNT, USER, key_pair().private_key).connect()
         assert c.scoped_token is not None

@@ -1,6 +1,6 @@
 """What the live service does that the emulator once did differently (issue 10), one test each,
-plus every switch that brings back the other behaviour. Run over HTTP here and over HTTPS by
-test_fidelity_over_https.py.
+plus every switch that brings back the other behaviour. Each runs over HTTP and over HTTPS
+(tests/contract/conftest.py).
 
 The tutorial test follows Snowflake's REST tutorial step by step as written: a key-pair JWT from
 the connector's generator (24 h lifetime), then hostname, token, open, append, status, bulk
@@ -14,7 +14,7 @@ import contextlib
 import datetime
 import gzip
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -23,25 +23,11 @@ import orjson
 import pytest
 
 from tests.contract.refclient import GRANT_TYPE, RefClient, segment, spki_fingerprint
-from tests.support.emulator import RunningEmulator, start_emulator
+from tests.support.emulator import RunningEmulator, Starter
 from tests.support.keys import key_pair
 
 ACCOUNT, USER = "FIDACCT", "LOADER"
 DB, SCHEMA, PIPE = "DB", "PUBLIC", "FID-STREAMING"
-TEST_COMMIT_DELAY = "0.2"
-Starter = Callable[..., contextlib.AbstractContextManager[RunningEmulator]]
-
-
-@pytest.fixture(scope="module")
-def start_switched(tmp_path_factory: pytest.TempPathFactory) -> Starter:
-    """Start an emulator with extra switches (the HTTPS re-run replaces this fixture)."""
-
-    def start(*args: str) -> contextlib.AbstractContextManager[RunningEmulator]:
-        return start_emulator(
-            "--commit-delay", TEST_COMMIT_DELAY, *args, workdir=tmp_path_factory.mktemp("emu")
-        )
-
-    return start
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +111,8 @@ def test_4_missing_channel_is_400_is_spelling(client: RefClient) -> None:
     assert response.json()["message"] == ""
 
 
-def test_4_switch_legacy_channel_not_found(start_switched: Starter) -> None:
-    with switched(start_switched, "--legacy-channel-not-found") as (_, c):
+def test_4_switch_legacy_channel_not_found(emulator_starter: Starter) -> None:
+    with switched(emulator_starter, "--legacy-channel-not-found") as (_, c):
         response = c.append(DB, SCHEMA, PIPE, "nothere", [{"a": 1}], continuation_token="0_0")
         assert response.status_code == 404
         assert response.json()["code"] == "ERR_CHANNEL_DOES_NOT_EXIST_OR_NOT_AUTHORIZED"
@@ -207,9 +193,9 @@ def test_7_rows_the_table_rejects_are_row_errors_and_the_offset_moves_past_them(
     assert committed == [{"id": 1, "name": "a"}, {"ID": "2", "ok": "yes"}]
 
 
-def test_7_pipe_schema_from_the_command_line(start_switched: Starter) -> None:
+def test_7_pipe_schema_from_the_command_line(emulator_starter: Starter) -> None:
     schema = "DB.PUBLIC.CLI(ID NUMBER(38,0) NOT NULL, T VARCHAR)"
-    with switched(start_switched, "--pipe", schema) as (emu, c):
+    with switched(emulator_starter, "--pipe", schema) as (emu, c):
         token = c.open(DB, SCHEMA, "CLI", "c")["next_continuation_token"]
         c.append(DB, SCHEMA, "CLI", "c", [{"t": "x"}], continuation_token=token, end="1")
         status = c.wait_committed(DB, SCHEMA, "CLI", "c", "1")
@@ -221,8 +207,8 @@ def test_7_pipe_schema_from_the_command_line(start_switched: Starter) -> None:
 # --- 8. Byte-rate limit --------------------------------------------------------------------------
 
 
-def test_8_byte_rate_limit_answers_429_390701_with_retry_after(start_switched: Starter) -> None:
-    with switched(start_switched, "--rate-limit", "0", "--max-bytes-per-second", "20000") as (
+def test_8_byte_rate_limit_answers_429_390701_with_retry_after(emulator_starter: Starter) -> None:
+    with switched(emulator_starter, "--rate-limit", "0", "--max-bytes-per-second", "20000") as (
         _, c
     ):
         token = c.open(DB, SCHEMA, PIPE, "bytes")["next_continuation_token"]
@@ -243,9 +229,9 @@ def test_8_byte_rate_limit_answers_429_390701_with_retry_after(start_switched: S
 
 
 def test_9_failover_answers_410_until_the_client_rediscovers_the_host(
-    start_switched: Starter,
+    emulator_starter: Starter,
 ) -> None:
-    with switched(start_switched) as (emu, c):
+    with switched(emulator_starter) as (emu, c):
         c.open(DB, SCHEMA, PIPE, "fo")
         emu.admin.post(
             "/_emulator/failover", json={"database": DB, "schema": SCHEMA, "pipe": PIPE}
@@ -284,8 +270,8 @@ def test_10_content_encoding_zstd_on_a_plain_body_is_read_as_is(client: RefClien
     assert client.wait_committed(DB, SCHEMA, PIPE, "plainzstd", "1")["rows_inserted"] == 1
 
 
-def test_10_switch_strict_content_encoding(start_switched: Starter) -> None:
-    with switched(start_switched, "--strict-content-encoding") as (_, c):
+def test_10_switch_strict_content_encoding(emulator_starter: Starter) -> None:
+    with switched(emulator_starter, "--strict-content-encoding") as (_, c):
         token = c.open(DB, SCHEMA, PIPE, "z")["next_continuation_token"]
         response = c.append(
             DB, SCHEMA, PIPE, "z", b'{"a":1}\n', continuation_token=token,
@@ -311,8 +297,8 @@ def test_10_missing_accept_is_391902_by_default(client: RefClient) -> None:
     assert response.json()["code"] == "391902"
 
 
-def test_10_switch_allow_missing_accept(start_switched: Starter) -> None:
-    with switched(start_switched, "--allow-missing-accept") as (emu, c):
+def test_10_switch_allow_missing_accept(emulator_starter: Starter) -> None:
+    with switched(emulator_starter, "--allow-missing-accept") as (emu, c):
         assert _without_accept(c, f"{emu.url}/v2/streaming/hostname").status_code == 200
 
 
@@ -336,8 +322,8 @@ def test_10_quoted_identifiers_in_paths_keep_their_case(
     assert registered.rows(DB, SCHEMA, "My Table-STREAMING") == []  # unquoted: upper case
 
 
-def test_10_switch_case_insensitive_status(start_switched: Starter) -> None:
-    with switched(start_switched, "--case-insensitive-status") as (_, c):
+def test_10_switch_case_insensitive_status(emulator_starter: Starter) -> None:
+    with switched(emulator_starter, "--case-insensitive-status") as (_, c):
         c.open(DB, SCHEMA, PIPE, "Mixed")
         statuses = c.status(DB, SCHEMA, PIPE, ["mixed", "MIXED"]).json()["channel_statuses"]
         assert sorted(statuses) == ["MIXED", "mixed"]
@@ -364,8 +350,8 @@ def test_10_a_pat_works_straight_on_hostname_and_ingest_calls(
 # --- The tutorial, step by step ------------------------------------------------------------------
 
 
-def test_tutorial_flow_with_hostname_with_port(start_switched: Starter) -> None:
-    with start_switched("--hostname-with-port") as emu:
+def test_tutorial_flow_with_hostname_with_port(emulator_starter: Starter) -> None:
+    with emulator_starter("--hostname-with-port") as emu:
         emu.register_key(ACCOUNT, USER, key_pair().public_pem)
         scheme = emu.url.split("://", 1)[0]
         http = httpx.Client(timeout=10)

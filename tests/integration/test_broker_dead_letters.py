@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.celery import delete_rabbit_queues, settings_overrides, unique_queue
 from tests.support.emulator import REPO_ROOT
-from tests.support.redis import RedisDB, claimed_db
+from tests.support.redis import RedisDB
 from worker.publish import Publisher
 from worker.settings import load_settings
 
@@ -23,10 +23,9 @@ RABBIT = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 @pytest.fixture
-def env() -> Iterator[dict[str, str]]:
+def env(db: RedisDB) -> Iterator[dict[str, str]]:
     queue = unique_queue("dlq")
-    with claimed_db() as db:
-        yield _env(db, queue)
+    yield _env(db, queue)
     delete_rabbit_queues(queue, f"{queue}.control", f"{queue}.dead", f"{queue}.dlx")
 
 

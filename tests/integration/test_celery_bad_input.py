@@ -23,7 +23,7 @@ from tests.support.celery import (
 )
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
-from tests.support.redis import RedisDB, claimed_db
+from tests.support.redis import RedisDB
 from worker.deadletter import DeadLetters
 from worker.publish import InvalidBatchError, Publisher
 from worker.settings import load_settings
@@ -38,12 +38,6 @@ def emu(tmp_path: Path) -> Iterator[RunningEmulator]:
     ) as emulator:  # fmt: skip
         emulator.register_key(ACCOUNT, USER, key_pair("celery").public_pem)
         yield emulator
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 def _publisher(emu: RunningEmulator, db: RedisDB, tmp_path: Path, **kw: object) -> Publisher:

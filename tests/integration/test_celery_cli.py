@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -13,14 +12,8 @@ import pytest
 from tests.support.celery import unique_queue
 from tests.support.emulator import REPO_ROOT
 from tests.support.keys import key_pair
-from tests.support.redis import RedisDB, claimed_db
+from tests.support.redis import RedisDB
 from worker.deadletter import DeadLetter, DeadLetters
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from tests.support.celery import (
 )
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
-from tests.support.redis import RedisDB, claimed_db
+from tests.support.redis import RedisDB
 from worker.publish import Publisher
 from worker.settings import load_settings
 
@@ -46,12 +46,6 @@ def emu(tmp_path: Path) -> Iterator[RunningEmulator]:
     ) as emulator:  # fmt: skip
         emulator.register_key(ACCOUNT, USER, key_pair("celery").public_pem)
         yield emulator
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 @pytest.mark.slow

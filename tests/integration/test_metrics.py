@@ -31,7 +31,7 @@ from tests.support.celery import (
 from tests.support.delivery import EMULATOR_ARGS, KEY_NAME, delivery_rig
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
-from tests.support.redis import RedisDB, claimed_db, free_port
+from tests.support.redis import RedisDB, free_port
 from worker.publish import Publisher
 from worker.settings import load_settings
 from worker.snowpipe.errors import BadRequestError, StaleContinuationTokenError
@@ -52,12 +52,6 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEmulator]:
     ) as emulator:  # fmt: skip
         emulator.register_key(ACCOUNT, USER, key_pair("metrics").public_pem)
         yield emulator
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 def scrape(port: int) -> Samples:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -28,16 +27,10 @@ from tests.support.celery import (
 )
 from tests.support.emulator import REPO_ROOT, RunningEmulator
 from tests.support.keys import key_pair
-from tests.support.redis import RedisDB, claimed_db, free_port
+from tests.support.redis import RedisDB, free_port
 from worker.connectivity import BrokerUnavailableError
 from worker.publish import Publisher
 from worker.settings import load_settings
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

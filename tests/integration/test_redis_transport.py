@@ -10,19 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
 from kombu import Connection, Exchange, Message, Queue
 
-from tests.support.redis import RedisDB, claimed_db
+from tests.support.redis import RedisDB
 from worker import broker
 
 TRANSPORT = "worker.broker:Transport"
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 @contextmanager

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from kombu import Connection, Queue
 
 from tests.support.celery import (
@@ -31,19 +29,13 @@ from tests.support.celery import (
 )
 from tests.support.emulator import REPO_ROOT, RunningEmulator
 from tests.support.keys import key_pair
-from tests.support.redis import RedisDB, claimed_db, free_port
+from tests.support.redis import RedisDB, free_port
 from worker.deadletter import DeadLetter, DeadLetters
 from worker.publish import Publisher
 from worker.settings import load_settings
 
 RABBIT = "amqp://guest:guest@127.0.0.1:5672//"
 PIPES = ["ST0-STREAMING", "ST1-STREAMING"]
-
-
-@pytest.fixture
-def db() -> Iterator[RedisDB]:
-    with claimed_db() as claimed:
-        yield claimed
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

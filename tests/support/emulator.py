@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ import orjson
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
+# The tests' --commit-delay: short enough that a test waiting for a commit stays fast, long
+# enough to observe "pending".
+TEST_COMMIT_DELAY = "0.2"
 
 
 class EmulatorStartError(RuntimeError):
@@ -216,3 +219,7 @@ def start_emulator(
         yield emu
     finally:
         emu.stop()
+
+
+# What the contract fixture `emulator_starter` returns: start(*switches) -> a running emulator.
+Starter = Callable[..., contextlib.AbstractContextManager[RunningEmulator]]

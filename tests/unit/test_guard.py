@@ -12,6 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from tests.support.clock import WALL_EPOCH
+from tests.support.clock import FakeClock as Clock
 from worker.auth.guard import (
     Token,
     TokenGuard,
@@ -19,21 +21,6 @@ from worker.auth.guard import (
     TokenUnavailableError,
     soft_margin,
 )
-
-WALL_EPOCH = 1_700_000_000.0
-
-
-class Clock:
-    """A monotonic clock the test moves by hand, with a wall clock that follows it."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def wall(self) -> float:
-        return WALL_EPOCH + self.now
 
 
 class Issuer:
@@ -70,11 +57,6 @@ def make_guard(clock: Clock, issuer: Callable[[], Token], **kw: Any) -> TokenGua
     kw.setdefault("jitter_fraction", 0.0)  # thresholds below are exact
     kw.setdefault("rng", random.Random(7))
     return TokenGuard(issuer, name=kw.pop("name", "test"), clock=clock, wall_clock=clock.wall, **kw)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 def run_threads(n: int, target: Callable[[], None]) -> None:

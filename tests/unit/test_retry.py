@@ -10,32 +10,19 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from tests.support.clock import FakeClock
 from worker.retry import RetryBudget, RetryPolicy, classify, is_retryable
 from worker.snowpipe import errors as e
 
 
-class FakeTime:
-    """A clock that only moves when the policy sleeps (or a test says so)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 @pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
+def fake() -> FakeClock:
+    """The fake clock (starting at 1000 s); the policy's sleeps move it on."""
+    return FakeClock(1000.0)
 
 
-def policy(fake: FakeTime, *, rng: float = 1.0, **kw: Any) -> RetryPolicy:
-    return RetryPolicy(sleep=fake.sleep, clock=fake.clock, rng=lambda: rng, **kw)
+def policy(fake: FakeClock, *, rng: float = 1.0, **kw: Any) -> RetryPolicy:
+    return RetryPolicy(sleep=fake.sleep, clock=fake, rng=lambda: rng, **kw)
 
 
 def failing(*errors: BaseException, result: str = "ok") -> tuple[Callable[[], str], list[int]]:
@@ -124,20 +111,20 @@ def test_default_numbers_match_the_spec() -> None:
     assert p.ceiling(10_000) == 5.0  # no overflow
 
 
-def test_full_jitter_spans_zero_to_the_ceiling(fake: FakeTime) -> None:
+def test_full_jitter_spans_zero_to_the_ceiling(fake: FakeClock) -> None:
     assert policy(fake, rng=0.0).backoff(3) == 0.0
     assert policy(fake, rng=0.5).backoff(3) == pytest.approx(0.324)
     assert policy(fake, rng=1.0).backoff(3) == pytest.approx(0.648)
 
 
-def test_retries_transient_errors_then_returns_the_result(fake: FakeTime) -> None:
+def test_retries_transient_errors_then_returns_the_result(fake: FakeClock) -> None:
     fn, calls = failing(status_error(503), e.TransportError("reset"), status_error(429))
     assert policy(fake).call(fn, op="t") == "ok"
     assert calls[0] == 4
     assert fake.sleeps == pytest.approx([0.2, 0.36, 0.648])
 
 
-def test_gives_up_after_four_attempts_with_the_last_error(fake: FakeTime) -> None:
+def test_gives_up_after_four_attempts_with_the_last_error(fake: FakeClock) -> None:
     errs = [status_error(503) for _ in range(5)]
     fn, calls = failing(*errs)
     with capture_logs() as logs, pytest.raises(e.ServerError) as info:
@@ -163,7 +150,7 @@ def test_gives_up_after_four_attempts_with_the_last_error(fake: FakeTime) -> Non
     assert any("gave up" in note for note in getattr(info.value, "__notes__", []))
 
 
-def test_permanent_errors_are_raised_at_once(fake: FakeTime) -> None:
+def test_permanent_errors_are_raised_at_once(fake: FakeClock) -> None:
     fn, calls = failing(status_error(400, '{"code":"STALE_CONTINUATION_TOKEN_SEQUENCER"}'))
     with capture_logs() as logs, pytest.raises(e.StaleContinuationTokenError):
         policy(fake).call(fn, op="t")
@@ -172,7 +159,7 @@ def test_permanent_errors_are_raised_at_once(fake: FakeTime) -> None:
     assert not [x for x in logs if x["event"].startswith("retry.")]
 
 
-def test_retry_scheduled_event_describes_the_error_without_secrets(fake: FakeTime) -> None:
+def test_retry_scheduled_event_describes_the_error_without_secrets(fake: FakeClock) -> None:
     fn, _ = failing(status_error(429, '{"code":"390701","message":"Bearer eyJabcd.efgh.ijkl"}'))
     with capture_logs() as logs:
         policy(fake).call(fn, op="open_channel")
@@ -189,21 +176,21 @@ def test_retry_scheduled_event_describes_the_error_without_secrets(fake: FakeTim
 # --- Retry-After ---------------------------------------------------------------------------------
 
 
-def test_retry_after_longer_than_backoff_is_honoured(fake: FakeTime) -> None:
+def test_retry_after_longer_than_backoff_is_honoured(fake: FakeClock) -> None:
     err = e.error_from_response(429, "{}", headers={"Retry-After": "3"})
     fn, _ = failing(err)
     policy(fake).call(fn, op="t")
     assert fake.sleeps == [3.0]
 
 
-def test_backoff_longer_than_retry_after_wins(fake: FakeTime) -> None:
+def test_backoff_longer_than_retry_after_wins(fake: FakeClock) -> None:
     errs = [e.error_from_response(503, "x", headers={"Retry-After": "0.1"}) for _ in range(3)]
     fn, _ = failing(*errs)
     policy(fake).call(fn, op="t")
     assert fake.sleeps == pytest.approx([0.2, 0.36, 0.648])
 
 
-def test_retry_after_http_date_is_honoured(fake: FakeTime) -> None:
+def test_retry_after_http_date_is_honoured(fake: FakeClock) -> None:
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
@@ -214,7 +201,7 @@ def test_retry_after_http_date_is_honoured(fake: FakeTime) -> None:
     assert 2.5 < fake.sleeps[0] <= 4.0
 
 
-def test_retry_after_beyond_the_deadline_gives_up_immediately(fake: FakeTime) -> None:
+def test_retry_after_beyond_the_deadline_gives_up_immediately(fake: FakeClock) -> None:
     err = e.error_from_response(429, "{}", headers={"Retry-After": "120"})
     fn, calls = failing(err)
     with capture_logs() as logs, pytest.raises(e.RateLimitedError):
@@ -229,7 +216,7 @@ def test_retry_after_beyond_the_deadline_gives_up_immediately(fake: FakeTime) ->
 # --- deadline ------------------------------------------------------------------------------------
 
 
-def test_deadline_stops_before_a_sleep_that_would_pass_it(fake: FakeTime) -> None:
+def test_deadline_stops_before_a_sleep_that_would_pass_it(fake: FakeClock) -> None:
     # Attempts take 1 s each; backoff ceilings 0.2, 0.36, ...; deadline 2.5 s.
     calls = [0]
 
@@ -246,7 +233,7 @@ def test_deadline_stops_before_a_sleep_that_would_pass_it(fake: FakeTime) -> Non
     assert [x["reason"] for x in logs if x["event"] == "retry.exhausted"] == ["deadline"]
 
 
-def test_per_call_deadline_overrides_the_policy_default(fake: FakeTime) -> None:
+def test_per_call_deadline_overrides_the_policy_default(fake: FakeClock) -> None:
     fn, calls = failing(status_error(503), status_error(503))
     with pytest.raises(e.ServerError):
         policy(fake, deadline=60.0).call(fn, op="t", deadline=0.1)
@@ -256,7 +243,7 @@ def test_per_call_deadline_overrides_the_policy_default(fake: FakeTime) -> None:
 # --- budget --------------------------------------------------------------------------------------
 
 
-def test_budget_exhaustion_fails_fast(fake: FakeTime) -> None:
+def test_budget_exhaustion_fails_fast(fake: FakeClock) -> None:
     budget = RetryBudget(2.0, cost=1.0, refill=0.5)
     p = policy(fake, budget=budget)
     fn, calls = failing(*[status_error(503) for _ in range(10)])
@@ -274,7 +261,7 @@ def test_budget_exhaustion_fails_fast(fake: FakeTime) -> None:
     assert calls2[0] == 1
 
 
-def test_successes_refill_the_budget_up_to_capacity(fake: FakeTime) -> None:
+def test_successes_refill_the_budget_up_to_capacity(fake: FakeClock) -> None:
     budget = RetryBudget(2.0, cost=1.0, refill=0.5)
     assert budget.try_spend() and budget.try_spend()
     assert not budget.try_spend()
@@ -295,7 +282,7 @@ def test_budget_rejects_nonsense_sizes() -> None:
 # --- structure -----------------------------------------------------------------------------------
 
 
-def test_a_call_inside_a_call_is_not_retried_twice(fake: FakeTime) -> None:
+def test_a_call_inside_a_call_is_not_retried_twice(fake: FakeClock) -> None:
     p = policy(fake)
     inner_calls = [0]
 
@@ -336,7 +323,7 @@ def test_concurrent_calls_keep_their_own_state() -> None:
     assert sorted(results) == sorted((i % 4) + 1 for i in range(16))
 
 
-def test_countdown_continues_the_same_numbers(fake: FakeTime) -> None:
+def test_countdown_continues_the_same_numbers(fake: FakeClock) -> None:
     p = policy(fake, rng=1.0)
     # Attempt 4 was the last in-call attempt; task retry 1 waits at most ceiling(4).
     assert p.countdown(1) == pytest.approx(p.ceiling(4))
@@ -367,7 +354,7 @@ def test_from_settings_uses_the_retry_knobs() -> None:
     assert p.budget is not None and p.budget.capacity == 7.0
 
 
-def test_own_layer_calls_are_retried_inside_another_call(fake: FakeTime) -> None:
+def test_own_layer_calls_are_retried_inside_another_call(fake: FakeClock) -> None:
     p = policy(fake)
     token_calls = [0]
 
@@ -385,7 +372,7 @@ def test_own_layer_calls_are_retried_inside_another_call(fake: FakeTime) -> None
     assert token_calls[0] == 3
 
 
-def test_retries_and_give_ups_are_counted_in_metrics(fake: FakeTime) -> None:
+def test_retries_and_give_ups_are_counted_in_metrics(fake: FakeClock) -> None:
     from worker.observability import RETRIES, RETRIES_EXHAUSTED
 
     def value(counter: Any, **labels: str) -> float:

@@ -1,8 +1,0 @@
-"""test_faults.py re-run against an HTTPS emulator (--certfile/--keyfile, CA in SSL_CERT_FILE)."""
-
-from tests.contract.test_faults import *  # noqa: F403  (its tests and fixtures, collected again)
-from tests.support.https_rerun import (  # noqa: F401  (replace the conftest's fixtures)
-    emulator,
-    https_certificates,
-    shared_emulator,
-)

@@ -1,0 +1,421 @@
+"""ChannelPump and CommitPoller with a fake clock, an in-memory Redis and a fake Snowflake.
+
+The pump's loop (`run`) is driven a step at a time here, the way `run` calls them: `_open`,
+`_send_some` (after `_wait_for_work` filled an empty buffer), `on_commit` and
+`_check_commit_timeout`, and for a refusal the handler `run` calls. Time only moves when the
+test moves the clock (spacing, linger and commit timeouts are on the pump's clock); the few real
+waits are bounded by the spacing of a test (at most 50 ms).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import orjson
+import pytest
+
+from tests.support.clock import FakeClock
+from tests.support.fake_redis import RedisClock
+from worker.deadletter import DeadLetters
+from worker.delivery import pump as pump_module
+from worker.delivery.channels import ChannelRef
+from worker.delivery.lease import LeaseTable
+from worker.delivery.log import ChannelLog, Logged, Piece
+from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig, RequestRefused
+from worker.snowpipe.errors import PipeNotFoundError, error_from_response
+
+A = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_0")
+B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
+C = ChannelRef("DB", "PUBLIC", "P2", "snowpipe_0")
+LEASE_TTL = 30.0
+
+
+@dataclass
+class Status:
+    """The fields of a channel status the pump and the poller read."""
+
+    channel_status_code: str = "SUCCESS"
+    last_committed_offset_token: str | None = None
+    rows_error_count: int = 0
+    last_error_offset_upper_bound: str | None = None
+    last_error_message: str | None = None
+
+
+@dataclass
+class Opened:
+    continuation_token: str
+    status: Status
+
+
+@dataclass
+class FakeSnowflake:
+    """One channel's side of Snowflake: opens, appends (recorded), statuses; faults on demand."""
+
+    status: Status = field(default_factory=Status)
+    opens: int = 0
+    appends: list[tuple[str, str | None, str, int]] = field(default_factory=list)
+    refuse_rows_with: bytes | None = None  # an append whose body holds this is refused (400)
+    refuse_open: Exception | None = None
+
+    def open_channel(self, database: str, schema: str, pipe: str, channel: str, **_: Any) -> Opened:
+        if self.refuse_open is not None:
+            raise self.refuse_open
+        self.opens += 1
+        return Opened(f"ct{self.opens}.0", Status(**vars(self.status)))
+
+    def append_rows(
+        self, database: str, schema: str, pipe: str, channel: str, *, continuation_token: str,
+        payload: Any, start_offset_token: str | None, end_offset_token: str,
+    ) -> str:
+        if self.refuse_rows_with is not None and self.refuse_rows_with in payload.body:
+            raise error_from_response(400, '{"code":"ERR_ROW_TOO_BIG","message":"too big"}')
+        self.appends.append(
+            (continuation_token, start_offset_token, end_offset_token, payload.row_count)
+        )
+        return f"{continuation_token}+"
+
+    def bulk_channel_status(
+        self, database: str, schema: str, pipe: str, channel_names: Sequence[str]
+    ) -> dict[str, Status]:
+        return {name: Status(**vars(self.status)) for name in channel_names}
+
+    def commit(self, offset: int) -> Status:
+        self.status.last_committed_offset_token = str(offset)
+        return Status(**vars(self.status))
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counts[name] += amount
+
+
+def config(**kw: Any) -> PumpConfig:
+    defaults: dict[str, Any] = {
+        "compression": "none",
+        "max_request_bytes": 4 * 1024 * 1024,
+        "coalesce_max_bytes": 1024 * 1024,
+        "requests_per_second": 1000.0,
+        "bytes_per_second": 1e12,
+        "countdown": lambda failures, exc: 0.0,
+        "commit_timeout_seconds": 30.0,
+        "linger_seconds": 0.0,
+    }
+    return PumpConfig(**{**defaults, **kw})
+
+
+@dataclass
+class Rig:
+    pump: ChannelPump
+    log: ChannelLog
+    leases: LeaseTable
+    snowflake: FakeSnowflake
+    stats: Stats
+    dead: DeadLetters
+    clock: FakeClock
+
+    def batch(self, batch_id: str, *ids: int, pieces: int = 1) -> Logged:
+        """Log a batch of rows `ids` (split into `pieces` entries)."""
+        rows = [orjson.dumps({"id": i, "batch": batch_id}) + b"\n" for i in ids]
+        size = -(-len(rows) // pieces)
+        parts = [rows[i : i + size] for i in range(0, len(rows), size)]
+        result = self.log.append(A, batch_id, [Piece(len(p), b"".join(p)) for p in parts])
+        assert isinstance(result, Logged)
+        return result
+
+    def send(self, *, later: float = 1.0) -> bool:
+        """The loop's send step `later` seconds on (past the rate's spacing by default): fill an
+        empty buffer (the tests call it when entries are waiting), then send."""
+        self.clock.advance(later)
+        if not self.pump._buffer:
+            self.pump._wait_for_work()
+        return self.pump._send_some()
+
+
+@pytest.fixture
+def make_rig(
+    fredis: fakeredis.FakeRedis, clock: FakeClock
+) -> Any:
+    def make(**kw: Any) -> Rig:
+        leases = LeaseTable(fredis, "n1@test", ttl_seconds=LEASE_TTL)
+        lease = leases.acquire(A)
+        assert lease is not None
+        log = ChannelLog(fredis, dedup_ttl_seconds=3600)
+        snowflake, stats, dead = FakeSnowflake(), Stats(), DeadLetters(fredis)
+        pump = ChannelPump(
+            lease, leases=leases, log=log, client=snowflake, config=config(**kw), stats=stats,
+            dead_letters=dead, clock=clock,
+        )
+        return Rig(pump, log, leases, snowflake, stats, dead, clock)
+
+    return make
+
+
+@pytest.fixture
+def rig(make_rig: Any) -> Rig:
+    r: Rig = make_rig()
+    return r
+
+
+def test_open_resumes_after_snowflakes_committed_offset_and_trims_below_it(rig: Rig) -> None:
+    first = rig.batch("b1", 1, 2, pieces=2)
+    second = rig.batch("b2", 3)
+    rig.snowflake.status.last_committed_offset_token = str(first.last)
+    rig.pump._open()
+    assert rig.pump.opened and rig.pump.committed == rig.pump.sent_upto == first.last
+    assert [e.batch_id for e in rig.log.read(A, 0, 10)] == ["b2"]
+    assert rig.send()
+    assert rig.snowflake.appends == [("ct1.0", str(second.first), str(second.last), 1)]
+    assert rig.stats.counts["channel_opens"] == 1
+
+
+def test_consecutive_entries_go_out_in_one_request_and_a_commit_trims_them(rig: Rig) -> None:
+    one, _, three = rig.batch("b1", 1, 2), rig.batch("b2", 3), rig.batch("b3", 4, 5, 6)
+    rig.pump._open()
+    assert rig.send()
+    assert rig.snowflake.appends == [("ct1.0", str(one.first), str(three.last), 6)]
+    assert rig.pump.in_flight == 1 and rig.pump.wants_status()
+    rig.pump.on_commit(rig.snowflake.commit(three.last - 1))  # not all of it yet
+    assert rig.pump.in_flight == 1
+    rig.pump.on_commit(rig.snowflake.commit(three.last))
+    assert rig.pump.in_flight == 0 and not rig.pump.wants_status()
+    assert rig.log.read(A, 0, 10) == []
+    assert rig.stats.counts["rows_committed"] == 6
+    assert rig.stats.counts["entries_committed"] == 3
+
+
+def test_requests_are_cut_at_the_coalescing_limit(make_rig: Any) -> None:
+    rig: Rig = make_rig(coalesce_max_bytes=40)  # one 27-byte row per request
+    for n in range(3):
+        rig.batch(f"b{n}", n)
+    rig.pump._open()
+    for _ in range(3):
+        assert rig.send()
+    assert [a[3] for a in rig.snowflake.appends] == [1, 1, 1]
+    # Each request continues the chain from the last answer.
+    assert [a[0] for a in rig.snowflake.appends] == ["ct1.0", "ct1.0+", "ct1.0++"]
+
+
+def test_appends_are_spaced_by_the_channel_rate_on_the_pumps_clock(make_rig: Any) -> None:
+    rig: Rig = make_rig(requests_per_second=16.0, coalesce_max_bytes=40)  # 1/16 s apart
+    rig.batch("b1", 1)
+    rig.batch("b2", 2)
+    rig.pump._open()
+    assert rig.send()
+    assert rig.send(later=0.046875)  # waits (for real) the 1/64 s left, and sends nothing
+    assert len(rig.snowflake.appends) == 1
+    assert rig.send(later=0.015625)
+    assert len(rig.snowflake.appends) == 2
+
+
+def test_the_first_batch_lingers_for_others_to_join_its_request(make_rig: Any) -> None:
+    rig: Rig = make_rig(linger_seconds=0.05)
+    rig.batch("b1", 1)
+    rig.pump._open()
+    rig.pump._wait_for_work()
+    rig.batch("b2", 2)
+    assert rig.send(later=0.0)  # still lingering: takes b2 into the buffer, sends nothing
+    assert rig.snowflake.appends == []
+    assert rig.send(later=0.05)
+    assert [a[3] for a in rig.snowflake.appends] == [2]
+
+
+def test_a_status_that_is_not_success_reopens_and_replays_from_the_committed_offset(
+    rig: Rig,
+) -> None:
+    one = rig.batch("b1", 1)
+    rig.pump._open()
+    assert rig.send()
+    rig.pump.on_commit(Status(channel_status_code="ERR_CHANNEL_MUST_BE_REOPENED"))
+    assert not rig.pump.opened
+    rig.pump._open()
+    assert rig.send()
+    assert rig.snowflake.appends[-1] == ("ct2.0", str(one.first), str(one.last), 1)
+
+
+def test_statuses_fetched_before_the_latest_open_are_ignored(rig: Rig) -> None:
+    one = rig.batch("b1", 1)
+    rig.pump._open()
+    stale_epoch = rig.pump.epoch
+    rig.pump._open()
+    assert rig.send()
+    rig.pump.on_status(rig.snowflake.commit(one.last), stale_epoch)
+    rig.pump._take_status()
+    assert rig.pump.in_flight == 1
+    rig.pump.on_status(rig.snowflake.commit(one.last), rig.pump.epoch)
+    rig.pump._take_status()
+    assert rig.pump.in_flight == 0
+
+
+def test_an_append_not_committed_within_the_commit_timeout_reopens(rig: Rig) -> None:
+    rig.batch("b1", 1)
+    rig.pump._open()
+    assert rig.send()
+    rig.clock.advance(29.9)
+    rig.pump._check_commit_timeout()
+    assert rig.pump.opened
+    rig.clock.advance(0.1)
+    rig.pump._check_commit_timeout()
+    assert not rig.pump.opened
+    assert rig.stats.counts["commit_timeouts"] == 1
+
+
+def test_row_errors_dead_letter_the_batches_of_the_request_that_holds_the_bound(
+    rig: Rig,
+) -> None:
+    rig.batch("b0", 0)
+    rig.pump._open()
+    assert rig.send()  # request 1: b0
+    one, two = rig.batch("b1", 1), rig.batch("b2", 2)
+    assert rig.send()  # request 2: b1 and b2
+    rig.snowflake.status.rows_error_count = 1
+    rig.snowflake.status.last_error_offset_upper_bound = str(one.first)
+    rig.snowflake.status.last_error_message = "NULL result in a non-nullable column"
+    rig.pump.on_commit(rig.snowflake.commit(two.last))
+    letters = [s.letter for s in rig.dead.entries()]
+    assert sorted(letter.batch_id for letter in letters) == ["b1", "b2"]
+    assert {letter.kind for letter in letters} == {"row_errors"}
+    assert all("non-nullable" in letter.reason for letter in letters)
+    assert rig.stats.counts["row_errors"] == 1
+    rig.pump.on_commit(rig.snowflake.commit(two.last))  # the same count again: nothing new
+    assert rig.dead.count() == 2
+
+
+def test_a_refused_request_is_split_until_the_batch_at_fault_is_dead_lettered(
+    rig: Rig,
+) -> None:
+    good = rig.batch("good", 1)
+    bad = rig.batch("bad", 2, 3, pieces=2)
+    after = rig.batch("after", 4)
+    rig.snowflake.refuse_rows_with = b'"batch":"bad"'
+    rig.pump._open()
+    for _ in range(6):  # what run() does, turn by turn
+        if not rig.pump.opened:
+            rig.pump._open()
+        try:
+            if not rig.send():
+                break
+        except RequestRefused as exc:
+            rig.pump._refused_request(exc, pump_module._log)
+    letters = [s.letter for s in rig.dead.entries()]
+    assert [letter.batch_id for letter in letters] == ["bad"]
+    assert [r["id"] for r in letters[0].rows] == [2, 3]  # both pieces of the batch
+    assert letters[0].detail["offsets"] == [bad.first, bad.last]
+    # One entry per request while isolating; after the dead letter the reopen replays from the
+    # committed offset (nothing committed here): good again, then after.
+    sent = [(int(a[1] or 0), a[3]) for a in rig.snowflake.appends]
+    assert sent == [(good.first, 1), (good.first, 1), (after.first, 1)]
+    assert rig.stats.counts["dead_letter"] == 1
+
+
+def test_a_refused_channel_dead_letters_its_whole_log(rig: Rig) -> None:
+    rig.batch("b1", 1)
+    rig.batch("b2", 2)
+    rig.snowflake.refuse_open = error_from_response(
+        404, '{"code":"ERR_PIPE_DOES_NOT_EXIST_OR_NOT_AUTHORIZED","message":"no such pipe"}'
+    )
+    rig.pump.stop(timeout=0)  # so the pause after the refusal returns at once
+    with pytest.raises(PipeNotFoundError) as refused:
+        rig.pump._open()
+    rig.pump._refused_channel(refused.value, pump_module._log)  # what run() does with it
+    assert sorted(s.letter.batch_id for s in rig.dead.entries()) == ["b1", "b2"]
+    assert rig.log.read(A, 0, 10) == []
+
+
+def test_a_pump_whose_lease_was_taken_stops_without_opening(
+    rig: Rig, fredis: fakeredis.FakeRedis, redis_clock: RedisClock
+) -> None:
+    redis_clock.advance(LEASE_TTL + 1)  # the node paused past its TTL
+    assert LeaseTable(fredis, "n2@test", ttl_seconds=LEASE_TTL).acquire(A) is not None
+    rig.pump.run()  # returns at once
+    assert rig.pump.lost
+    assert rig.snowflake.opens == 0
+
+
+# --- CommitPoller ---------------------------------------------------------------------------------
+
+
+class Waiting:
+    """What the poller sees of a pump."""
+
+    def __init__(self, ref: ChannelRef, *, committed: int = 0, wants: bool = True) -> None:
+        self.ref, self.committed, self.wants, self.epoch = ref, committed, wants, 7
+        self.got: list[tuple[Status, int]] = []
+
+    def wants_status(self) -> bool:
+        return self.wants
+
+    def on_status(self, status: Status, epoch: int) -> None:
+        self.got.append((status, epoch))
+
+
+class Bulk:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.committed: dict[str, str] = {}
+        self.fail: Exception | None = None
+
+    def bulk_channel_status(
+        self, database: str, schema: str, pipe: str, names: Sequence[str]
+    ) -> dict[str, Status]:
+        self.calls.append((pipe, list(names)))
+        if self.fail is not None:
+            raise self.fail
+        return {n: Status(last_committed_offset_token=self.committed.get(n)) for n in names}
+
+
+def poller(pumps: list[Waiting], bulk: Bulk, clock: FakeClock) -> CommitPoller:
+    return CommitPoller(
+        bulk, lambda: pumps, poll_seconds=0.125, max_poll_seconds=1.0, clock=clock  # type: ignore[arg-type]
+    )
+
+
+def test_one_bulk_status_per_pipe_for_the_channels_that_wait(clock: FakeClock) -> None:
+    pumps = [Waiting(A), Waiting(B), Waiting(C), Waiting(ChannelRef("DB", "PUBLIC", "P1", "x"),
+                                                         wants=False)]
+    bulk = Bulk()
+    poller(pumps, bulk, clock).poll_once()
+    assert sorted(bulk.calls) == [("P1", ["snowpipe_0", "snowpipe_1"]), ("P2", ["snowpipe_0"])]
+    assert [epoch for p in pumps[:3] for _, epoch in p.got] == [7, 7, 7]
+    assert pumps[3].got == []
+
+
+def test_a_pipe_whose_commits_do_not_move_is_polled_less_often_up_to_the_maximum(
+    clock: FakeClock,
+) -> None:
+    pumps, bulk = [Waiting(A, committed=5)], Bulk()
+    p = poller(pumps, bulk, clock)
+    polled_at = []
+    for _ in range(32):  # 4 s in steps of 1/8 s (exact in binary)
+        before = len(bulk.calls)
+        p.poll_once(scheduled=True)
+        if len(bulk.calls) > before:
+            polled_at.append(clock())
+        clock.advance(0.125)
+    # Intervals 1/8, 1/4, 1/2, then the maximum of 1 s.
+    assert polled_at == [0.0, 0.125, 0.375, 0.875, 1.875, 2.875, 3.875]
+    bulk.committed["snowpipe_0"] = "6"  # a commit: back to every 1/8 s
+    clock.advance(1.0)
+    p.poll_once(scheduled=True)
+    clock.advance(0.125)
+    p.poll_once(scheduled=True)
+    assert len(bulk.calls) == len(polled_at) + 2
+
+
+def test_an_unscheduled_poll_asks_at_once_and_a_failed_poll_is_only_logged(
+    clock: FakeClock,
+) -> None:
+    pumps, bulk = [Waiting(A)], Bulk()
+    p = poller(pumps, bulk, clock)
+    p.poll_once(scheduled=True)
+    p.poll_once()  # not due yet, asked anyway
+    assert len(bulk.calls) == 2
+    bulk.fail = ConnectionError("down")
+    p.poll_once()
+    assert len(pumps[0].got) == 2
