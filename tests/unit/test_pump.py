@@ -344,12 +344,18 @@ def test_a_pump_whose_lease_was_taken_stops_without_opening(
 class Waiting:
     """What the poller sees of a pump."""
 
-    def __init__(self, ref: ChannelRef, *, committed: int = 0, wants: bool = True) -> None:
+    def __init__(
+        self, ref: ChannelRef, *, committed: int = 0, wants: bool = True, expected_in: float = 0.0
+    ) -> None:
         self.ref, self.committed, self.wants, self.epoch = ref, committed, wants, 7
+        self.expected_in = expected_in
         self.got: list[tuple[Status, int]] = []
 
     def wants_status(self) -> bool:
         return self.wants
+
+    def commit_expected_in(self) -> float:
+        return self.expected_in
 
     def on_status(self, status: Status, epoch: int) -> None:
         self.got.append((status, epoch))
@@ -419,3 +425,47 @@ def test_an_unscheduled_poll_asks_at_once_and_a_failed_poll_is_only_logged(
     bulk.fail = ConnectionError("down")
     p.poll_once()
     assert len(pumps[0].got) == 2
+
+
+def test_a_pipe_whose_channels_expect_no_commit_yet_is_not_polled(clock: FakeClock) -> None:
+    early = [Waiting(A, expected_in=2.0), Waiting(B, expected_in=3.0)]
+    due = [Waiting(C)]
+    bulk = Bulk()
+    poller([*early, *due], bulk, clock).poll_once(scheduled=True)
+    assert [pipe for pipe, _ in bulk.calls] == ["P2"]
+
+
+def test_one_channel_expecting_a_commit_gets_its_pipe_polled_for_all_that_wait(
+    clock: FakeClock,
+) -> None:
+    bulk = Bulk()
+    poller([Waiting(A, expected_in=2.0), Waiting(B)], bulk, clock).poll_once(scheduled=True)
+    assert bulk.calls == [("P1", ["snowpipe_0", "snowpipe_1"])]
+
+
+def test_an_unscheduled_poll_ignores_the_expectation(clock: FakeClock) -> None:
+    bulk = Bulk()
+    poller([Waiting(A, expected_in=4.0)], bulk, clock).poll_once()
+    assert len(bulk.calls) == 1
+
+
+def test_a_pump_expects_its_next_commit_after_most_of_the_latency_it_has_seen(rig: Rig) -> None:
+    rig.pump._open()
+    one = rig.batch("b1", 1)
+    assert rig.send()
+    assert rig.pump.commit_expected_in() == 0.0  # no latency seen yet: any moment
+    rig.clock.advance(6.0)
+    rig.pump.on_commit(rig.snowflake.commit(one.last))  # 6 s: the estimate rises to 0.6 s
+    two = rig.batch("b2", 2)
+    assert rig.send(later=0.0)
+    assert rig.pump.commit_expected_in() == pytest.approx(0.7 * 0.6)
+    rig.clock.advance(1.0)
+    assert rig.pump.commit_expected_in() == 0.0  # due: the poller asks
+    rig.pump.on_commit(rig.snowflake.commit(two.last))
+    assert rig.pump.commit_expected_in() == 0.0  # nothing in flight
+
+
+def test_the_recent_latency_falls_at_once_and_rises_by_a_tenth() -> None:
+    assert pump_module.recent_latency(0.0, 6.0) == pytest.approx(0.6)
+    assert pump_module.recent_latency(6.0, 5.0) == 5.0
+    assert pump_module.recent_latency(5.0, 15.0) == pytest.approx(6.0)
