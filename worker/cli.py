@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worker.connectivity import UnreachableError
+from worker.errors import NdjsonError as NdjsonError  # noqa: PLC0414 (re-exported)
 from worker.settings import Settings, SettingsError
 
 app = typer.Typer(
@@ -99,10 +100,6 @@ RUN_TIMEOUT_SECONDS = 900.0
 def _fail(message: str, code: int = 1) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
-
-
-class NdjsonError(ValueError):
-    """A line of the input is not a JSON object."""
 
 
 def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:

@@ -25,11 +25,8 @@ import kombu.exceptions
 
 from worker import runtime
 from worker.connectivity import broker_error, check_broker
+from worker.errors import InvalidBatchError as InvalidBatchError  # noqa: PLC0414 (re-exported)
 from worker.settings import Settings
-
-
-class InvalidBatchError(ValueError):
-    """The batch cannot be published as given; the message names the problem and the fix."""
 
 
 def _check_name(kind: str, value: object) -> str:

@@ -47,6 +47,9 @@ from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import AlreadyLogged, AppendResult, LogFull, Piece
+from worker.errors import DeadLettered as DeadLettered  # noqa: PLC0414 (re-exported)
+from worker.errors import EmptyBatchError as EmptyBatchError  # noqa: PLC0414 (re-exported)
+from worker.errors import InvalidBatchError, SnowpipeWorkerError
 from worker.observability import get_logger, record_dead_letter, record_ingest
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
@@ -71,16 +74,9 @@ def _on_shutting_down(**_: Any) -> None:
     _shutting_down.set()
 
 
-class EmptyBatchError(ValueError):
-    """A batch without rows (published by something other than publish_batch)."""
-
-
-class StateNotReplicatedError(redis.RedisError):
-    """The state Redis did not get the log write to enough replicas in time."""
-
-
-class DeadLettered(Exception):
-    """The batch was stored as a dead letter (`snowpipe-worker dead-letters list` shows it)."""
+class StateNotReplicatedError(SnowpipeWorkerError, redis.RedisError):
+    """The state Redis did not get the log write to enough replicas in time (ridden out like an
+    outage: every `except redis.RedisError` catches it)."""
 
 
 class IngestRequest(Request):  # type: ignore[misc]
@@ -151,7 +147,6 @@ def ingest_batch(
 
 def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
     from worker.snowpipe.encoding import encode_pieces
-    from worker.snowpipe.errors import PermanentError
 
     batch_id, database, schema, pipe, rows = (
         batch.batch_id,
@@ -171,7 +166,7 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
                 rows, compression=s.compression, max_request_bytes=s.max_request_bytes
             )
         ]
-    except (PermanentError, EmptyBatchError) as exc:
+    except InvalidBatchError as exc:  # an empty batch, a row that cannot be encoded
         requeued = _dead_letter(rt, self, batch, str(exc))
         if requeued is not None:
             return requeued

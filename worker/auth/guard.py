@@ -40,6 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+# The guard's errors are part of the one tree (worker/errors.py); importable from here too.
+from worker.errors import TokenNotExtendedError as TokenNotExtendedError  # noqa: PLC0414 (re-exported)
+from worker.errors import TokenUnavailableError as TokenUnavailableError  # noqa: PLC0414 (re-exported)
 from worker.observability import (
     get_logger,
     record_guard_wait,
@@ -89,23 +92,6 @@ class Token:
 Fetch = Callable[[], Token]
 Adopt = Callable[[], "Token | None"]
 Publish = Callable[[Token], None]
-
-
-class TokenUnavailableError(RuntimeError):
-    """No valid token can be given: the token expired (or was rejected) and refreshing failed.
-
-    `cause` is the last refresh error (also the exception's `__cause__`), e.g. the client's
-    AuthError for a wrong key, so a caller can tell a bad key from an unreachable endpoint.
-    """
-
-    def __init__(self, message: str, *, name: str, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.name = name
-        self.cause = cause
-
-
-class TokenNotExtendedError(RuntimeError):
-    """A refresh returned a token expiring no later than the current one (counts as a failure)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from worker.deadletter import DeadLetter, DeadLetters, Kind
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Entry, LeaseLost
+from worker.errors import SnowpipeWorkerError
 from worker.observability import PumpMetrics, get_logger, record_dead_letter
 from worker.settings import DEFAULT_COMMIT_TIMEOUT_SECONDS
 from worker.snowpipe.encoding import Compression, EncodedRows, encode_request
@@ -105,7 +106,7 @@ class PumpClient(Protocol):
     ) -> dict[str, ChannelStatus]: ...
 
 
-class RequestRefused(Exception):
+class RequestRefused(SnowpipeWorkerError):
     """Snowflake refused an append for good; `entries` are what the request held."""
 
     def __init__(self, cause: Exception, entries: Sequence[Entry]) -> None:
