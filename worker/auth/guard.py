@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 # The guard's errors are part of the one tree (worker/errors.py); importable from here too.
 from worker.errors import TokenNotExtendedError as TokenNotExtendedError  # noqa: PLC0414 (re-exported)
@@ -53,8 +53,6 @@ from worker.observability import (
 
 if TYPE_CHECKING:
     from worker.settings import Settings
-
-R = TypeVar("R")
 
 # Defaults mirror worker/settings.py; `TokenGuard.from_settings` is the normal way in.
 DEFAULT_MAX_MARGIN = 120.0
@@ -216,19 +214,6 @@ class TokenGuard:
         finally:
             # Off the fast path only (a refresh, a wait for one): the metric costs nothing per call.
             record_guard_wait(self.name, time.perf_counter() - started)
-
-    def call_authorized(self, send: Callable[[str], R], *, unauthorized: Callable[[R], bool]) -> R:
-        """`send(token)`, resent once with a refreshed token if `unauthorized(result)`.
-
-        The second result is returned as is, even if it is unauthorized too: the caller turns it
-        into its auth error. One forced refresh and one resend, never a loop.
-        """
-        value = self.get()
-        result = send(value)
-        if not unauthorized(result):
-            return result
-        self.invalidate(value)
-        return send(self.get())
 
     def invalidate(self, value: str) -> None:
         """Mark `value` rejected (a 401): if it is still current, the next `get()` refreshes."""
