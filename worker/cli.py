@@ -265,32 +265,25 @@ def dead_requeue(
 ) -> None:
     """Publish dead letters again, the broker's dead-letter queue's too (same batch id: nothing
     committed is sent twice)."""
+    from worker.deadletter import BrokerDeadLetter, DeadLetter
     from worker.publish import Publisher
 
     dead = _dead_letters()
     broker = _broker_dead_letters()
     publisher = Publisher(_settings())
+
+    def republish(letter: DeadLetter | BrokerDeadLetter) -> None:
+        publisher.publish(
+            letter.rows,
+            database=letter.database,
+            schema=letter.schema,
+            pipe=letter.pipe,
+            batch_id=letter.batch_id,
+        )
+
     try:
-        requeued, skipped = dead.requeue(
-            lambda letter: publisher.publish(
-                letter.rows,
-                database=letter.database,
-                schema=letter.schema,
-                pipe=letter.pipe,
-                batch_id=letter.batch_id,
-            ),
-            batch_id=batch_id,
-        )
-        moved, kept = broker.requeue(
-            lambda letter: publisher.publish(
-                letter.rows,
-                database=letter.database,
-                schema=letter.schema,
-                pipe=letter.pipe,
-                batch_id=letter.batch_id,
-            ),
-            batch_id=batch_id,
-        )
+        requeued, skipped = dead.requeue(republish, batch_id=batch_id)
+        moved, kept = broker.requeue(republish, batch_id=batch_id)
     finally:
         publisher.close()
     out.print(f"requeued {requeued + moved} batch(es)")

@@ -481,7 +481,8 @@ class EncodingError(PermanentError, InvalidBatchError):
     """Rows that cannot be encoded as NDJSON (not JSON-serialisable)."""
 
     hint = (
-        "make every row a dict of JSON values (str keys; int, float, str, bool, None, list, dict)"
+        "make every row a non-empty dict with str keys of JSON values (str, int, float, bool, "
+        "None, list, dict) or Decimal, datetime, date, time, UUID"
     )
 
 

@@ -50,6 +50,7 @@ from worker.delivery.log import AlreadyLogged, AppendResult, LogFull, Piece
 from worker.errors import DeadLettered as DeadLettered  # noqa: PLC0414 (re-exported)
 from worker.errors import EmptyBatchError as EmptyBatchError  # noqa: PLC0414 (re-exported)
 from worker.errors import InvalidBatchError, SnowpipeWorkerError
+from worker.messages import IngestMessage
 from worker.observability import get_logger, record_dead_letter, record_ingest
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
@@ -125,7 +126,7 @@ def ingest_batch(
 
     `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
     first failed this batch, carried across re-publications of an outage."""
-    batch = Batch(batch_id, database, schema, pipe, rows, attempt, outage_since)
+    batch = IngestMessage(batch_id, database, schema, pipe, rows, attempt, outage_since)
     label = f"{database}.{schema}.{pipe}"
     try:
         result = _ingest(self, batch)
@@ -145,7 +146,7 @@ def ingest_batch(
     return result
 
 
-def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
+def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
     from worker.snowpipe.encoding import encode_pieces
 
     batch_id, database, schema, pipe, rows = (
@@ -213,35 +214,13 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
     return {"batch_id": batch_id, "outcome": "logged", "first": result.first, "last": result.last}
 
 
-@dataclass(frozen=True)
-class Batch:
-    """The arguments of one ingest_batch message."""
-
-    batch_id: str
-    database: str
-    schema: str
-    pipe: str
-    rows: list[dict[str, Any]]
-    attempt: int
-    outage_since: float | None = None
-
-
 def _dead_letter(
-    rt: runtime.Runtime, task: Task, batch: Batch, reason: str
+    rt: runtime.Runtime, task: Task, batch: IngestMessage, reason: str
 ) -> dict[str, Any] | None:
     """Store the batch as a dead letter (None), or, while the state store is out, put it back
     in the queue (the summary of `_retry_later`)."""
     _log.error("ingest.dead_letter", batch_id=batch.batch_id, pipe=batch.pipe, reason=reason)
-    letter = DeadLetter(
-        batch.batch_id,
-        batch.database,
-        batch.schema,
-        batch.pipe,
-        reason,
-        batch.rows,
-        attempts=batch.attempt,
-        task_id=task.request.id,
-    )
+    letter = DeadLetter.of(batch, reason, task_id=task.request.id)
     try:
         rt.dead_letters.add(letter)
     except redis.RedisError as exc:
@@ -282,7 +261,7 @@ def state_retry_delay(retry: int, rng: Callable[[], float] = random.random) -> f
 
 
 def _ride_out(
-    task: Task, batch: Batch, exc: BaseException, again: Callable[[], Any]
+    task: Task, batch: IngestMessage, exc: BaseException, again: Callable[[], Any]
 ) -> _Done | dict[str, Any]:
     """Retry `again` while the state store fails, holding the message (see the module
     docstring): `_Done(result)` once it answers, else the batch is back in the queue (the
@@ -344,21 +323,12 @@ def _ride_out(
 
 
 def _retry_later(
-    batch: Batch, *, next_attempt: int, outage_since: float | None = None
+    batch: IngestMessage, *, next_attempt: int, outage_since: float | None = None
 ) -> dict[str, Any]:
     """Put the batch back in the queue (a new message, same batch id), then return: Celery
     acknowledges the message in hand. A fresh message starts over with the broker's delivery
     count (RabbitMQ's delivery limit) and visibility timeout (Redis)."""
-    kwargs: dict[str, Any] = {
-        "batch_id": batch.batch_id,
-        "database": batch.database,
-        "schema": batch.schema,
-        "pipe": batch.pipe,
-        "rows": batch.rows,
-        "attempt": next_attempt,
-    }
-    if outage_since is not None:
-        kwargs["outage_since"] = outage_since
+    kwargs = batch.again(attempt=next_attempt, outage_since=outage_since).kwargs()
     try:
         # No countdown or ETA: on RabbitMQ's quorum queues that would need native delayed
         # delivery (the worker turns that consumer step off: worker/celery_app.py), and an ETA

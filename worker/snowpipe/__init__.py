@@ -1,7 +1,7 @@
 """The Snowpipe Streaming REST client, below the Celery layer (it imports nothing of it).
 
     models.py    ChannelStatus, OpenChannelResult: what the endpoints answer, read leniently
-    encoding.py  rows -> NDJSON request bodies under the 4 MB wire cap
+    encoding.py  the row contract (`encode_row`), NDJSON bodies under the 4 MB wire cap
     errors.py    HTTP outcomes -> the errors of the one tree (worker/errors.py), re-exported
     tokens.py    the two tokens of a process (key-pair JWT, scoped token), how each is fetched,
                  and what to check when Snowflake refuses one
