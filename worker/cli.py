@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worker.connectivity import UnreachableError
+from worker.errors import NdjsonError as NdjsonError  # noqa: PLC0414 (re-exported)
 from worker.settings import Settings, SettingsError
 
 app = typer.Typer(
@@ -109,10 +110,6 @@ def _require_extra(extra: str, what: str) -> None:
     problem = missing_extra(extra, what)
     if problem is not None:
         raise _fail(problem, code=2)
-
-
-class NdjsonError(ValueError):
-    """A line of the input is not a JSON object."""
 
 
 def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
@@ -278,32 +275,25 @@ def dead_requeue(
 ) -> None:
     """Publish dead letters again, the broker's dead-letter queue's too (same batch id: nothing
     committed is sent twice)."""
+    from worker.deadletter import BrokerDeadLetter, DeadLetter
     from worker.publish import Publisher
 
     dead = _dead_letters()
     broker = _broker_dead_letters()
     publisher = Publisher(_settings())
+
+    def republish(letter: DeadLetter | BrokerDeadLetter) -> None:
+        publisher.publish(
+            letter.rows,
+            database=letter.database,
+            schema=letter.schema,
+            pipe=letter.pipe,
+            batch_id=letter.batch_id,
+        )
+
     try:
-        requeued, skipped = dead.requeue(
-            lambda letter: publisher.publish(
-                letter.rows,
-                database=letter.database,
-                schema=letter.schema,
-                pipe=letter.pipe,
-                batch_id=letter.batch_id,
-            ),
-            batch_id=batch_id,
-        )
-        moved, kept = broker.requeue(
-            lambda letter: publisher.publish(
-                letter.rows,
-                database=letter.database,
-                schema=letter.schema,
-                pipe=letter.pipe,
-                batch_id=letter.batch_id,
-            ),
-            batch_id=batch_id,
-        )
+        requeued, skipped = dead.requeue(republish, batch_id=batch_id)
+        moved, kept = broker.requeue(republish, batch_id=batch_id)
     finally:
         publisher.close()
     out.print(f"requeued {requeued + moved} batch(es)")

@@ -12,21 +12,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from worker.errors import BrokerUnavailableError as BrokerUnavailableError  # noqa: PLC0414 (re-exported)
+from worker.errors import StateStoreUnavailableError as StateStoreUnavailableError  # noqa: PLC0414 (re-exported)
+from worker.errors import UnreachableError as UnreachableError  # noqa: PLC0414 (re-exported)
 from worker.settings import Settings
 
 CONNECT_TIMEOUT_SECONDS = 3.0
-
-
-class UnreachableError(ConnectionError):
-    """The broker or the state store did not answer; the message names the setting and the fix."""
-
-
-class BrokerUnavailableError(UnreachableError):
-    """The Celery broker (SNOWPIPE_BROKER_URL) did not answer or refused the message."""
-
-
-class StateStoreUnavailableError(UnreachableError):
-    """The state Redis (SNOWPIPE_STATE_URL) did not answer."""
 
 
 def redact_url(url: str) -> str:

@@ -21,6 +21,7 @@ import orjson
 import redis
 
 from worker.delivery.channels import KEY_PREFIX
+from worker.messages import IngestMessage
 
 DEAD_KEY = KEY_PREFIX + "dead"
 
@@ -43,9 +44,35 @@ class DeadLetter:
     failed_at: float = field(default_factory=time.time)
     detail: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls,
+        message: IngestMessage,
+        reason: str,
+        *,
+        kind: Kind = "failed",
+        task_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> DeadLetter:
+        """The dead letter of `message` (the one way a dead letter is made: task and pump)."""
+        return cls(
+            message.batch_id,
+            message.database,
+            message.schema,
+            message.pipe,
+            reason,
+            message.rows,
+            kind=kind,
+            attempts=message.attempt,
+            task_id=task_id,
+            detail=detail if detail is not None else {},
+        )
+
     def dumps(self) -> bytes:
-        """The entry as stored in Redis (JSON)."""
-        return orjson.dumps(asdict(self))
+        """The entry as stored in Redis (JSON; row values as the worker encodes them)."""
+        from worker.snowpipe.encoding import to_json
+
+        return to_json(asdict(self))
 
     @classmethod
     def loads(cls, raw: bytes | str) -> DeadLetter:

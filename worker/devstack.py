@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.embedded import EmbeddedRedis, start_embedded_redis
+from worker.errors import StackError as StackError  # noqa: PLC0414 (re-exported)
 
 # The directory that holds the `worker` package: a checkout's root, or site-packages.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +31,6 @@ LOCAL_SCOPED_TOKEN_TTL = 10
 LOCAL_COMMIT_DELAY = 0.5
 LOCAL_WORKER_CONCURRENCY = 16
 START_TIMEOUT = 60.0
-
-
-class StackError(RuntimeError):
-    """A part of the local stack did not start; the message says which and where its log is."""
 
 
 def ensure_key(directory: Path = LOCAL_DIR) -> tuple[Path, Path]:

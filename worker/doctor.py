@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from worker.errors import token_cause
 from worker.observability import get_logger
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -84,14 +85,6 @@ def _split_hint(exc: BaseException) -> tuple[str, str]:
             head = f"HTTP {exc.status}{' ' + exc.code if exc.code else ''}: {head}"
         return head, exc.hint
     return _first_line(exc), ""
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    from worker.auth.guard import TokenUnavailableError
-
-    while isinstance(exc, TokenUnavailableError) and exc.cause is not None:
-        exc = exc.cause
-    return exc
 
 
 def parse_pipe(name: str) -> tuple[str, str, str]:
@@ -251,7 +244,7 @@ class Doctor:
                     f"scoped token issued for {minter.subject} (valid {token.lifetime:.0f} s)"
                 )
         except Exception as exc:  # noqa: BLE001 (every failure is reported, none raised)
-            what, fix = _split_hint(_unwrap(exc))
+            what, fix = _split_hint(token_cause(exc))
             self._add(Check(name, False, what, fix or "see the message"))
             client.close()
             return None
@@ -279,7 +272,7 @@ class Doctor:
             )  # fmt: skip
             return
         except Exception as exc:  # noqa: BLE001
-            what, fix = _split_hint(_unwrap(exc))
+            what, fix = _split_hint(token_cause(exc))
             self._add(Check(label, False, what, fix or "see the message"))
             return
         ours = sorted(n for n in found if n != PROBE_CHANNEL)

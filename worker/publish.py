@@ -3,9 +3,12 @@
 Rows are checked before anything is sent, so a bad batch fails in the producer with an error that
 names the row and the fix, instead of becoming a dead letter later:
 
-- the batch is a non-empty list of rows, each a non-empty JSON object with string keys;
-- every value is plain JSON (str, int, float, bool, None, list, dict; no NaN or infinity);
-- each row, encoded, is under the per-request cap (`SNOWPIPE_MAX_REQUEST_BYTES`, 4 MB);
+- the batch is a non-empty list of rows;
+- each row meets the row contract, `worker.snowpipe.encoding.encode_row`, the function the
+  worker encodes with: a non-empty JSON object with string keys; values JSON, Decimal,
+  datetime/date/time or UUID, no NaN or infinity; under the per-request cap on the wire
+  (`SNOWPIPE_MAX_REQUEST_BYTES`, 4 MB, after `SNOWPIPE_COMPRESSION`). A refused row raises
+  `EncodingError` (an `InvalidBatchError`) with the message a dead letter would carry;
 - database, schema and pipe are non-empty names without control characters.
 
 The batch id (a UUID unless given) is the dedup key of the whole pipeline: publishing the same
@@ -14,8 +17,6 @@ batch id twice commits its rows once.
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,10 @@ import kombu.exceptions
 
 from worker import runtime
 from worker.connectivity import broker_error, check_broker
+from worker.errors import InvalidBatchError as InvalidBatchError  # noqa: PLC0414 (re-exported)
+from worker.messages import IngestMessage
 from worker.settings import Settings
-
-
-class InvalidBatchError(ValueError):
-    """The batch cannot be published as given; the message names the problem and the fix."""
+from worker.snowpipe.encoding import encode_row
 
 
 def _check_name(kind: str, value: object) -> str:
@@ -41,58 +41,6 @@ def _check_name(kind: str, value: object) -> str:
             "object's plain name"
         )
     return value
-
-
-def _non_finite(value: Any, path: str) -> str | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        return path or "the row"
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            found = _non_finite(item, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            found = _non_finite(item, f"{path}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def check_row(row: object, index: int, max_bytes: int) -> int:
-    """Check one row (see the module docstring); its encoded size in bytes."""
-    if not isinstance(row, Mapping):
-        raise InvalidBatchError(
-            f"row {index} is a {type(row).__name__}, not a JSON object: publish each row as a "
-            "dict of column name to value"
-        )
-    if not row:
-        raise InvalidBatchError(f"row {index} is empty: every row needs at least one column")
-    for key in row:
-        if not isinstance(key, str):
-            raise InvalidBatchError(
-                f"row {index} has a non-string column name {key!r}: use str column names"
-            )
-    try:
-        encoded = json.dumps(row, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except ValueError:
-        where = _non_finite(row, "")
-        raise InvalidBatchError(
-            f"row {index}: {where} is NaN or infinite, which JSON cannot carry: send null or a "
-            "finite number"
-        ) from None
-    except TypeError as exc:
-        raise InvalidBatchError(
-            f"row {index} is not JSON-serialisable ({exc}): convert values to str, int, float, "
-            "bool, None, list or dict (e.g. datetime -> isoformat(), Decimal -> str)"
-        ) from None
-    size = len(encoded.encode())
-    if size > max_bytes:
-        raise InvalidBatchError(
-            f"row {index} is {size} bytes encoded, over the {max_bytes}-byte per-request cap of "
-            "Snowpipe Streaming: split the row or store the large value elsewhere"
-        )
-    return size
 
 
 def check_batch(
@@ -109,7 +57,12 @@ def check_batch(
     if not rows:
         raise InvalidBatchError("the batch is empty: publish at least one row")
     for index, row in enumerate(rows):
-        check_row(row, index, settings.max_request_bytes)
+        encode_row(
+            row,
+            index,
+            compression=settings.compression,
+            max_request_bytes=settings.max_request_bytes,
+        )
     return [dict(row) for row in rows]
 
 
@@ -157,23 +110,21 @@ class Publisher:
             batch_id = uuid.uuid4().hex
         elif not batch_id or any(ord(ch) < 33 for ch in batch_id):
             raise InvalidBatchError(f"batch_id {batch_id!r} must be non-empty, without spaces")
-        kwargs: dict[str, Any] = {
-            "batch_id": batch_id,
-            "database": database,
-            "schema": schema,
-            "pipe": pipe,
-            "rows": checked,
-        }
-        if attempt:
-            kwargs["attempt"] = attempt
+        message = IngestMessage(batch_id, database, schema, pipe, checked, attempt)
         try:
             self.app.send_task(
                 INGEST_TASK,
-                kwargs=kwargs,
+                kwargs=message.kwargs(),
                 task_id=batch_id if not attempt else f"{batch_id}:{attempt}",
                 queue=s.queue_name,
                 routing_key=s.queue_name,
             )
+        except kombu.exceptions.EncodeError as exc:
+            # Nothing was sent: a value the broker's JSON cannot carry (an Enum, a dataclass).
+            raise InvalidBatchError(
+                f"the batch cannot be serialised for the broker ({exc}): convert such values "
+                "to str, int, float, bool, None, list or dict"
+            ) from None
         except self._broker_errors as exc:
             raise broker_error(s, exc) from None
         return batch_id

@@ -45,17 +45,17 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVar
 import httpx
 from tenacity import RetryCallState, Retrying
 
+from worker.errors import (
+    AuthError,
+    ChannelReopenRequired,
+    RetryableError,
+    SnowpipeError,
+)
 from worker.observability import (
     get_logger,
     record_retry,
     record_retry_budget,
     record_retry_exhausted,
-)
-from worker.snowpipe.errors import (
-    AuthError,
-    ChannelReopenRequired,
-    RetryableError,
-    SnowpipeError,
 )
 
 if TYPE_CHECKING:

@@ -28,6 +28,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from worker.errors import SettingsError as SettingsError  # noqa: PLC0414 (re-exported)
+
 ENV_PREFIX = "SNOWPIPE_"
 # The named profiles, shipped as package data (pyproject.toml: [tool.setuptools.package-data]).
 PROFILE_DIR = Path(str(importlib.resources.files("worker").joinpath("profiles")))
@@ -72,10 +74,6 @@ _FIXES: dict[str, str] = {
     "broker_url": "use redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST",
     "state_url": "set SNOWPIPE_STATE_URL to a Redis URL, e.g. redis://127.0.0.1:6379/0",
 }
-
-
-class SettingsError(ValueError):
-    """The configuration is invalid; the message lists each problem and its fix."""
 
 
 def env_name(field: str) -> str:

@@ -47,6 +47,10 @@ from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import AlreadyLogged, AppendResult, LogFull, Piece
+from worker.errors import DeadLettered as DeadLettered  # noqa: PLC0414 (re-exported)
+from worker.errors import EmptyBatchError as EmptyBatchError  # noqa: PLC0414 (re-exported)
+from worker.errors import InvalidBatchError, SnowpipeWorkerError
+from worker.messages import IngestMessage
 from worker.observability import get_logger, record_dead_letter, record_ingest
 from worker.tokenstore import advisory_window
 
@@ -72,16 +76,9 @@ def _on_shutting_down(**_: Any) -> None:
     _shutting_down.set()
 
 
-class EmptyBatchError(ValueError):
-    """A batch without rows (published by something other than publish_batch)."""
-
-
-class StateNotReplicatedError(redis.RedisError):
-    """The state Redis did not get the log write to enough replicas in time."""
-
-
-class DeadLettered(Exception):
-    """The batch was stored as a dead letter (`snowpipe-worker dead-letters list` shows it)."""
+class StateNotReplicatedError(SnowpipeWorkerError, redis.RedisError):
+    """The state Redis did not get the log write to enough replicas in time (ridden out like an
+    outage: every `except redis.RedisError` catches it)."""
 
 
 class IngestRequest(Request):  # type: ignore[misc]
@@ -130,7 +127,7 @@ def ingest_batch(
 
     `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
     first failed this batch, carried across re-publications of an outage."""
-    batch = Batch(batch_id, database, schema, pipe, rows, attempt, outage_since)
+    batch = IngestMessage(batch_id, database, schema, pipe, rows, attempt, outage_since)
     label = f"{database}.{schema}.{pipe}"
     try:
         result = _ingest(self, batch)
@@ -150,9 +147,8 @@ def ingest_batch(
     return result
 
 
-def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
+def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
     from worker.snowpipe.encoding import encode_pieces
-    from worker.snowpipe.errors import PermanentError
 
     batch_id, database, schema, pipe, rows = (
         batch.batch_id,
@@ -172,7 +168,7 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
                 rows, compression=s.compression, max_request_bytes=s.max_request_bytes
             )
         ]
-    except (PermanentError, EmptyBatchError) as exc:
+    except InvalidBatchError as exc:  # an empty batch, a row that cannot be encoded
         requeued = _dead_letter(rt, self, batch, str(exc))
         if requeued is not None:
             return requeued
@@ -219,35 +215,13 @@ def _ingest(self: Task, batch: Batch) -> dict[str, Any]:
     return {"batch_id": batch_id, "outcome": "logged", "first": result.first, "last": result.last}
 
 
-@dataclass(frozen=True)
-class Batch:
-    """The arguments of one ingest_batch message."""
-
-    batch_id: str
-    database: str
-    schema: str
-    pipe: str
-    rows: list[dict[str, Any]]
-    attempt: int
-    outage_since: float | None = None
-
-
 def _dead_letter(
-    rt: runtime.Runtime, task: Task, batch: Batch, reason: str
+    rt: runtime.Runtime, task: Task, batch: IngestMessage, reason: str
 ) -> dict[str, Any] | None:
     """Store the batch as a dead letter (None), or, while the state store is out, put it back
     in the queue (the summary of `_retry_later`)."""
     _log.error("ingest.dead_letter", batch_id=batch.batch_id, pipe=batch.pipe, reason=reason)
-    letter = DeadLetter(
-        batch.batch_id,
-        batch.database,
-        batch.schema,
-        batch.pipe,
-        reason,
-        batch.rows,
-        attempts=batch.attempt,
-        task_id=task.request.id,
-    )
+    letter = DeadLetter.of(batch, reason, task_id=task.request.id)
     try:
         rt.dead_letters.add(letter)
     except redis.RedisError as exc:
@@ -288,7 +262,7 @@ def state_retry_delay(retry: int, rng: Callable[[], float] = random.random) -> f
 
 
 def _ride_out(
-    task: Task, batch: Batch, exc: BaseException, again: Callable[[], Any]
+    task: Task, batch: IngestMessage, exc: BaseException, again: Callable[[], Any]
 ) -> _Done | dict[str, Any]:
     """Retry `again` while the state store fails, holding the message (see the module
     docstring): `_Done(result)` once it answers, else the batch is back in the queue (the
@@ -350,21 +324,12 @@ def _ride_out(
 
 
 def _retry_later(
-    batch: Batch, *, next_attempt: int, outage_since: float | None = None
+    batch: IngestMessage, *, next_attempt: int, outage_since: float | None = None
 ) -> dict[str, Any]:
     """Put the batch back in the queue (a new message, same batch id), then return: Celery
     acknowledges the message in hand. A fresh message starts over with the broker's delivery
     count (RabbitMQ's delivery limit) and visibility timeout (Redis)."""
-    kwargs: dict[str, Any] = {
-        "batch_id": batch.batch_id,
-        "database": batch.database,
-        "schema": batch.schema,
-        "pipe": batch.pipe,
-        "rows": batch.rows,
-        "attempt": next_attempt,
-    }
-    if outage_since is not None:
-        kwargs["outage_since"] = outage_since
+    kwargs = batch.again(attempt=next_attempt, outage_since=outage_since).kwargs()
     try:
         # No countdown or ETA: on RabbitMQ's quorum queues that would need native delayed
         # delivery (the worker turns that consumer step off: worker/celery_app.py), and an ETA

@@ -82,7 +82,7 @@ def test_a_channel_dropped_behind_the_pump_is_reopened_on_the_400_is_code(rig: R
 def test_after_a_failover_the_pump_rediscovers_the_host_takes_a_token_and_reopens(
     rig: Rig,
 ) -> None:
-    # Checked to fail: with `self._failed_over(op, token)` removed from SnowpipeClient._call the
+    # Checked to fail: with the 410 branch removed from GuardAuth.auth_flow (snowpipe/http.py) the
     # reopen keeps the old token, every call answers 410 and nothing after the failover commits.
     ref = rig.ref()
     rig.start_pump(ref)

@@ -20,11 +20,11 @@ from tests.support.keys import key_pair
 from worker.auth.keypair import public_key_fingerprint
 from worker.retry import RetryBudget, RetryPolicy
 from worker.settings import Settings
-from worker.snowpipe import client as client_module
 from worker.snowpipe import errors as e
-from worker.snowpipe.auth import ingest_base_url, parse_hostname, token_scope
+from worker.snowpipe import http as http_module
 from worker.snowpipe.client import ChannelStatus, SnowpipeClient
 from worker.snowpipe.encoding import encode_rows
+from worker.snowpipe.tokens import ingest_base_url, parse_hostname, token_scope
 
 ACCOUNT_URL = "https://acme-prod.snowflakecomputing.com"
 INGEST_HOST = "acme-prod.us-east-1.ingest.snowflakecomputing.com"
@@ -597,17 +597,6 @@ def test_channel_status_tolerates_missing_and_odd_fields() -> None:
 # --- process handling ----------------------------------------------------------------------------
 
 
-def test_get_client_is_one_per_process(
-    mock: respx.MockRouter, control: dict[str, respx.Route]
-) -> None:
-    client_module.reset_client()
-    try:
-        first = client_module.get_client(settings())
-        assert client_module.get_client(settings()) is first
-    finally:
-        client_module.reset_client()
-
-
 def test_forked_child_drops_the_inherited_http_client_without_closing_it(
     mock: respx.MockRouter, control: dict[str, respx.Route], sleeps: Sleeps
 ) -> None:
@@ -621,7 +610,7 @@ def test_forked_child_drops_the_inherited_http_client_without_closing_it(
             ok = (
                 fresh is not parent_http
                 and not parent_http.is_closed
-                and parent_http in client_module._abandoned
+                and parent_http in http_module._abandoned
             )
             os.write(write_fd, b"ok" if ok else b"bad")
         finally:

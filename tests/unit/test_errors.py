@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import pickle
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import pytest
 
+import worker
+import worker.errors
 from worker.snowpipe import errors as e
 
 
@@ -138,8 +143,84 @@ def test_each_leaf_sits_under_the_branch_the_worker_relies_on(
 ) -> None:
     assert issubclass(cls, branch)
     assert issubclass(cls, e.SnowpipeError)
-    # Each leaf is in the tree drawn in the module docstring.
-    assert cls.__name__ in (e.__doc__ or "")
+    # Each leaf is in the tree drawn in the docstring of worker/errors.py.
+    assert cls.__name__ in (worker.errors.__doc__ or "")
+
+
+def _exception_classes() -> dict[str, list[str]]:
+    """Every exception class defined in worker/ (by its source), with the names of its bases."""
+    import builtins
+
+    known = {n for n in dir(builtins) if n.endswith(("Error", "Exception"))} | {"RedisError"}
+    classes: dict[str, list[str]] = {}
+    root = Path(worker.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "")
+                         for b in node.bases]
+                classes[node.name] = bases
+    found: dict[str, list[str]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for name, bases in classes.items():
+            if name not in found and any(b in known or b in found for b in bases):
+                found[name] = bases
+                changed = True
+    return found
+
+
+def test_every_error_of_the_product_is_in_the_one_tree() -> None:
+    # One root, and every class drawn in the tree: `except SnowpipeWorkerError` catches them all.
+    doc = worker.errors.__doc__ or ""
+    found = _exception_classes()
+    assert len(found) > 40
+    tree = {name for name, _ in inspect.getmembers(worker.errors, inspect.isclass)}
+    for name, bases in found.items():
+        if name.startswith("_"):
+            continue  # control flow inside one function (the CLI's _Stop)
+        assert name == "SnowpipeWorkerError" or any(b in tree or b in found for b in bases)
+        assert "SnowpipeWorkerError" in _ancestry(name, found), name
+        assert name in doc, f"{name} is not drawn in the tree of worker/errors.py"
+
+
+def _ancestry(name: str, found: dict[str, list[str]]) -> set[str]:
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(found.get(current, []))
+    return seen
+
+
+def test_errors_keep_their_builtin_bases_for_existing_handlers() -> None:
+    from worker.connectivity import BrokerUnavailableError
+    from worker.errors import InvalidBatchError, SettingsError
+
+    assert issubclass(BrokerUnavailableError, ConnectionError)
+    assert issubclass(InvalidBatchError, ValueError)
+    assert issubclass(SettingsError, ValueError)
+    # worker.tasks needs a configuration to import: read its bases from the source.
+    assert "RedisError" in _exception_classes()["StateNotReplicatedError"]
+    # A row that cannot be encoded is both the batch's fault and a permanent Snowpipe error.
+    assert issubclass(e.EncodingError, InvalidBatchError)
+    assert issubclass(e.EncodingError, e.PermanentError)
+
+
+def test_token_cause_unwraps_nested_token_errors_to_the_refresh_error() -> None:
+    from worker.errors import TokenUnavailableError, token_cause
+
+    root = e.InvalidJWTError("bad key")
+    inner = TokenUnavailableError("jwt", name="jwt", cause=root)
+    outer = TokenUnavailableError("scoped", name="scoped", cause=inner)
+    assert token_cause(outer) is root
+    assert token_cause(TokenUnavailableError("x", name="x")).args == ("x",)
+    plain = KeyError("k")
+    assert token_cause(plain) is plain
 
 
 def test_every_error_says_what_to_do() -> None:

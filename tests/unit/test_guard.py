@@ -444,31 +444,73 @@ def test_401_forces_a_refresh_even_during_a_failure_backoff(clock: Clock) -> Non
     assert issuer.calls == 3
 
 
-def test_call_authorized_resends_once_then_returns_the_second_401(clock: Clock) -> None:
-    issuer = Issuer(clock, 3600.0)
-    guard = make_guard(clock, issuer)
+def _auth_client(guard: TokenGuard, answer: Any, **auth_kw: Any) -> tuple[Any, list[str]]:
+    """An httpx client whose requests go through `GuardAuth(guard)`; the bearer tokens sent."""
+    import httpx
+
+    from worker.snowpipe.http import GuardAuth
+
     sent: list[str] = []
 
-    def always_401(token: str) -> int:
+    def handler(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("Bearer ")
         sent.append(token)
-        return 401
+        return httpx.Response(answer(token))
 
-    assert guard.call_authorized(always_401, unauthorized=lambda status: status == 401) == 401
+    client = httpx.Client(transport=httpx.MockTransport(handler), auth=GuardAuth(guard, **auth_kw))
+    return client, sent
+
+
+def test_auth_resends_once_then_returns_the_second_401(clock: Clock) -> None:
+    issuer = Issuer(clock, 3600.0)
+    guard = make_guard(clock, issuer)
+    client, sent = _auth_client(guard, lambda token: 401)
+    assert client.get("http://x/").status_code == 401
     assert sent == ["tok-1", "tok-2"]  # one resend with a fresh token, then stop
     assert issuer.calls == 2
 
 
-def test_call_authorized_recovers_from_one_401(clock: Clock) -> None:
+def test_auth_recovers_from_one_401_and_keeps_the_fresh_token(clock: Clock) -> None:
     issuer = Issuer(clock, 3600.0)
     guard = make_guard(clock, issuer)
     guard.get()
-
-    def send(token: str) -> int:
-        return 401 if token == "tok-1" else 200
-
-    assert guard.call_authorized(send, unauthorized=lambda status: status == 401) == 200
-    assert guard.call_authorized(send, unauthorized=lambda status: status == 401) == 200
+    client, sent = _auth_client(guard, lambda token: 401 if token == "tok-1" else 200)
+    assert client.get("http://x/").status_code == 200
+    assert client.get("http://x/").status_code == 200
+    assert sent == ["tok-1", "tok-2", "tok-2"]
     assert issuer.calls == 2
+
+
+def test_auth_treats_403_like_401(clock: Clock) -> None:
+    issuer = Issuer(clock, 3600.0)
+    guard = make_guard(clock, issuer)
+    client, sent = _auth_client(guard, lambda token: 403 if token == "tok-1" else 200)
+    assert client.get("http://x/").status_code == 200
+    assert sent == ["tok-1", "tok-2"]
+
+
+def test_auth_on_410_reports_the_failover_and_drops_that_token(clock: Clock) -> None:
+    issuer = Issuer(clock, 3600.0)
+    guard = make_guard(clock, issuer)
+    failovers: list[bool] = []
+    client, sent = _auth_client(
+        guard,
+        lambda token: 410 if token == "tok-1" else 200,
+        on_failover=lambda: failovers.append(True),
+    )
+    assert client.get("http://x/").status_code == 410  # returned: the caller reopens
+    assert failovers == [True]
+    assert client.get("http://x/").status_code == 200  # the next request has a new token
+    assert sent == ["tok-1", "tok-2"]
+
+
+def test_auth_without_a_failover_hook_leaves_410_alone(clock: Clock) -> None:
+    issuer = Issuer(clock, 3600.0)
+    guard = make_guard(clock, issuer)
+    client, sent = _auth_client(guard, lambda token: 410)
+    assert client.get("http://x/").status_code == 410
+    assert client.get("http://x/").status_code == 410
+    assert sent == ["tok-1", "tok-1"]  # the JWT guard's token is not the failed-over one
 
 
 # --- Hooks and forced refresh ---------------------------------------------------------------------

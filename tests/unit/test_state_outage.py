@@ -14,6 +14,7 @@ import redis
 
 from tests.support.keys import key_pair
 from tests.support.redis import free_port
+from worker.messages import IngestMessage
 from worker.settings import load_settings
 
 
@@ -39,7 +40,7 @@ def tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def _batch(tasks: Any, **kw: Any) -> Any:
-    return tasks.Batch("b-1", "DB", "S", "P", [{"id": 1}], kw.pop("attempt", 0), **kw)
+    return IngestMessage("b-1", "DB", "S", "P", [{"id": 1}], kw.pop("attempt", 0), **kw)
 
 
 def test_hold_is_the_rest_of_the_outage_window_capped_by_the_soft_time_limit(tasks: Any) -> None:

@@ -41,8 +41,11 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
+# The guard's errors are part of the one tree (worker/errors.py); importable from here too.
+from worker.errors import TokenNotExtendedError as TokenNotExtendedError  # noqa: PLC0414 (re-exported)
+from worker.errors import TokenUnavailableError as TokenUnavailableError  # noqa: PLC0414 (re-exported)
 from worker.observability import (
     get_logger,
     record_guard_wait,
@@ -53,8 +56,6 @@ from worker.observability import (
 
 if TYPE_CHECKING:
     from worker.settings import Settings
-
-R = TypeVar("R")
 
 # Defaults mirror worker/settings.py; `TokenGuard.from_settings` is the normal way in.
 DEFAULT_MAX_MARGIN = 120.0
@@ -146,23 +147,6 @@ def as_token(fetched: object, obtained_at: float) -> Token:
         f"fetch() returned {type(fetched).__name__}, expected a Token or a "
         "(value, lifetime_seconds) pair"
     )
-
-
-class TokenUnavailableError(RuntimeError):
-    """No valid token can be given: the token expired (or was rejected) and refreshing failed.
-
-    `cause` is the last refresh error (also the exception's `__cause__`), e.g. the client's
-    AuthError for a wrong key, so a caller can tell a bad key from an unreachable endpoint.
-    """
-
-    def __init__(self, message: str, *, name: str, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.name = name
-        self.cause = cause
-
-
-class TokenNotExtendedError(RuntimeError):
-    """A refresh returned a token expiring no later than the current one (counts as a failure)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,19 +276,6 @@ class TokenGuard:
         finally:
             # Off the fast path only (a refresh, a wait for one): the metric costs nothing per call.
             record_guard_wait(self.name, time.perf_counter() - started)
-
-    def call_authorized(self, send: Callable[[str], R], *, unauthorized: Callable[[R], bool]) -> R:
-        """`send(token)`, resent once with a refreshed token if `unauthorized(result)`.
-
-        The second result is returned as is, even if it is unauthorized too: the caller turns it
-        into its auth error. One forced refresh and one resend, never a loop.
-        """
-        value = self.get()
-        result = send(value)
-        if not unauthorized(result):
-            return result
-        self.invalidate(value)
-        return send(self.get())
 
     def invalidate(self, value: str) -> None:
         """Mark `value` rejected (a 401): if it is still current, the next `get()` refreshes."""

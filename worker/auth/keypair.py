@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from worker.auth.guard import Token
+from worker.errors import KeyPairError as KeyPairError  # noqa: PLC0414 (re-exported)
 from worker.observability import register_secret
 
 if TYPE_CHECKING:
@@ -32,10 +33,6 @@ MAX_JWT_LIFETIME_SECONDS = 59 * 60
 MIN_JWT_LIFETIME_SECONDS = 1
 
 _PASSPHRASE_FIX = "set SNOWPIPE_PRIVATE_KEY_PASSPHRASE to the key's passphrase"  # noqa: S105
-
-
-class KeyPairError(ValueError):
-    """The private key cannot be used; the message says why and how to fix it (no key material)."""
 
 
 def _pem_label(data: bytes) -> str | None:

@@ -44,6 +44,7 @@ from worker.delivery.channels import (
     batch_key,
     channel_key,
 )
+from worker.errors import SnowpipeWorkerError
 
 # Offsets as decimal strings (Lua helper, pasted into the scripts that compute offsets). Lua's
 # numbers are doubles: above 2^53 `x + 1 == x`, so an offset Snowflake reports as committed that
@@ -291,7 +292,7 @@ class Depth:
     oldest_ms: int | None
 
 
-class LeaseLost(Exception):
+class LeaseLost(SnowpipeWorkerError):
     """The pump's lease value is no longer the channel's: it must stop working the channel."""
 
 

@@ -41,6 +41,8 @@ from worker.deadletter import DeadLetter, DeadLetters, Kind
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Entry, LeaseLost
+from worker.errors import SnowpipeWorkerError
+from worker.messages import IngestMessage
 from worker.observability import PumpMetrics, get_logger, record_dead_letter
 from worker.settings import DEFAULT_COMMIT_TIMEOUT_SECONDS
 from worker.snowpipe.encoding import Compression, EncodedRows, encode_request
@@ -110,7 +112,7 @@ class PumpClient(Protocol):
     ) -> dict[str, ChannelStatus]: ...
 
 
-class RequestRefused(Exception):
+class RequestRefused(SnowpipeWorkerError):
     """Snowflake refused an append for good; `entries` are what the request held."""
 
     def __init__(self, cause: Exception, entries: Sequence[Entry]) -> None:
@@ -667,16 +669,8 @@ class ChannelPump:
         detail: dict[str, Any] = {"channel": self.ref.channel, "offsets": [e.offset for e in parts]}
         if unparsed:
             detail["unparsed_lines"] = unparsed
-        return DeadLetter(
-            batch_id,
-            self.ref.database,
-            self.ref.schema,
-            self.ref.pipe,
-            reason,
-            rows,
-            kind=kind,
-            detail=detail,
-        )
+        message = IngestMessage(batch_id, *self.ref.target, rows)
+        return DeadLetter.of(message, reason, kind=kind, detail=detail)
 
 
 def _rows(parts: Sequence[Entry]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -1,11 +1,12 @@
-"""The Snowpipe Streaming REST client: errors, NDJSON encoding, endpoints, token wiring.
+"""The Snowpipe Streaming REST client, below the Celery layer (it imports nothing of it).
 
-    errors.py    the error hierarchy (a tree in its docstring)
-    encoding.py  rows -> NDJSON request bodies under the 4 MB wire cap
-    auth.py      the two tokens of a process (key-pair JWT, scoped token) and how they are fetched
-    client.py    SnowpipeClient: every endpoint through the TokenGuard and the RetryPolicy
-    channel.py   ChannelWriter: sequential appends, commit tracking, reopen and replay
+    models.py    ChannelStatus, OpenChannelResult: what the endpoints answer, read leniently
+    encoding.py  the row contract (`encode_row`), NDJSON bodies under the 4 MB wire cap
+    errors.py    HTTP outcomes -> the errors of the one tree (worker/errors.py), re-exported
+    tokens.py    the two tokens of a process (key-pair JWT, scoped token), how each is fetched,
+                 and what to check when Snowflake refuses one
+    http.py      one httpx.Client per process (fork-safe), GuardAuth: the 401 and 410 flows
+    client.py    SnowpipeClient: every endpoint through the RetryPolicy and a GuardAuth
 
-Import from the submodules: this package imports nothing eagerly, so that `worker.retry` can use
-`worker.snowpipe.errors` without pulling in the HTTP client.
+Import from the submodules: this package imports nothing eagerly.
 """

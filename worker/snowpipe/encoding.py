@@ -1,5 +1,18 @@
 """Rows to append-request bodies: NDJSON by orjson, compressed, split to fit Snowflake's size cap.
 
+The row contract is `encode_row(row, index, compression=..., max_request_bytes=...)`: the one
+function that decides whether a row is valid. The publisher (`worker.publish.check_batch`)
+refuses with its error what it refuses, and the worker (`encode_pieces`, in the task) encodes
+with it, so a row is accepted by both or refused by both, with the same `EncodingError` (an
+`InvalidBatchError`) and the same message naming the row and the fix. A valid row:
+
+- is a non-empty mapping with `str` keys (no silent key coercion);
+- holds values orjson writes natively (str, int, float, bool, None, list, tuple, dict,
+  datetime/date/time as RFC 3339, UUID) or `decimal.Decimal` (an exact JSON number); the
+  broker's JSON (kombu) carries each of these, Decimal and datetimes included;
+- has no NaN or infinite float (nor Decimal);
+- fits one request on the wire after compression (`max_request_bytes`, 4 MB).
+
 `encode_rows(rows, compression=..., max_request_bytes=...)` returns consecutive `EncodedRows`,
 each one request body of at most `max_request_bytes` on the wire (after compression; Snowflake's
 cap is 4 MB per append), in row order, never splitting a row. A row that alone cannot fit raises
@@ -7,9 +20,6 @@ cap is 4 MB per append), in row order, never splitting a row. A row that alone c
 
 Encoding decisions:
 
-- Every row must be a mapping with `str` keys (no silent key coercion). Values: what orjson
-  writes natively (str, int, float, bool, None, list, tuple, dict, datetime/date/time as RFC 3339,
-  UUID, enum) plus `decimal.Decimal`, written as an exact JSON number.
 - orjson refuses integers beyond 64 bits, but Snowflake's NUMBER(38,0) holds them. Such a row is
   re-encoded with those integers written as exact JSON numbers (orjson `Fragment`): same output
   shape, no float rounding, no second JSON library. Only rows that hit the limit pay for it.
@@ -37,7 +47,7 @@ from typing import Any, Final, Literal
 import orjson
 import zstandard
 
-from worker.snowpipe.errors import EncodingError, RowTooLargeError
+from worker.errors import EncodingError, RowTooLargeError
 
 __all__ = [
     "NDJSON_CONTENT_TYPE",
@@ -47,8 +57,10 @@ __all__ = [
     "encode_line",
     "encode_pieces",
     "encode_request",
+    "encode_row",
     "encode_rows",
     "piece_limit",
+    "to_json",
 ]
 
 Compression = Literal["zstd", "gzip", "none"]
@@ -163,7 +175,10 @@ def _non_finite_path(value: Any, path: str = "") -> str | None:
 
 
 def encode_line(row: Mapping[str, Any], index: int = 0) -> bytes:
-    """One row as an NDJSON line ending in `\\n`; `EncodingError` naming `index` if impossible."""
+    """One row as an NDJSON line ending in `\\n`; `EncodingError` naming `index` if impossible.
+
+    Every rule of the row contract but the size cap (`encode_row` adds that one).
+    """
     if type(row) is not dict:
         if not isinstance(row, Mapping):
             raise EncodingError(
@@ -171,19 +186,19 @@ def encode_line(row: Mapping[str, Any], index: int = 0) -> bytes:
                 "object (a dict of column name -> value)"
             )
         row = dict(row)
+    if not row:
+        raise EncodingError(f"row {index} is empty: every row needs at least one column")
     try:
         line = orjson.dumps(row, default=_default, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError as exc:
         if "64-bit" not in str(exc):
-            raise EncodingError(f"row {index} cannot be encoded as JSON: {_problem(exc)}") from None
+            raise _not_serialisable(index, exc) from None
         try:
             line = orjson.dumps(
                 _exact_big_ints(row), default=_default, option=orjson.OPT_APPEND_NEWLINE
             )
         except TypeError as again:
-            raise EncodingError(
-                f"row {index} cannot be encoded as JSON: {_problem(again)}"
-            ) from None
+            raise _not_serialisable(index, again) from None
     if b"null" in line:
         where = _non_finite_path(row)
         if where is not None:
@@ -192,6 +207,44 @@ def encode_line(row: Mapping[str, Any], index: int = 0) -> bytes:
                 "send None (SQL NULL) or a finite number"
             )
     return line
+
+
+def _not_serialisable(index: int, exc: TypeError) -> EncodingError:
+    return EncodingError(f"row {index} is not JSON-serialisable: {_problem(exc)}")
+
+
+def encode_row(
+    row: Mapping[str, Any],
+    index: int = 0,
+    *,
+    compression: Compression = "zstd",
+    max_request_bytes: int = 4 * 1024 * 1024,
+) -> bytes:
+    """The row contract (module docstring): `row` as its NDJSON line, or `EncodingError` /
+    `RowTooLargeError` naming `index`. Only a row over a log piece's size is compressed (to see
+    whether it still fits one request), so the common row costs one orjson call."""
+    line = encode_line(row, index)
+    if len(line) > piece_limit(compression, max_request_bytes):
+        _check_fits(line, index, compression, max_request_bytes)
+    return line
+
+
+def _check_fits(line: bytes, index: int, compression: Compression, max_request_bytes: int) -> None:
+    """`RowTooLargeError` unless the (large) line alone fits one request on the wire."""
+    wire = len(line) if compression == "none" else len(compress(line, compression))
+    if wire > max_request_bytes:
+        raise _too_large(index, wire, max_request_bytes, compression)
+
+
+def to_json(value: Any) -> bytes:
+    """`value` as JSON with row values written as `encode_line` writes them (Decimal as an exact
+    number, integers beyond 64 bits exactly); for records that hold rows (dead letters)."""
+    try:
+        return orjson.dumps(value, default=_default)
+    except TypeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+        return orjson.dumps(_exact_big_ints(value), default=_default)
 
 
 # --- compression ---------------------------------------------------------------------------------
@@ -363,11 +416,10 @@ def encode_pieces(
     current: list[bytes] = []
     size = 0
     for index, row in enumerate(rows):
+        # The row contract (`encode_row`), with the piece limit computed once per batch.
         line = encode_line(row, index)
         if len(line) > limit:
-            wire = len(line) if compression == "none" else len(compress(line, compression))
-            if wire > max_request_bytes:
-                raise _too_large(index, wire, max_request_bytes, compression)
+            _check_fits(line, index, compression, max_request_bytes)
             if current:
                 pieces.append((len(current), b"".join(current)))
                 current, size = [], 0

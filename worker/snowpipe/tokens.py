@@ -1,15 +1,16 @@
-"""The Snowflake side of the TokenGuard: the two tokens of a process and how each is fetched.
+"""The two tokens of a process, how each is fetched, and what to say when Snowflake refuses them.
 
     jwt     key-pair JWT, minted locally (KeyPairJWT), for the account host
     scoped  scoped token for the ingest host: JWT -> GET /v2/streaming/hostname (once, cached)
             -> POST /oauth/token (scope = ingest host [+ " session:role:R"]); its lifetime comes
             from the scoped token's own `exp` (read without verification; 55 min if absent)
 
-`SnowflakeAuth` owns both `TokenGuard`s. The HTTP calls themselves belong to the client (one
-`httpx.Client` per process); it hands them in as two functions, so this module stays free of
-transport details. Parsing of the hostname answer (plain text, JSON string or JSON object, with
-`_` turned into `-`, docs/protocol.md#hostname) and the ingest base URL (the account URL's scheme
-and port) live here too.
+`SnowflakeTokens` owns both `TokenGuard`s and the ingest host. The HTTP calls themselves belong
+to the client (one `httpx.Client` per process, `worker.snowpipe.http`); it hands them in as two
+functions, so this module stays free of transport details. Parsing of the hostname answer (plain
+text, JSON string or JSON object, with `_` turned into `-`, docs/protocol.md#hostname), the
+ingest base URL (the account URL's scheme and port) and the hints of a refused token
+(`SnowflakeTokens.rejected`: which key, account and user were sent) live here too.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from worker.auth.guard import Adopt, Publish, Token, TokenGuard
-from worker.auth.keypair import KeyPairJWT, token_from_jwt
-from worker.snowpipe.errors import ProtocolError
+from worker.auth.keypair import KeyPairJWT, normalize_account, token_from_jwt
+from worker.errors import AuthError, InvalidJWTError, ProtocolError, SnowpipeError
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GRANT_TYPE",
     "SCOPED_TOKEN_FALLBACK_SECONDS",
-    "SnowflakeAuth",
+    "SnowflakeTokens",
     "ingest_base_url",
     "parse_hostname",
     "token_scope",
@@ -104,13 +105,13 @@ def token_scope(host: str, role: str | None) -> str:
     return f"{host} session:role:{role}" if role else host
 
 
-class SnowflakeAuth:
+class SnowflakeTokens:
     """The key-pair JWT guard and the scoped-token guard of one process, and the ingest host.
 
-    `fetch_hostname(jwt_guard)` and `exchange(jwt_guard, scope)` are the client's HTTP calls:
-    each sends with a JWT from `jwt_guard` (and handles a 401 by invalidating it and resending
-    once). The adopt/publish hooks apply to the scoped token, the one worth sharing between
-    processes (the JWT is minted locally in ~0.3 ms).
+    `fetch_hostname()` and `exchange(scope)` are the client's HTTP calls: each sends with a JWT
+    from `jwt` (through its `GuardAuth`, which handles a 401 by resending once). The
+    adopt/publish hooks apply to the scoped token, the one worth sharing between processes (the
+    JWT is minted locally in ~0.3 ms).
     """
 
     def __init__(
@@ -118,14 +119,15 @@ class SnowflakeAuth:
         settings: Settings,
         *,
         minter: KeyPairJWT,
-        fetch_hostname: Callable[[TokenGuard], str],
-        exchange: Callable[[TokenGuard, str], str],
+        fetch_hostname: Callable[[], str],
+        exchange: Callable[[str], str],
         adopt: Adopt | None = None,
         publish: Publish | None = None,
         **guard_overrides: Any,
     ) -> None:
         self.minter = minter
         self.role = settings.role
+        self._settings = settings
         self._fetch_hostname = fetch_hostname
         self._exchange = exchange
         self._host: str | None = None
@@ -150,6 +152,11 @@ class SnowflakeAuth:
         """The `SHA256:` fingerprint of the configured key (for error messages)."""
         return self.minter.fingerprint
 
+    @property
+    def known_host(self) -> str | None:
+        """The ingest host if it is known (no request), else None."""
+        return self._host
+
     def ingest_host(self) -> str:
         """The ingest host (fetched once per process, then cached)."""
         host = self._host
@@ -157,7 +164,7 @@ class SnowflakeAuth:
             with self._host_lock:
                 host = self._host
                 if host is None:
-                    host = self._host = self._fetch_hostname(self.jwt)
+                    host = self._host = self._fetch_hostname()
         return host
 
     def forget_ingest_host(self) -> None:
@@ -186,7 +193,7 @@ class SnowflakeAuth:
 
     def _fetch_scoped(self) -> Token:
         host = self.ingest_host()
-        value = self._exchange(self.jwt, token_scope(host, self.role))
+        value = self._exchange(token_scope(host, self.role))
         token = token_from_jwt(value, fallback_lifetime=SCOPED_TOKEN_FALLBACK_SECONDS)
         # `iat` is whole seconds, so `exp - iat` can overstate what is left by up to a second
         # (a lot for a short-lived token): count the lifetime from now when that is shorter.
@@ -194,3 +201,63 @@ class SnowflakeAuth:
         if 0 < remaining < token.lifetime - _LIFETIME_SLACK:
             token = Token(token.value, remaining, token.expires_at)
         return token
+
+    # -- Refused tokens ----------------------------------------------------------------------------
+
+    def rejected(self, err: SnowpipeError, guard: TokenGuard) -> SnowpipeError:
+        """The error for a request `guard`'s token got refused (401/403) even after the one
+        resend with a fresh token: what Snowflake said, and what to check."""
+        if guard is self.jwt:
+            return InvalidJWTError(
+                f"Snowflake rejected the key-pair JWT for {self.identity}: {err.message}",
+                status=err.status,
+                code=err.code,
+                request_id=err.request_id,
+                op=err.op,
+                hint=self.jwt_hint(),
+            )
+        if isinstance(err, AuthError):
+            if err.status == 401:
+                err.hint = (
+                    "the ingest host rejected a freshly exchanged scoped token: check "
+                    "SNOWPIPE_ROLE and the role's grants on the pipe"
+                )
+            return err
+        return AuthError(
+            err.message, status=err.status, code=err.code, request_id=err.request_id, op=err.op
+        )
+
+    def jwt_hint(self) -> str:
+        """What to check when the key-pair JWT is refused, with the values actually sent."""
+        s = self._settings
+        account_url = s.account_url.rstrip("/")
+        sent_account, sent_user = self.identity.split(".", 1)
+        checks = [
+            f"check the key: the public key with fingerprint {self.fingerprint} must be "
+            f"registered for user {sent_user} (DESCRIBE USER shows RSA_PUBLIC_KEY_FP; "
+            "SNOWPIPE_PRIVATE_KEY_PATH must hold its private key)",
+            f"check the account: SNOWPIPE_ACCOUNT={s.account!r} is sent as "
+            f"{sent_account!r} and must be the account of "
+            f"SNOWPIPE_ACCOUNT_URL={account_url!r}",
+            f"check the user: SNOWPIPE_USER={s.user!r}",
+        ]
+        url_account = _account_in_url(account_url)
+        if url_account is not None and url_account != sent_account.replace("_", "-"):
+            # The likeliest cause comes first.
+            checks.insert(
+                0,
+                f"the account is the likely culprit: SNOWPIPE_ACCOUNT gives {sent_account!r} "
+                f"but SNOWPIPE_ACCOUNT_URL names {url_account!r}",
+            )
+        return "; ".join(checks)
+
+
+def _account_in_url(url: str) -> str | None:
+    """The account named by a `<account>[.region].snowflakecomputing.com` URL, normalised."""
+    host = (urlsplit(url).hostname or "").lower()
+    if not host.endswith((".snowflakecomputing.com", ".snowflakecomputing.cn")):
+        return None
+    try:
+        return normalize_account(host.split(".", 1)[0]).replace("_", "-")
+    except ValueError:
+        return None
