@@ -20,12 +20,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict worker emulator
 
+# Two xdist workers: the Celery/broker tests run one at a time on one of them (tests/conftest.py),
+# the unit, contract and model tests beside them on the other.
 test: lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # Without the official SDK test (offline machines) and the slow reliability runs.
 test-fast: lint typecheck
-	$(BIN)/pytest -m "not sdk and not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadgroup -m "not sdk and not slow" $(PYTEST_ARGS)
 
 # The first run: local stack + 50k sample rows, each verified committed exactly once (exit 0).
 run: install

@@ -46,3 +46,17 @@ def db() -> Iterator[RedisDB]:
 def clock() -> FakeClock:
     """A fake clock at 0 (wall clock at WALL_EPOCH) that moves only when the test moves it."""
     return FakeClock()
+
+
+# `make test` runs pytest with two xdist workers (`-n 2 --dist loadgroup`). The tests that start
+# Celery workers, brokers' queues and benchmarks-like loads (integration, reliability) run one at
+# a time on one of them: some read node-wide state (a broadcast `celery inspect` on RabbitMQ
+# answers from every worker on the vhost), and their timing margins assume a machine not shared
+# with another such test. The unit, contract and model tests fill the other worker meanwhile.
+SERIAL_DIRS = ("integration", "reliability")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.parent.name in SERIAL_DIRS:
+            item.add_marker(pytest.mark.xdist_group("serial"))
