@@ -48,15 +48,19 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-# `make test` runs pytest with two xdist workers (`-n 2 --dist loadgroup`). The tests that start
-# Celery workers, brokers' queues and benchmarks-like loads (integration, reliability) run one at
-# a time on one of them: some read node-wide state (a broadcast `celery inspect` on RabbitMQ
-# answers from every worker on the vhost), and their timing margins assume a machine not shared
-# with another such test. The unit, contract and model tests fill the other worker meanwhile.
-SERIAL_DIRS = ("integration", "reliability")
+# `make test` runs pytest with two xdist workers (`-n 2 --dist loadgroup`). The reliability tests,
+# and the integration tests that read node-wide state (a broadcast `celery inspect` on RabbitMQ
+# answers from every worker on the vhost) or hold tight timing margins, run one at a time on one
+# worker; everything else shares the other worker (and fills the first one's gaps).
+SERIAL_DIRS = ("reliability",)
+SERIAL_MODULES = ("test_status", "test_operations", "test_client_token_expiry")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.parent.name in SERIAL_DIRS:
-            item.add_marker(pytest.mark.xdist_group("serial"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # At collection, before xdist's collection hook turns groups into node ids.
+    if (
+        item.path.parent.name in SERIAL_DIRS
+        or item.path.stem in SERIAL_MODULES
+        or item.get_closest_marker("rabbitmq") is not None
+    ):
+        item.add_marker(pytest.mark.xdist_group("serial"))

@@ -96,7 +96,9 @@ def test_a_scrape_shows_the_run_and_counters_move(
             def publish_round(first: int) -> None:
                 for b in range(BATCHES):
                     rows = [{"id": first + b * ROWS + i} for i in range(ROWS)]
-                    publisher.publish(rows, database=DATABASE, schema=SCHEMA, pipe=PIPE)
+                    # Fixed ids, so that each round logs on both channels (crc32 of the id).
+                    publisher.publish(rows, database=DATABASE, schema=SCHEMA, pipe=PIPE,
+                                      batch_id=f"metrics-{first}-{b}")  # fmt: skip
 
             def committed(total: int) -> bool:
                 s = scrape(port)
