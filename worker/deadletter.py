@@ -245,19 +245,24 @@ class BrokerDeadLetters:
         """The dead-lettered messages (left in the queue)."""
         if self.queue is None:
             return []
-        found: list[BrokerDeadLetter] = []
         with self._connection() as conn:
-            bound = self.queue(conn.default_channel)
-            bound.declare()
-            for _ in range(BROKER_PEEK_LIMIT):
-                message = bound.get(no_ack=False)
-                if message is None:
-                    break
-                letter = _broker_letter(message)
-                if batch_id is None or letter.batch_id == batch_id:
-                    found.append(letter)
             # Closing the connection returns every message read to the queue, unacknowledged.
-        return found
+            return [
+                letter
+                for _, letter in self._read(conn)
+                if batch_id is None or letter.batch_id == batch_id
+            ]
+
+    def _read(self, conn: Any) -> Iterator[tuple[Any, BrokerDeadLetter]]:
+        """The queue's messages (up to BROKER_PEEK_LIMIT), unacknowledged, with their letters."""
+        assert self.queue is not None
+        bound = self.queue(conn.default_channel)
+        bound.declare()
+        for _ in range(BROKER_PEEK_LIMIT):
+            message = bound.get(no_ack=False)
+            if message is None:
+                return
+            yield message, _broker_letter(message)
 
     def requeue(
         self, publish: Callable[[BrokerDeadLetter], None], *, batch_id: str | None = None
@@ -274,13 +279,7 @@ class BrokerDeadLetters:
             return 0, 0
         requeued = kept = 0
         with self._connection() as conn:
-            bound = self.queue(conn.default_channel)
-            bound.declare()
-            for _ in range(BROKER_PEEK_LIMIT):
-                message = bound.get(no_ack=False)
-                if message is None:
-                    break
-                letter = _broker_letter(message)
+            for message, letter in self._read(conn):
                 if (batch_id is not None and letter.batch_id != batch_id) or (
                     letter.task != INGEST_TASK or not letter.rows
                 ):
