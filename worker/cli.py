@@ -14,6 +14,7 @@ The worker itself is `celery -A worker worker` (and one `celery -A worker beat`)
 
 from __future__ import annotations
 
+import collections
 import functools
 import signal
 import socket
@@ -283,26 +284,37 @@ def dead_requeue(
     publisher = Publisher(_settings())
 
     def republish(letter: DeadLetter | BrokerDeadLetter) -> None:
+        # A letter of the state store is requeued as itself: the channel log logs it once
+        # (requeue_of names the letter), and never a late copy of the original message.
         publisher.publish(
             letter.rows,
             database=letter.database,
             schema=letter.schema,
             pipe=letter.pipe,
             batch_id=letter.batch_id,
+            requeue_of=letter.letter_id if isinstance(letter, DeadLetter) else None,
         )
 
+    held_back = collections.Counter(
+        s.letter.kind for s in dead.entries(batch_id=batch_id) if s.letter.kind != "failed"
+    )
     try:
-        requeued, skipped = dead.requeue(republish, batch_id=batch_id)
+        requeued, _ = dead.requeue(republish, batch_id=batch_id)
         moved, kept = broker.requeue(republish, batch_id=batch_id)
     finally:
         publisher.close()
     out.print(f"requeued {requeued + moved} batch(es)")
     if moved:
         out.print(f"({moved} of them from the broker's dead-letter queue {broker.name})")
-    if skipped:
+    if held_back["row_errors"]:
         out.print(
-            f"kept {skipped} row_errors entr(ies): those batches were committed; requeueing "
-            "would duplicate their good rows (drop them when inspected)"
+            f"kept {held_back['row_errors']} row_errors letter(s): those batches were committed; "
+            "requeueing would duplicate their good rows (drop them when inspected)"
+        )
+    if held_back["malformed"]:
+        out.print(
+            f"kept {held_back['malformed']} malformed letter(s): those messages are not batches "
+            "(inspect them with `dead-letters list --json`, then drop them)"
         )
     if kept:
         out.print(

@@ -1,20 +1,28 @@
-"""Dead letters: batches that can never succeed as sent, kept in the Redis list `snowpipe:dead`.
+"""Dead letters: what can never succeed as sent, kept in the state Redis with its reason.
 
 A batch is dead-lettered (never silently dropped) when Snowflake refuses it for good (unknown pipe,
-bad request, credentials a refresh did not fix, rows that cannot be encoded) or when its retries
-ran out. Each entry keeps the rows, so `snowpipe-worker dead-letters requeue` can send it again
-after the cause is fixed (a dead-lettered batch's id is forgotten by the channel log, so the
-requeued batch is logged again; it was never committed).
+bad request, credentials a refresh did not fix, rows that cannot be encoded). Each letter keeps
+the rows, so `snowpipe-worker dead-letters requeue` can send it again after the cause is fixed.
 
-Kind "row_errors" records rows Snowflake committed with errors (reported in the channel status):
-the batch was committed, so requeueing it would duplicate its good rows; it is kept for inspection.
+Letters live in a hash `snowpipe:letters` (letter id -> JSON) ordered by `snowpipe:letters:order`
+(a sorted set, letter id -> ms). A batch dead-lettered from a channel log is ONE letter holding
+every piece of it that was still in the log (pieces already committed are named in
+`detail["committed_pieces"]`, not included), and its dedup record is marked with the letter id:
+a late copy of the original message is then not logged again, while the letter's requeue (the
+batch under its own id, `requeue_of=<letter id>`) is, once. Kinds:
+
+- "failed": never committed; requeued as its own batch id.
+- "row_errors": committed except the rows Snowflake rejected; not requeued by default (that
+  would duplicate the good rows it holds when the attribution is coarse).
+- "malformed": a message that is not a valid batch (kept with its raw body); never requeued.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import orjson
@@ -23,14 +31,23 @@ import redis
 from worker.delivery.channels import KEY_PREFIX
 from worker.messages import IngestMessage
 
-DEAD_KEY = KEY_PREFIX + "dead"
+LETTERS_KEY = KEY_PREFIX + "letters"
+ORDER_KEY = KEY_PREFIX + "letters:order"
+# Where letters lived before (a list): moved into LETTERS_KEY on first use.
+LEGACY_KEY = KEY_PREFIX + "dead"
+DEAD_KEY = LETTERS_KEY
 
-Kind = Literal["failed", "row_errors"]
+Kind = Literal["failed", "row_errors", "malformed"]
+
+
+def new_letter_id(batch_id: str) -> str:
+    """A fresh letter id for a batch (the task's letters; the pump derives its own)."""
+    return f"{batch_id}#{secrets.token_hex(6)}"
 
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """One dead-lettered batch: what, where to, why, and its rows."""
+    """One dead letter: what, where to, why, and its rows."""
 
     batch_id: str
     database: str
@@ -43,6 +60,8 @@ class DeadLetter:
     task_id: str | None = None
     failed_at: float = field(default_factory=time.time)
     detail: dict[str, Any] = field(default_factory=dict)
+    letter_id: str = ""
+    raw: str | None = None  # "malformed": the message body as received
 
     @classmethod
     def of(
@@ -53,8 +72,9 @@ class DeadLetter:
         kind: Kind = "failed",
         task_id: str | None = None,
         detail: dict[str, Any] | None = None,
+        letter_id: str = "",
     ) -> DeadLetter:
-        """The dead letter of `message` (the one way a dead letter is made: task and pump)."""
+        """The dead letter of `message` (the one way a batch's letter is made: task and pump)."""
         return cls(
             message.batch_id,
             message.database,
@@ -66,6 +86,7 @@ class DeadLetter:
             attempts=message.attempt,
             task_id=task_id,
             detail=detail if detail is not None else {},
+            letter_id=letter_id or new_letter_id(message.batch_id),
         )
 
     def dumps(self) -> bytes:
@@ -76,14 +97,36 @@ class DeadLetter:
 
     @classmethod
     def loads(cls, raw: bytes | str) -> DeadLetter:
-        """The entry stored as `raw`."""
+        """The entry stored as `raw` (letters stored before letter ids get one from their
+        batch id)."""
         data = orjson.loads(raw)
-        return cls(**data)
+        if not isinstance(data, dict):
+            raise ValueError("a stored dead letter is not a JSON object")
+        known = set(cls.__dataclass_fields__)
+        try:
+            letter = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"a stored dead letter lacks a field: {exc}") from None
+        if not letter.letter_id:
+            letter = replace(letter, letter_id=f"{letter.batch_id}#legacy")
+        return letter
+
+
+def _readable(data: bytes, letter_id: Any) -> DeadLetter:
+    """The letter stored as `data`, or one that shows it could not be read (never hidden)."""
+    try:
+        return DeadLetter.loads(data)
+    except ValueError as exc:
+        lid = letter_id.decode() if isinstance(letter_id, bytes) else str(letter_id)
+        return DeadLetter(
+            "?", "?", "?", "?", f"unreadable stored letter: {exc}", [], kind="malformed",
+            letter_id=lid, raw=data.decode("utf-8", "replace"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Stored:
-    """A dead letter with its position in the list and the exact stored bytes (for removal)."""
+    """A dead letter with its position in the order and the exact stored bytes."""
 
     index: int
     raw: bytes
@@ -91,53 +134,102 @@ class Stored:
 
 
 class DeadLetters:
-    """The dead-letter list on the state Redis."""
+    """The dead letters on the state Redis."""
 
-    def __init__(self, client: redis.Redis, *, key: str = DEAD_KEY) -> None:
+    def __init__(self, client: redis.Redis, *, key: str = LETTERS_KEY) -> None:
         self._redis = client
         self.key = key
+        self.order_key = f"{key}:order"
+        self._migrated = False
 
-    def add(self, letter: DeadLetter) -> None:
-        """Append a dead letter."""
-        self._redis.rpush(self.key, letter.dumps())
+    def _migrate(self) -> None:
+        """Move letters of the list kept before letter ids into the hash (once per process)."""
+        if self._migrated:
+            return
+        while True:
+            raw = self._redis.lpop(LEGACY_KEY)
+            if raw is None:
+                break
+            data = raw if isinstance(raw, bytes) else str(raw).encode()
+            self._store(_readable(data, new_letter_id("unreadable")))
+        self._migrated = True
+
+    def _store(self, letter: DeadLetter) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self.key, letter.letter_id, letter.dumps())
+        pipe.zadd(self.order_key, {letter.letter_id: int(letter.failed_at * 1000)}, nx=True)
+        pipe.execute()
+
+    def add(self, letter: DeadLetter) -> DeadLetter:
+        """Store a dead letter (one with the same letter id is replaced); the letter stored."""
+        if not letter.letter_id:
+            letter = replace(letter, letter_id=new_letter_id(letter.batch_id))
+        self._store(letter)
+        return letter
 
     def count(self) -> int:
         """How many dead letters are stored."""
-        return int(self._redis.llen(self.key))
+        self._migrate()
+        return int(self._redis.hlen(self.key))
+
+    def counts_by_kind(self) -> dict[str, int]:
+        """How many dead letters of each kind are stored."""
+        out: dict[str, int] = {}
+        for stored in self.entries():
+            out[stored.letter.kind] = out.get(stored.letter.kind, 0) + 1
+        return out
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        """The letter with this id, if stored."""
+        raw = self._redis.hget(self.key, letter_id)
+        return DeadLetter.loads(raw) if raw is not None else None
 
     def entries(self, *, batch_id: str | None = None) -> Iterator[Stored]:
-        """Every dead letter in order (or only those of `batch_id`)."""
-        chunk = 100
+        """Every dead letter, oldest first (or only those of `batch_id`)."""
+        self._migrate()
+        chunk = 200
         start = 0
         while True:
-            raws = self._redis.lrange(self.key, start, start + chunk - 1)
+            ids: list[Any] = list(self._redis.zrange(self.order_key, start, start + chunk - 1))
+            if not ids:
+                return
+            raws = self._redis.hmget(self.key, ids)
             for offset, raw in enumerate(raws):
+                if raw is None:
+                    continue  # removed meanwhile
                 data = raw if isinstance(raw, bytes) else str(raw).encode()
-                letter = DeadLetter.loads(data)
+                letter = _readable(data, ids[offset])
                 if batch_id is None or letter.batch_id == batch_id:
                     yield Stored(start + offset, data, letter)
-            if len(raws) < chunk:
+            if len(ids) < chunk:
                 return
             start += chunk
 
     def remove(self, stored: Stored) -> bool:
-        """Remove one stored entry (by its exact value); False if it was already gone."""
-        return int(self._redis.lrem(self.key, 1, stored.raw.decode())) == 1
+        """Remove one stored letter; False if it was already gone."""
+        letter_id = stored.letter.letter_id
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hdel(self.key, letter_id)
+        pipe.zrem(self.order_key, letter_id)
+        removed, _ = pipe.execute()
+        return int(removed) == 1
 
     def requeue(
         self,
         publish: Callable[[DeadLetter], None],
         *,
         batch_id: str | None = None,
+        kinds: tuple[Kind, ...] = ("failed",),
     ) -> tuple[int, int]:
-        """Publish the failed dead letters again and remove them; (requeued, skipped row_errors).
+        """Publish the letters of `kinds` again and remove them; (requeued, skipped).
 
-        Publish first, then remove: a crash in between leaves a duplicate dead letter, never a
-        lost one (and the channel log dedups a batch that is published twice).
+        `publish` sends a "failed" letter as its batch with `requeue_of=letter.letter_id`.
+        Publish first, then remove: a crash in between leaves the letter, and a second requeue
+        is answered "already logged" by the channel log (never logged twice).
         """
         requeued = skipped = 0
         for stored in list(self.entries(batch_id=batch_id)):
-            if stored.letter.kind == "row_errors":
+            if stored.letter.kind not in kinds:
                 skipped += 1
                 continue
             publish(stored.letter)
@@ -147,9 +239,10 @@ class DeadLetters:
 
     def drop(self, *, batch_id: str | None = None) -> int:
         """Delete dead letters (all, or those of `batch_id`); how many were deleted."""
+        self._migrate()
         if batch_id is None:
             n = self.count()
-            self._redis.delete(self.key)
+            self._redis.delete(self.key, self.order_key)
             return n
         return sum(1 for stored in list(self.entries(batch_id=batch_id)) if self.remove(stored))
 

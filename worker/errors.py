@@ -20,16 +20,25 @@ The tree (the module that raises it, or re-exports it for its callers, in bracke
     ├── UnreachableError (ConnectionError)  the broker or the state store did not answer
     │   ├── BrokerUnavailableError      start the broker or fix SNOWPIPE_BROKER_URL
     │   └── StateStoreUnavailableError  start Redis or fix SNOWPIPE_STATE_URL [worker.connectivity]
-    ├── StateNotReplicatedError (redis.RedisError)  a log write reached too few replicas: ridden
-    │                                   out like any state-store outage [defined in worker.tasks]
+    ├── StateNotReplicatedError (redis.RedisError)  a write reached too few replicas: tasks
+    │                                   ride it out like any state-store outage, pumps send
+    │                                   nothing until a WAIT succeeds [defined in
+    │                                   worker.delivery.log; re-exported by worker.tasks]
     ├── TokenUnavailableError (RuntimeError)  no valid token: it expired or was rejected and the
     │                                   refresh failed; `cause` is the refresh's error
     ├── TokenNotExtendedError (RuntimeError)  a refresh returned no later expiry (counted as a
     │                                   failed refresh) [both: worker.auth.guard]
     ├── LeaseLost                       internal: the pump lost its channel's lease and stops
     │                                   [defined in worker.delivery.log]
+    ├── StoreChanged                    internal: the state store restarted or failed over since
+    │                                   the pump settled its channel: reopen and settle again
+    │                                   [defined in worker.delivery.log]
+    ├── MaybeSent                       internal: an entry to dead-letter without a settle may
+    │                                   have been sent; it waits for an open [worker.delivery.log]
     ├── RequestRefused                  internal: an append refused for good, with its log
     │                                   entries [defined in worker.delivery.pump]
+    ├── OpenRefused                     internal: an open refused for good (an unknown pipe)
+    │                                   [defined in worker.delivery.pump]
     └── SnowpipeError                   what Snowflake (or the way to it) answered: status, code,
         │                               message, request_id, op [worker.snowpipe.errors]
         ├── RetryableError              transient: the RetryPolicy retries it with backoff
@@ -70,9 +79,10 @@ Where a class also derives from a built-in or library exception (in parentheses)
 catches that one keeps working: a `StateNotReplicatedError` is ridden out by `except
 redis.RedisError`, an `InvalidBatchError` is a `ValueError`.
 
-Three classes are defined next to their only users, still under the root: `StateNotReplicatedError`
-(its second base is redis's, and this module stays free of third-party imports), `LeaseLost` and
-`RequestRefused` (internal signals of the delivery core, carrying its types).
+Some classes are defined next to their only users, still under the root: `StateNotReplicatedError`
+(its second base is redis's, and this module stays free of third-party imports), and the
+internal signals of the delivery core (`LeaseLost`, `StoreChanged`, `MaybeSent`,
+`RequestRefused`, `OpenRefused`), which carry its types.
 
 One classification decides what to do about an exception: `worker.retry.classify()` (retry,
 reopen, auth, permanent) and `worker.retry.is_retryable()`, read from this tree; the RetryPolicy

@@ -10,6 +10,8 @@ another producer with the same keywords is read the same way:
     attempt                                      re-publications so far (absent: 0)
     outage_since                                 epoch seconds the state store first failed this
                                                  batch (only while an outage is ridden out)
+    requeue_of                                   the dead letter this message requeues (its
+                                                 letter id; only from `dead-letters requeue`)
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ class IngestMessage:
     rows: list[dict[str, Any]]
     attempt: int = 0
     outage_since: float | None = None
+    requeue_of: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
-        """The task's keyword arguments (`attempt` and `outage_since` only when set)."""
+        """The task's keyword arguments (`attempt`, `outage_since`, `requeue_of` only when set)."""
         kwargs: dict[str, Any] = {
             "batch_id": self.batch_id,
             "database": self.database,
@@ -46,6 +49,8 @@ class IngestMessage:
             kwargs["attempt"] = self.attempt
         if self.outage_since is not None:
             kwargs["outage_since"] = self.outage_since
+        if self.requeue_of is not None:
+            kwargs["requeue_of"] = self.requeue_of
         return kwargs
 
     def again(self, *, attempt: int, outage_since: float | None = None) -> IngestMessage:

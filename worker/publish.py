@@ -100,8 +100,10 @@ class Publisher:
         pipe: str,
         batch_id: str | None = None,
         attempt: int = 0,
+        requeue_of: str | None = None,
     ) -> str:
-        """Check and publish one batch; its batch id (see `publish_batch`)."""
+        """Check and publish one batch; its batch id (see `publish_batch`). `requeue_of`: the
+        dead letter this publication requeues (`dead-letters requeue`)."""
         from worker.celery_config import INGEST_TASK
 
         s = self.settings
@@ -110,12 +112,17 @@ class Publisher:
             batch_id = uuid.uuid4().hex
         elif not batch_id or any(ord(ch) < 33 for ch in batch_id):
             raise InvalidBatchError(f"batch_id {batch_id!r} must be non-empty, without spaces")
-        message = IngestMessage(batch_id, database, schema, pipe, checked, attempt)
+        message = IngestMessage(
+            batch_id, database, schema, pipe, checked, attempt, requeue_of=requeue_of
+        )
+        task_id = batch_id if not attempt else f"{batch_id}:{attempt}"
+        if requeue_of is not None:
+            task_id = f"{batch_id}:requeue:{requeue_of}"
         try:
             self.app.send_task(
                 INGEST_TASK,
                 kwargs=message.kwargs(),
-                task_id=batch_id if not attempt else f"{batch_id}:{attempt}",
+                task_id=task_id,
                 queue=s.queue_name,
                 routing_key=s.queue_name,
             )

@@ -81,22 +81,20 @@ return counts
 # KEYS: the dead-letter list. Returns {kind, count, kind, count, ...}.
 _COUNT_DEAD = """
 local counts = {}
-local n = redis.call('LLEN', KEYS[1])
-local step = 100
-for start = 0, n - 1, step do
-  for _, raw in ipairs(redis.call('LRANGE', KEYS[1], start, start + step - 1)) do
-    local ok, letter = pcall(cjson.decode, raw)
-    local kind = 'unreadable'
-    if ok and type(letter) == 'table' and type(letter['kind']) == 'string' then
-      kind = letter['kind']
-    end
-    counts[kind] = (counts[kind] or 0) + 1
+local function count(raw)
+  local ok, letter = pcall(cjson.decode, raw)
+  local kind = 'unreadable'
+  if ok and type(letter) == 'table' and type(letter['kind']) == 'string' then
+    kind = letter['kind']
   end
+  counts[kind] = (counts[kind] or 0) + 1
 end
+for _, raw in ipairs(redis.call('HVALS', KEYS[1])) do count(raw) end
+for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do count(raw) end
 local out = {}
-for kind, count in pairs(counts) do
+for kind, n in pairs(counts) do
   out[#out + 1] = kind
-  out[#out + 1] = count
+  out[#out + 1] = n
 end
 return out
 """
@@ -341,9 +339,9 @@ def _unacked_by_nodes(
 
 def dead_letters(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """The state store's dead letters by kind, and the broker's dead-letter queue."""
-    from worker.deadletter import DEAD_KEY, BrokerDeadLetters
+    from worker.deadletter import LEGACY_KEY, LETTERS_KEY, BrokerDeadLetters
 
-    raw = client.eval(_COUNT_DEAD, 1, DEAD_KEY)
+    raw = client.eval(_COUNT_DEAD, 2, LETTERS_KEY, LEGACY_KEY)
     by_kind = {_text(raw[i]): int(raw[i + 1]) for i in range(0, len(raw), 2)}
     broker = BrokerDeadLetters(settings)
     out: dict[str, Any] = {"state_store": dict(sorted(by_kind.items()))}

@@ -8,8 +8,12 @@ milliseconds: appending to Snowflake and confirming the commit is the node's pum
 acknowledged and a rejection deletes the message); every ending is explicit:
 
 - logged (or found already logged): return, Celery acknowledges;
-- the channel's log is over its cap (backpressure): wait up to `backpressure_wait_seconds`,
-  then put the batch back in the queue (same batch id) and return;
+- the channel's log is over its cap (backpressure), or no pump has settled the channel since the
+  state store (re)started (a new channel, a restart or failover: docs/delivery.md): wait up to
+  `backpressure_wait_seconds`, then put the batch back in the queue (same batch id) and return;
+- the batch was dead-lettered from a log and this is not the requeue of its letter (a late copy
+  of the original): return, Celery acknowledges;
+- Snowflake refuses the batch's channel (an unknown pipe): dead letter, as below;
 - the state Redis is unreachable (or did not reach its replicas): ride the outage out with the
   message held (unacknowledged, so it stays the broker's): retry with capped backoff for up to
   `SNOWPIPE_STATE_OUTAGE_SECONDS` (300) from the batch's first failure, but never longer in one
@@ -46,10 +50,21 @@ from celery.worker.request import Request
 from worker import runtime
 from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
-from worker.delivery.log import AlreadyLogged, AppendResult, LogFull, Piece
+from worker.delivery.log import (
+    AlreadyLogged,
+    AppendResult,
+    ChannelRefused,
+    InDeadLetters,
+    LogFull,
+    Piece,
+    Unsettled,
+)
+from worker.delivery.log import (
+    StateNotReplicatedError as StateNotReplicatedError,  # noqa: PLC0414 (re-exported)
+)
 from worker.errors import DeadLettered as DeadLettered  # noqa: PLC0414 (re-exported)
 from worker.errors import EmptyBatchError as EmptyBatchError  # noqa: PLC0414 (re-exported)
-from worker.errors import InvalidBatchError, SnowpipeWorkerError
+from worker.errors import InvalidBatchError
 from worker.messages import IngestMessage
 from worker.observability import get_logger, record_dead_letter, record_ingest
 from worker.tokenstore import advisory_window
@@ -74,11 +89,6 @@ _shutting_down = threading.Event()
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
 def _on_shutting_down(**_: Any) -> None:
     _shutting_down.set()
-
-
-class StateNotReplicatedError(SnowpipeWorkerError, redis.RedisError):
-    """The state Redis did not get the log write to enough replicas in time (ridden out like an
-    outage: every `except redis.RedisError` catches it)."""
 
 
 class IngestRequest(Request):  # type: ignore[misc]
@@ -122,12 +132,16 @@ def ingest_batch(
     rows: list[dict[str, Any]],
     attempt: int = 0,
     outage_since: float | None = None,
+    requeue_of: str | None = None,
 ) -> dict[str, Any]:
     """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary.
 
     `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
-    first failed this batch, carried across re-publications of an outage."""
-    batch = IngestMessage(batch_id, database, schema, pipe, rows, attempt, outage_since)
+    first failed this batch, carried across re-publications of an outage; `requeue_of` is the
+    dead letter this message requeues."""
+    batch = IngestMessage(
+        batch_id, database, schema, pipe, rows, attempt, outage_since, requeue_of
+    )
     label = f"{database}.{schema}.{pipe}"
     try:
         result = _ingest(self, batch)
@@ -142,7 +156,8 @@ def ingest_batch(
     except DeadLettered:
         record_ingest(label, "dead_letter")
         raise
-    outcome = "backpressure" if result.get("reason") == "backpressure" else str(result["outcome"])
+    reason = result.get("reason")
+    outcome = str(reason) if reason in ("backpressure", "unsettled") else str(result["outcome"])
     record_ingest(label, outcome, len(rows) if outcome == "logged" else 0)
     return result
 
@@ -178,18 +193,16 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
     def log_batch() -> AppendResult:
         waited_until = time.monotonic() + s.backpressure_wait_seconds
         while True:
-            result = rt.log.append(ref, batch_id, pieces, cap_bytes=s.log_max_bytes)
-            if not isinstance(result, LogFull) or time.monotonic() >= waited_until:
-                break
+            # With replicas, a WAIT on the same connection follows the script: a batch is
+            # acknowledged only once the replicas hold it (or its record, when already logged).
+            # (StateNotReplicatedError, a RedisError, is ridden out like an outage.)
+            result = rt.log.append(
+                ref, batch_id, pieces, cap_bytes=s.log_max_bytes, requeue_of=batch.requeue_of,
+                replicas=s.state_min_replicas, replica_timeout_ms=s.state_replica_timeout_ms,
+            )  # fmt: skip
+            if not isinstance(result, LogFull | Unsettled) or time.monotonic() >= waited_until:
+                return result
             time.sleep(BACKPRESSURE_POLL_SECONDS)
-        if s.state_min_replicas and not isinstance(result, LogFull):
-            acked = rt.log.wait_for_replicas(s.state_min_replicas, s.state_replica_timeout_ms)
-            if acked < s.state_min_replicas:
-                raise StateNotReplicatedError(
-                    f"the log write reached {acked} of {s.state_min_replicas} replicas in "
-                    f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
-                )
-        return result
 
     try:
         result = log_batch()
@@ -198,20 +211,47 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
         if isinstance(ridden, dict):
             return ridden  # put back in the queue
         result = ridden.value
-    if isinstance(result, LogFull):
-        _log.warning(
-            "ingest.backpressure",
-            batch_id=batch_id,
-            channel=str(ref),
-            log_bytes=result.used_bytes,
-            cap=s.log_max_bytes,
-            waited_s=s.backpressure_wait_seconds,
-        )
-        rt.count("backpressure")
-        return {**_retry_later(batch, next_attempt=batch.attempt), "reason": "backpressure"}
-    # (The append script counted logged / already_logged itself.)
+    return _outcome(rt, self, batch, ref, result)
+
+
+def _outcome(
+    rt: runtime.Runtime, task: Task, batch: IngestMessage, ref: Any, result: AppendResult
+) -> dict[str, Any]:
+    """The task's summary for what the log said (putting the batch back in the queue, or
+    dead-lettering it, where that is the answer)."""
+    s = rt.settings
+    batch_id = batch.batch_id
+    if isinstance(result, LogFull | Unsettled):
+        if isinstance(result, LogFull):
+            _log.warning(
+                "ingest.backpressure",
+                batch_id=batch_id,
+                channel=str(ref),
+                log_bytes=result.used_bytes,
+                cap=s.log_max_bytes,
+                waited_s=s.backpressure_wait_seconds,
+            )
+            rt.count("backpressure")
+            reason = "backpressure"
+        else:
+            # No pump settled the channel in time (a new channel, or the state store restarted
+            # or failed over and the pumps are settling it): back in the queue.
+            _log.info("ingest.unsettled", batch_id=batch_id, channel=str(ref),
+                      waited_s=s.backpressure_wait_seconds)  # fmt: skip
+            reason = "unsettled"
+        return {**_retry_later(batch, next_attempt=batch.attempt), "reason": reason}
+    if isinstance(result, ChannelRefused):
+        why = f"Snowflake refuses the batch's channel: {result.reason}"
+        requeued = _dead_letter(rt, task, batch, why)
+        if requeued is not None:
+            return requeued
+        raise DeadLettered(f"batch {batch_id} dead-lettered: {why}") from None
+    # (The append script counted logged / already_logged / already_dead_lettered itself.)
     if isinstance(result, AlreadyLogged):
         return {"batch_id": batch_id, "outcome": "already_logged"}
+    if isinstance(result, InDeadLetters):
+        return {"batch_id": batch_id, "outcome": "already_dead_lettered",
+                "letter_id": result.letter_id}  # fmt: skip
     return {"batch_id": batch_id, "outcome": "logged", "first": result.first, "last": result.last}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
@@ -95,9 +96,12 @@ def test_dead_letters_list_requeue_and_drop(env: dict[str, str], db: RedisDB) ->
     requeued = cli(env, "dead-letters", "requeue")
     assert requeued.returncode == 0, requeued.stderr
     assert "requeued 1 batch(es)" in requeued.stdout
-    assert "kept 1 row_errors" in requeued.stdout
+    assert "kept 1 row_errors letter" in requeued.stdout
     message = orjson.loads(db.client.lindex(env["SNOWPIPE_QUEUE_NAME"], 0))
-    assert message["headers"]["id"] == "b-1"
+    _, kwargs, _ = orjson.loads(base64.b64decode(message["body"]))
+    letter_id = kwargs["requeue_of"]
+    assert kwargs["batch_id"] == "b-1" and letter_id.startswith("b-1#")
+    assert message["headers"]["id"] == f"b-1:requeue:{letter_id}"
 
     refused = cli(env, "dead-letters", "drop")
     assert refused.returncode == 2 and "--all" in refused.stderr

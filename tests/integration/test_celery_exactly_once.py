@@ -93,7 +93,7 @@ def test_20k_rows_in_200_batches_over_10_pipes_are_committed_exactly_once(
                 lambda: emu.stats()["batches_pending"] == 0, timeout=10, what="no pending rows"
             )
             assert_exactly_once(emu, PIPES, set(range(total)), logs=[worker])
-            assert db.client.llen("snowpipe:dead") == 0
+            assert db.client.hlen("snowpipe:letters") == 0
     finally:
         publisher.close()
         if broker == "rabbitmq":

@@ -35,7 +35,13 @@ from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
 from worker.delivery.channels import batch_key
 from worker.delivery.lease import LeaseTable
-from worker.delivery.log import AlreadyLogged, Logged, Piece
+from worker.delivery.log import (
+    ChannelRefused,
+    InDeadLetters,
+    Logged,
+    Piece,
+    Unsettled,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +86,7 @@ def test_hole1_task_failure_after_the_log_write_redelivery_finds_the_batch_logge
     from worker import tasks
 
     rt = runtime.current()
+    rig.mark_settled(rig.ref())
     real_append = rt.log.append
     fail: dict[str, BaseException] = {
         # The script ran, its answer was lost: the task sees a RedisError and retries.
@@ -263,26 +270,26 @@ def test_hole3_state_store_back_empty_new_batches_get_offsets_above_the_committe
 
 
 @pytest.mark.parametrize("committed", ["clock_one_hour_behind", "offset_10e17"])
-def test_hole3_log_forgot_and_clock_behind_entries_move_above_the_committed_offset(
+def test_hole3_snowflake_ahead_of_the_log_new_batches_wait_for_the_settle_then_sit_above_it(
     rig: Rig, committed: str
 ) -> None:
-    # Checked to fail: with the raise_floor call removed from ChannelPump._open, every batch
-    # sits at or below Snowflake's committed offset and is trimmed as committed ("40 missing").
-    # [offset_10e17] failed before the log scripts computed offsets as decimal strings: Lua's
-    # doubles gave the moved entries one offset, XADD refused, the log lost all 40 rows.
+    # Checked to fail: with the settle gate removed from _APPEND (the `settled` check), the
+    # batches logged before the pump's first open get offsets below Snowflake's committed
+    # offset and are trimmed as committed ("40 missing").
+    # [offset_10e17] needs the scripts' decimal-string offsets: Lua's doubles cannot tell
+    # 10**17 + 1 from 10**17.
     ref = rig.ref()
     big = int(time.time() * 1e6) + 3600 * 10**6 if committed.startswith("clock") else 10**17
     rig.snowpipe.open_channel(DATABASE, SCHEMA, ref.pipe, ref.channel, offset_token=str(big))
-    for b in range(4):
-        rig.log_batch(ref, f"b{b}", ids_of(b), pieces=2)
-    assert rig.log.last_offset(ref) < big
+    piece = [Piece(10, ndjson(ids_of(0)))]
+    assert isinstance(rig.log.append(ref, "b0", piece), Unsettled)  # no pump settled it yet
     pump = rig.start_pump(ref)
+    wait_until(lambda: pump.opened, timeout=10, what=lambda: "the pump's first open")
+    assert rig.stat("log_forgot") == 1  # the counter was raised to Snowflake's offset
+    for b in range(4):
+        assert rig.log_batch(ref, f"b{b}", ids_of(b), pieces=2).first > big
     rig.wait_exactly_once(all_ids(range(4)))
-    assert rig.stat("log_forgot") == 1
     assert pump.committed > big
-    for b in range(4, 6):  # logged after the floor was raised: above it
-        assert rig.log_batch(ref, f"b{b}", ids_of(b)).first > big
-    rig.wait_exactly_once(all_ids(range(6)))
     assert rig.stat("log_forgot") == 1
 
 
@@ -324,7 +331,7 @@ def test_row_errors_are_dead_lettered_to_their_batch_and_the_log_is_trimmed(rig:
     ref = rig.ref()
     rig.start_pump(ref)
     data = b'{"id": 1000}\nnot json\n'
-    assert isinstance(rig.log.append(ref, "b-err", [Piece(2, data)]), Logged)
+    assert isinstance(rig.append(ref, "b-err", [Piece(2, data)]), Logged)
     wait_until(lambda: 1000 in rig.committed_ids(), timeout=10, what=lambda: "b-err committed")
     for b in range(3):
         rig.log_batch(ref, f"b{b}", ids_of(b))
@@ -345,8 +352,8 @@ def test_row_errors_are_dead_lettered_to_their_batch_and_the_log_is_trimmed(rig:
 def test_refused_batch_is_dead_lettered_forgotten_by_the_log_and_can_be_requeued(
     rig: Rig,
 ) -> None:
-    # Checked to fail: with the `DEL` of the dedup record removed from _DEAD_LETTER, the
-    # batch's dedup record survives (a requeue would be AlreadyLogged, never delivered).
+    # Checked to fail: with the dedup record left as it was by _DEAD_LETTER (no `D` mark),
+    # the requeue is answered AlreadyLogged and never delivered.
     ref = rig.ref()
     rig.emu.fault(
         endpoint="append",
@@ -365,14 +372,15 @@ def test_refused_batch_is_dead_lettered_forgotten_by_the_log_and_can_be_requeued
     assert (letter.batch_id, letter.kind, letter.pipe) == ("b-bad", "failed", ref.pipe)
     assert letter.rows == [{"id": i, "name": f"row-{i}"} for i in ids_of(0)]
     assert "refused by the test" in letter.reason, letter.reason
-    assert not rig.redis.exists(batch_key("b-bad"))
+    record = rig.redis.get(batch_key("b-bad"))
+    assert record is not None and record.decode().endswith(f"\tD\t{letter.letter_id}")
     assert rig.stat("dead_letter") == 1
+    pieces = [Piece(len(letter.rows), ndjson(r["id"] for r in letter.rows))]
+    assert rig.append(ref, "b-bad", pieces) == InDeadLetters(letter.letter_id)  # a late copy
 
-    # `dead-letters requeue`: the batch id is logged again and delivered once.
+    # `dead-letters requeue`: the batch id is logged again, as the letter's requeue, once.
     def publish(letter: Any) -> None:
-        result = rig.log.append(
-            ref, letter.batch_id, [Piece(len(letter.rows), ndjson(r["id"] for r in letter.rows))]
-        )
+        result = rig.append(ref, letter.batch_id, pieces, requeue_of=letter.letter_id)
         assert isinstance(result, Logged), result
 
     assert rig.dead_letters.requeue(publish) == (1, 0)
@@ -380,10 +388,10 @@ def test_refused_batch_is_dead_lettered_forgotten_by_the_log_and_can_be_requeued
     assert pump.alive
 
 
-def test_unknown_pipe_dead_letters_the_channel_log_and_other_channels_keep_flowing(
+def test_unknown_pipe_dead_letters_what_was_never_sent_and_other_channels_keep_flowing(
     rig: Rig,
 ) -> None:
-    # Checked to fail: with `self._dead_letter_all(...)` removed from _refused_channel, the
+    # Checked to fail: with `refused_open` not called from ChannelPump._refused_open, the
     # batches stay in the log and no dead letter appears (timeout).
     bad = rig.ref("NOPE")
     good = rig.ref()
@@ -401,11 +409,12 @@ def test_unknown_pipe_dead_letters_the_channel_log_and_other_channels_keep_flowi
         letter = letters[batch_id]
         assert letter.kind == "failed" and letter.pipe == "NOPE"
         assert [r["id"] for r in letter.rows] == list(ids_of(batch))
-        assert "refused the channel" in letter.reason and "NOPE" in letter.reason, letter.reason
-        assert not rig.redis.exists(batch_key(batch_id))
+        assert "refuses to open channel" in letter.reason and "NOPE" in letter.reason, letter
     assert rig.log.depth(bad).entries == 0 and rig.log.depth(bad).bytes == 0
-    assert isinstance(rig.log.append(bad, "x0", [Piece(1, ndjson([1]))]), Logged)
-    assert isinstance(rig.log.append(bad, "x0", [Piece(1, ndjson([1]))]), AlreadyLogged)
+    # While opens are refused, new batches for the channel are refused with the reason (the
+    # task dead-letters them at once).
+    refused = rig.log.append(bad, "x2", [Piece(1, ndjson([1]))])
+    assert isinstance(refused, ChannelRefused) and "NOPE" in refused.reason
 
 
 # --- Coalescing -----------------------------------------------------------------------------------

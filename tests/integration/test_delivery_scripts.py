@@ -8,17 +8,21 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from tests.support.delivery import mark_settled
 from tests.support.redis import RedisDB
-from worker.deadletter import DeadLetters
+from worker.deadletter import DeadLetter, DeadLetters
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import LeaseTable
 from worker.delivery.log import (
     AlreadyLogged,
     ChannelLog,
+    InDeadLetters,
     LeaseLost,
     LogFull,
     Logged,
     Piece,
+    StoreChanged,
+    Unsettled,
 )
 
 A = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_0")
@@ -27,7 +31,10 @@ B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
 
 @pytest.fixture
 def log(db: RedisDB) -> ChannelLog:
-    return ChannelLog(db.client, dedup_ttl_seconds=3600)
+    channel_log = ChannelLog(db.client, dedup_ttl_seconds=3600)
+    for ref in (A, B):
+        mark_settled(channel_log, ref)
+    return channel_log
 
 
 @pytest.fixture
@@ -88,50 +95,65 @@ def test_trim_removes_committed_entries_and_their_bytes_only_for_the_lease_holde
     assert lease is not None
     with pytest.raises(LeaseLost):
         log.trim(A, lease.value + "x", one.last)
-    assert log.trim(A, lease.value, one.last) == 1
+    assert log.trim(A, lease.value, one.last).trimmed == 1
     assert [e.batch_id for e in log.read(A, 0, 10)] == ["b2"]
     assert log.depth(A).bytes == len(piece(2).data)
     assert log.depth(A).entries == 1
 
 
-def test_dead_letter_moves_a_batch_out_of_the_log_and_forgets_its_id(
+def test_dead_letter_moves_a_batch_out_of_the_log_and_only_its_requeue_logs_it_again(
     log: ChannelLog, leases: LeaseTable, db: RedisDB
 ) -> None:
     log.append(A, "b1", [piece(1)])
     lease = leases.acquire(A)
     assert lease is not None
     entries = log.read(A, 0, 10)
-    assert log.dead_letter(A, lease.value, entries, b'{"batch_id": "b1"}') == 1
+    letter = DeadLetter("b1", "DB", "PUBLIC", "P1", "refused", [{"id": 1}], letter_id="b1@1")
+    assert log.dead_letter(A, lease.value, entries, "b1@1", letter.dumps()) == 1
     assert log.read(A, 0, 10) == []
     assert DeadLetters(db.client).count() == 1
     assert log.depth(A).bytes == 0
-    # Requeued later: logged again, as a new entry.
-    assert isinstance(log.append(A, "b1", [piece(1)]), Logged)
+    assert log.append(A, "b1", [piece(1)]) == InDeadLetters("b1@1")  # a late copy
+    assert isinstance(log.append(A, "b1", [piece(1)], requeue_of="b1@1"), Logged)
     # Twice is a no-op (already gone): no second dead letter.
-    assert log.dead_letter(A, lease.value, entries, b"{}") == 0
+    assert log.dead_letter(A, lease.value, entries, "b1@1", letter.dumps()) == 0
     assert DeadLetters(db.client).count() == 1
 
 
-def test_raise_floor_moves_entries_that_sit_at_committed_offsets_above_them(
+def test_the_real_store_has_an_incarnation_and_a_restart_unsettles_every_channel(
+    log: ChannelLog, leases: LeaseTable, db: RedisDB
+) -> None:
+    run_id = db.client.info("server")["run_id"]
+    incarnation = log.incarnation()
+    assert incarnation.startswith(f"{run_id}:") and len(incarnation) == 81
+    lease = leases.acquire(A)
+    assert lease is not None
+    log.settle(A, lease.value, 0)
+    assert isinstance(log.append(A, "b1", [piece(1)]), Logged)
+    # What a store that restarted (a new run_id) looks like to the scripts: settled elsewhere.
+    db.client.set("snowpipe:settled:" + A.key, "0" * 40 + ":" + "0" * 40)
+    assert isinstance(log.append(A, "b2", [piece(2)]), Unsettled)
+    with pytest.raises(StoreChanged):
+        log.trim(A, lease.value, 0)
+    settled = log.settle(A, lease.value, 0)
+    assert settled.incarnation == incarnation
+    assert isinstance(log.append(A, "b2", [piece(2)]), Logged)
+
+
+def test_settle_after_the_store_came_back_older_trims_committed_entries_never_moves_them(
     log: ChannelLog, leases: LeaseTable, db: RedisDB
 ) -> None:
     logged = log.append(A, "b1", [piece(1)])
     assert isinstance(logged, Logged)
     lease = leases.acquire(A)
     assert lease is not None
-    # Nothing to do while the log issued everything Snowflake counts as committed.
-    assert not log.raise_floor(A, lease.value, logged.last).raised
+    # Snowflake committed b1 and later batches this store forgot (their writes were lost).
     committed = logged.last + 1000
-    result = log.raise_floor(A, lease.value, committed)
-    assert result.raised and result.moved == 1
-    (moved,) = log.read(A, 0, 10)
-    assert moved.offset > committed
-    assert moved.batch_id == "b1"
-    assert log.last_offset(A) >= moved.offset
-    record = db.client.get("snowpipe:batch:b1")
-    assert record is not None and record.decode().split("\t")[1] == str(moved.offset)
+    settled = log.settle(A, lease.value, committed)
+    assert settled.raised and settled.trimmed == 1
+    assert log.read(A, 0, 10) == []
     after = log.append(A, "b2", [piece(2)])
-    assert isinstance(after, Logged) and after.first > moved.offset
+    assert isinstance(after, Logged) and after.first > committed
 
 
 def test_a_lease_is_held_by_one_node_until_it_expires_or_is_released(

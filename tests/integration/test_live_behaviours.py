@@ -60,7 +60,7 @@ def count(emu: RunningEmulator, endpoint: str, status: int) -> int:
 def log_padded(rig: Rig, ref: ChannelRef, batch: int, pad: int) -> None:
     ids = ids_of(batch)
     data = b"".join(orjson.dumps({"id": i, "name": "x" * pad}) + b"\n" for i in ids)
-    assert isinstance(rig.log.append(ref, f"b{batch}", [Piece(len(ids), data)]), Logged)
+    assert isinstance(rig.append(ref, f"b{batch}", [Piece(len(ids), data)]), Logged)
 
 
 def test_a_channel_dropped_behind_the_pump_is_reopened_on_the_400_is_code(rig: Rig) -> None:
@@ -140,7 +140,7 @@ def test_rows_the_table_rejects_are_dead_lettered_to_their_batch_with_snowflakes
     ref = rig.ref(TYPED)
     rig.start_pump(ref)
     bad = b'{"id": 1000, "name": "ok"}\n{"id": null, "name": "no id"}\n'
-    assert isinstance(rig.log.append(ref, "b-null", [Piece(2, bad)]), Logged)
+    assert isinstance(rig.append(ref, "b-null", [Piece(2, bad)]), Logged)
     wait_until(
         lambda: 1000 in rig.committed_ids(TYPED), timeout=10, what=lambda: "b-null committed"
     )

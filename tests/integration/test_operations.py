@@ -235,5 +235,5 @@ def test_a_dead_lettered_batch_is_a_failed_task_in_celery_events(
         assert not any(e.get("type") == "task-succeeded" for e in seen)
         wait_until(lambda: db.client.llen(settings.queue_name) == 0, timeout=10,
                    what="the message acknowledged")  # fmt: skip
-        assert db.client.llen("snowpipe:dead") == 1
+        assert db.client.hlen("snowpipe:letters") == 1
     app.close()

@@ -49,7 +49,7 @@ from worker.settings import load_settings
 PIPES = [f"P{i}" for i in range(4)]
 ROWS = 50
 EMU = ("--commit-delay", "0.5", "--rate-limit", "0", "--accept-any-pipe")
-DEAD_KEY = "snowpipe:dead"  # the documented dead-letter list (worker/deadletter.py)
+DEAD_KEY = "snowpipe:letters"  # the dead letters (worker/deadletter.py)
 # Small, so that messages of tasks cancelled at the connection loss (prefork) are swept back to
 # the queue by the unacked restore within the test.
 VISIBILITY_TIMEOUT = 10
@@ -104,7 +104,7 @@ class Rig:
         )
         wait_until(lambda: self.emu.stats()["batches_pending"] == 0, timeout=10, what="idle")
         assert_exactly_once(self.emu, PIPES, self.published, logs=workers)
-        dead = self.state.lrange(DEAD_KEY, 0, -1)
+        dead = self.state.hvals(DEAD_KEY)
         assert dead == [], dead
 
 

@@ -89,7 +89,7 @@ def test_beat_serves_every_refresh_and_workers_refresh_alone_when_beat_stops(
                 after = store.refresh_counts()
                 assert after.get("request_path", 0) >= 1, after
                 assert_exactly_once(emu, PIPES, set(range(total)), logs=logs)
-                assert db.client.llen("snowpipe:dead") == 0
+                assert db.client.hlen("snowpipe:letters") == 0
                 assert "raised unexpected" not in worker.log()
         finally:
             publisher.close()

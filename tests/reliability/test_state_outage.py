@@ -98,7 +98,7 @@ def test_a_state_store_outage_is_ridden_out_with_every_batch_kept_and_committed_
                               "Unrecoverable error"):  # fmt: skip
                     assert quiet not in log, f"{quiet!r} logged\n{worker.log_tail()}"
                 assert worker.process.poll() is None
-                assert server.client(0).llen("snowpipe:dead") == 0
+                assert server.client(0).hlen("snowpipe:letters") == 0
                 assert BrokerDeadLetters(settings).count() == 0
         finally:
             publisher.close()

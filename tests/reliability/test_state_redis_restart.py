@@ -46,7 +46,7 @@ ROWS = 10
 RATE = 40.0  # batches per second
 BEFORE, DOWN, AFTER = 2.5, 1.5, 2.0  # publish, kill, stay down, restart, publish
 EMU = ("--commit-delay", "0.3", "--rate-limit", "10", "--accept-any-pipe")
-DEAD_KEY = "snowpipe:dead"  # the documented dead-letter list (worker/deadletter.py)
+DEAD_KEY = "snowpipe:letters"  # the dead letters (worker/deadletter.py)
 SUCCEEDED = re.compile(
     r"Task snowpipe\.ingest_batch\[[^\]]+\] succeeded in [0-9.e-]+s: "
     r"\{'batch_id': '([^']+)', 'outcome': '(logged|already_logged)'"
@@ -146,7 +146,7 @@ def test_state_redis_killed_and_restarted_with_fsync_always_loses_no_acknowledge
                     {i for b in published for i in range(b * ROWS, (b + 1) * ROWS)},
                     logs=[worker],
                 )
-                assert state.lrange(DEAD_KEY, 0, -1) == []
+                assert state.hvals(DEAD_KEY) == []
                 # The worker lived through it and noticed: tasks retried, pumps reconnected.
                 assert worker.process.poll() is None, worker.log_tail()
                 assert "ingest.state_failed" in log or "pump.failed" in log, worker.log_tail()

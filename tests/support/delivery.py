@@ -29,7 +29,7 @@ from worker import runtime
 from worker.deadletter import DeadLetters
 from worker.delivery.channels import ChannelRef, channel_key, channel_name
 from worker.delivery.lease import LeaseTable
-from worker.delivery.log import ChannelLog, Entry, Logged, Piece
+from worker.delivery.log import AppendResult, ChannelLog, Entry, Logged, Piece
 from worker.delivery.node import Node
 from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig
 from worker.retry import RetryPolicy
@@ -302,9 +302,23 @@ class Rig:
         ids = list(ids)
         step = max(1, -(-len(ids) // pieces))
         parts = [ids[i : i + step] for i in range(0, len(ids), step)]
+        self.mark_settled(ref)
         result = self.log.append(ref, batch_id, [Piece(len(p), ndjson(p)) for p in parts])
         assert isinstance(result, Logged), result
         return result
+
+    def append(
+        self, ref: ChannelRef, batch_id: str, pieces: Sequence[Piece], **kw: Any
+    ) -> AppendResult:
+        """`ChannelLog.append` on a channel marked settled first (see `mark_settled`)."""
+        self.mark_settled(ref)
+        return self.log.append(ref, batch_id, pieces, **kw)
+
+    def mark_settled(self, ref: ChannelRef) -> None:
+        """Let tasks log on `ref` before any pump opened it: what a pump's first settle does
+        for a channel Snowflake has never seen (committed offset 0). A channel settled already
+        is left as it is."""
+        mark_settled(self.log, ref)
 
     # --- Reading back -----------------------------------------------------------------------------
 
@@ -393,6 +407,11 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what()}")
         time.sleep(interval)
+
+
+def mark_settled(log: ChannelLog, ref: ChannelRef) -> None:
+    """Mark `ref` settled in the store's current incarnation unless it is (see Rig.mark_settled)."""
+    log.redis.set(channel_key("settled", ref), log.incarnation(), nx=True)
 
 
 def lease_key(ref: ChannelRef) -> str:

@@ -115,7 +115,9 @@ def run_official_sdk(
     result: dict[str, Any] = {}
     for line in output.splitlines():
         if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
+            # The SDK's own log lines go to the same pipes and can land on the result's line
+            # (no newline between two writers): read the JSON document and ignore the rest.
+            result, _ = json.JSONDecoder().raw_decode(line[len(RESULT_PREFIX) :])
     return SdkRun(returncode, output, result)
 
 

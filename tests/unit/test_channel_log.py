@@ -8,17 +8,23 @@ import fakeredis
 import orjson
 import pytest
 
+from tests.support.delivery import mark_settled
 from tests.support.fake_redis import RedisClock
-from worker.deadletter import DeadLetters
+from worker.deadletter import DeadLetter, DeadLetters
 from worker.delivery.channels import STATS_KEY, ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import (
     AlreadyLogged,
     ChannelLog,
+    ChannelRefused,
+    InDeadLetters,
     LeaseLost,
     LogFull,
     Logged,
+    MaybeSent,
     Piece,
+    StoreChanged,
+    Unsettled,
 )
 
 A = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_0")
@@ -27,7 +33,10 @@ B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
 
 @pytest.fixture
 def log(fredis: fakeredis.FakeRedis) -> ChannelLog:
-    return ChannelLog(fredis, dedup_ttl_seconds=3600)
+    channel_log = ChannelLog(fredis, dedup_ttl_seconds=3600)
+    for ref in (A, B):
+        mark_settled(channel_log, ref)  # as a pump's first settle of a new channel does
+    return channel_log
 
 
 @pytest.fixture
@@ -158,48 +167,127 @@ def test_trim_is_refused_without_the_lease_and_keeps_the_bytes_count_exact(
     logged(log.append(A, "b2", [piece(3)]))
     with pytest.raises(LeaseLost):
         log.trim(A, lease.value.replace("n1@test", "n2@test"), one.last)
-    assert log.trim(A, lease.value, one.first) == 1  # half of b1
-    assert log.trim(A, lease.value, one.first) == 0  # again: nothing left to trim
-    assert log.trim(A, lease.value, one.last) == 1
+    assert log.trim(A, lease.value, one.first).trimmed == 1  # half of b1
+    assert log.trim(A, lease.value, one.first).trimmed == 0  # again: nothing left to trim
+    assert log.trim(A, lease.value, one.last).trimmed == 1
     assert log.depth(A).entries == 1
     assert log.depth(A).bytes == len(piece(3).data)
+    assert log.committed_offset(A) == one.last
 
 
-def test_dead_letter_takes_one_batch_and_needs_the_lease(
+def test_dead_letter_takes_one_batch_marks_its_record_and_needs_the_lease(
     log: ChannelLog, lease: Lease, fredis: fakeredis.FakeRedis
 ) -> None:
     logged(log.append(A, "b1", [piece(1)]))
     logged(log.append(A, "b2", [piece(2)]))
     both = log.read(A, 0, 10)
     with pytest.raises(ValueError, match="one batch"):
-        log.dead_letter(A, lease.value, both, b"{}")
-    assert log.dead_letter(A, lease.value, [], b"{}") == 0
+        log.dead_letter(A, lease.value, both, "L", b"{}")
+    assert log.dead_letter(A, lease.value, [], "L", b"{}") == 0
     with pytest.raises(LeaseLost):
-        log.dead_letter(A, "someone\telse\t9", both[:1], b"{}")
-    assert log.dead_letter(A, lease.value, both[:1], b'{"batch_id":"b1"}') == 1
-    assert DeadLetters(fredis).count() == 1
-    assert fredis.get("snowpipe:batch:b1") is None  # forgotten: a requeue is logged again
-    assert fredis.get("snowpipe:batch:b2") is not None
+        log.dead_letter(A, "someone\telse\t9", both[:1], "L", b"{}")
+    letter = DeadLetter("b1", "DB", "PUBLIC", "P1", "refused", [{"id": 1}], letter_id="b1@x")
+    assert log.dead_letter(A, lease.value, both[:1], "b1@x", letter.dumps()) == 1
+    assert [s.letter.letter_id for s in DeadLetters(fredis).entries()] == ["b1@x"]
+    record = fredis.get("snowpipe:batch:b1")
+    assert record is not None and record.decode().endswith("\tD\tb1@x")
+    assert 0 < fredis.ttl("snowpipe:batch:b1") <= 3600  # the record keeps its expiry
     assert log.depth(A).bytes == len(piece(2).data)
 
 
-def test_raise_floor_is_exact_above_two_to_the_53(
+def test_a_late_copy_of_a_dead_lettered_batch_is_not_logged_but_its_requeue_is_once(
+    log: ChannelLog, lease: Lease
+) -> None:
+    logged(log.append(A, "b1", [piece(1)]))
+    log.dead_letter(A, lease.value, log.read(A, 0, 10), "b1@x", b"{}")
+    assert log.append(A, "b1", [piece(1)]) == InDeadLetters("b1@x")  # the original, again
+    assert log.append(A, "b1", [piece(1)], requeue_of="other") == InDeadLetters("b1@x")
+    again = logged(log.append(A, "b1", [piece(1)], requeue_of="b1@x"))
+    assert isinstance(log.append(A, "b1", [piece(1)], requeue_of="b1@x"), AlreadyLogged)
+    assert [e.offset for e in log.read(A, 0, 10)] == [again.first]
+
+
+def test_an_unsettled_channel_takes_nothing_and_a_refused_one_says_why(
     log: ChannelLog, lease: Lease, fredis: fakeredis.FakeRedis
 ) -> None:
-    logged(log.append(A, "b1", [piece(1), piece(2)]))
-    committed = 10**17 + 1  # doubles cannot tell it from its neighbours
-    result = log.raise_floor(A, lease.value, committed)
-    assert (result.raised, result.moved) == (True, 2)
-    moved = log.read(A, 0, 10)
-    assert [e.offset for e in moved] == [committed + 1, committed + 2]
-    assert [e.data for e in moved] == [piece(1).data, piece(2).data]
-    assert log.last_offset(A) == committed + 2
-    record = fredis.get("snowpipe:batch:b1")
-    assert record is not None and record.decode().split("\t")[1] == str(committed + 2)
-    assert 0 < fredis.ttl("snowpipe:batch:b1") <= 3600  # the record keeps its expiry
-    assert not log.raise_floor(A, lease.value, committed).raised  # done once
+    fredis.delete("snowpipe:settled:" + A.key)  # as after a restart of the store
+    assert log.append(A, "b1", [piece(1)]) == Unsettled()
+    assert fredis.get("snowpipe:batch:b1") is None
+    assert fredis.sismember("snowpipe:channels", A.key)  # so that a pump settles it
+    log.refuse(A, lease.value, "no such pipe", 60)
+    assert log.append(A, "b1", [piece(1)]) == ChannelRefused("no such pipe")
+    log.settle(A, lease.value, 0)
+    assert isinstance(log.append(A, "b1", [piece(1)]), Logged)
+
+
+def test_settle_trims_what_snowflake_committed_and_raises_the_counter_never_moving_entries(
+    log: ChannelLog, lease: Lease
+) -> None:
+    one = logged(log.append(A, "b1", [piece(1), piece(2)]))
+    two = logged(log.append(A, "b2", [piece(3)]))
+    committed = 10**17 + 1  # beyond every offset issued; doubles cannot tell it from 10**17
+    settled = log.settle(A, lease.value, committed)
+    assert (settled.raised, settled.trimmed, settled.held) == (True, 3, 0)
+    assert log.read(A, 0, 10) == [] and log.depth(A).bytes == 0
+    assert log.last_offset(A) == committed
+    assert logged(log.append(A, "b3", [piece(4)])).first == committed + 1
+    assert one.last < two.first
     with pytest.raises(LeaseLost):
-        log.raise_floor(A, "x\ty\t0", committed + 10)
+        log.settle(A, "x\ty\t0", committed)
+
+
+def test_session_scripts_need_a_settle_in_the_current_incarnation(
+    log: ChannelLog, lease: Lease, fredis: fakeredis.FakeRedis
+) -> None:
+    one = logged(log.append(A, "b1", [piece(1)]))
+    log.settle(A, lease.value, 0)
+    fredis.set("snowpipe:settled:" + A.key, "an-older-run:replid")  # the store restarted
+    with pytest.raises(StoreChanged):
+        log.trim(A, lease.value, one.last)
+    with pytest.raises(StoreChanged):
+        log.mark_sent(A, lease.value, one.last)
+    with pytest.raises(StoreChanged):
+        log.dead_letter(A, lease.value, log.read(A, 0, 10), "L", b"{}")
+
+
+def test_the_sent_mark_only_rises_and_guards_dead_letters_without_a_settle(
+    log: ChannelLog, lease: Lease
+) -> None:
+    one = logged(log.append(A, "b1", [piece(1)]))
+    two = logged(log.append(A, "b2", [piece(2)]))
+    assert log.mark_sent(A, lease.value, one.last) == one.last
+    assert log.mark_sent(A, lease.value, one.first - 5) == one.last
+    first, second = log.read(A, 0, 10)
+    with pytest.raises(MaybeSent):
+        log.dead_letter(A, lease.value, [first], "L1", b"{}", settled=False)
+    assert log.dead_letter(A, lease.value, [second], "L2", b"{}", settled=False) == 1
+    assert two.first == second.offset
+
+
+def test_errors_that_rose_hold_the_entries_committed_since_the_last_confirmation(
+    log: ChannelLog, lease: Lease
+) -> None:
+    log.settle(A, lease.value, 0, errors=0)
+    one = logged(log.append(A, "b1", [piece(1)]))
+    two = logged(log.append(A, "b2", [piece(2), piece(3)]))
+    confirmed = log.trim(A, lease.value, one.last, errors=0)
+    assert (confirmed.trimmed, confirmed.held) == (1, 0)
+    confirmed = log.trim(A, lease.value, two.last, errors=2, upper_bound=str(two.last),
+                         message="NULL result\tin a non-nullable column")  # fmt: skip
+    assert (confirmed.trimmed, confirmed.held) == (2, 2)
+    [window] = log.held_windows(A)
+    assert (window.after, window.upto, window.errors, window.total) == (one.last, two.last, 2, 2)
+    assert window.message == "NULL result in a non-nullable column"
+    held = log.held_entries(A, window)
+    assert [(e.batch_id, e.piece, e.pieces, e.first_row) for e in held] == [
+        ("b2", 0, 2, 0), ("b2", 1, 2, 1),
+    ]  # fmt: skip
+    letter = DeadLetter("b2", "DB", "PUBLIC", "P1", "row errors", [], kind="row_errors",
+                        letter_id="b2@rows")  # fmt: skip
+    for _ in range(2):  # attributing a window twice stores one letter
+        log.release_held(A, lease.value, window, held, [("b2@rows", letter.dumps())], now_ms=1)
+    assert log.held_windows(A) == [] and log.held_entries(A, window) == []
+    assert [s.letter.letter_id for s in DeadLetters(log.redis).entries()] == ["b2@rows"]
 
 
 def test_depths_report_entries_bytes_and_the_oldest_write(

@@ -14,6 +14,7 @@ import fakeredis
 import orjson
 import pytest
 
+from tests.support.delivery import mark_settled
 from tests.support.fake_redis import RedisClock
 from worker.delivery.channels import STATS_KEY, ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
@@ -34,6 +35,10 @@ class Pumplet:
     def __init__(self, lease: Lease) -> None:
         self.lease, self.ref = lease, lease.ref
         self.lost, self.alive = False, True
+        self.incarnations: list[str] = []
+
+    def store_changed(self, incarnation: str) -> None:
+        self.incarnations.append(incarnation)
 
 
 class Nodelet:
@@ -79,6 +84,7 @@ def nodes(fredis: fakeredis.FakeRedis) -> dict[str, Nodelet]:
 def log_channels(log: ChannelLog, count: int, *, entries: dict[int, int] | None = None) -> None:
     """Give `count` channels a log (so they exist), with `entries[n]` entries on channel n."""
     for n in range(count):
+        mark_settled(log, channel(n))
         for i in range((entries or {}).get(n, 1)):
             log.append(channel(n), f"b{n}-{i}", [Piece(1, orjson.dumps({"n": n}) + b"\n")])
 

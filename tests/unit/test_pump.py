@@ -19,14 +19,17 @@ import orjson
 import pytest
 
 from tests.support.clock import FakeClock
+from tests.support.delivery import mark_settled
 from tests.support.fake_redis import RedisClock
 from worker.deadletter import DeadLetters
 from worker.delivery import pump as pump_module
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import LeaseTable
-from worker.delivery.log import ChannelLog, Logged, Piece
-from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig, RequestRefused
-from worker.snowpipe.errors import PipeNotFoundError, error_from_response
+from worker.delivery.log import ChannelLog, ChannelRefused, Logged, Piece
+from worker.delivery.offsets import recent_latency
+from worker.delivery.poller import CommitPoller
+from worker.delivery.pump import ChannelPump, OpenRefused, PumpConfig, RequestRefused
+from worker.snowpipe.errors import error_from_response
 
 A = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_0")
 B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
@@ -125,6 +128,7 @@ class Rig:
         rows = [orjson.dumps({"id": i, "batch": batch_id}) + b"\n" for i in ids]
         size = -(-len(rows) // pieces)
         parts = [rows[i : i + size] for i in range(0, len(rows), size)]
+        mark_settled(self.log, A)
         result = self.log.append(A, batch_id, [Piece(len(p), b"".join(p)) for p in parts])
         assert isinstance(result, Logged)
         return result
@@ -133,7 +137,7 @@ class Rig:
         """The loop's send step `later` seconds on (past the rate's spacing by default): fill an
         empty buffer (the tests call it when entries are waiting), then send."""
         self.clock.advance(later)
-        if not self.pump._buffer:
+        if not self.pump.offsets.buffer:
             self.pump._wait_for_work()
         return self.pump._send_some()
 
@@ -282,9 +286,33 @@ def test_row_errors_dead_letter_the_batches_of_the_request_that_holds_the_bound(
     assert sorted(letter.batch_id for letter in letters) == ["b1", "b2"]
     assert {letter.kind for letter in letters} == {"row_errors"}
     assert all("non-nullable" in letter.reason for letter in letters)
-    assert rig.stats.counts["row_errors"] == 1
+    assert rig.log.held_windows(A) == []  # attributed: the held entries are gone
     rig.pump.on_commit(rig.snowflake.commit(two.last))  # the same count again: nothing new
     assert rig.dead.count() == 2
+
+
+def test_row_errors_a_previous_owner_never_saw_are_attributed_by_the_next_one(
+    make_rig: Any, fredis: fakeredis.FakeRedis, redis_clock: RedisClock
+) -> None:
+    rig: Rig = make_rig()
+    rig.pump._open()
+    one = rig.batch("b1", 1)
+    assert rig.send()
+    # The request commits with a row error, and the owner dies before it polls the status.
+    rig.snowflake.status.rows_error_count = 1
+    rig.snowflake.status.last_error_offset_upper_bound = str(one.last)
+    rig.snowflake.commit(one.last)
+    redis_clock.advance(LEASE_TTL + 1)
+    leases = LeaseTable(fredis, "n2@test", ttl_seconds=LEASE_TTL)
+    lease = leases.acquire(A)
+    assert lease is not None
+    successor = ChannelPump(
+        lease, leases=leases, log=rig.log, client=rig.snowflake, config=config(),
+        stats=rig.stats, clock=rig.clock,
+    )  # fmt: skip
+    successor._open()
+    assert [s.letter.batch_id for s in rig.dead.entries()] == ["b1"]
+    assert rig.log.read(A, 0, 10) == []
 
 
 def test_a_refused_request_is_split_until_the_batch_at_fault_is_dead_lettered(
@@ -307,25 +335,31 @@ def test_a_refused_request_is_split_until_the_batch_at_fault_is_dead_lettered(
     assert [letter.batch_id for letter in letters] == ["bad"]
     assert [r["id"] for r in letters[0].rows] == [2, 3]  # both pieces of the batch
     assert letters[0].detail["offsets"] == [bad.first, bad.last]
-    # One entry per request while isolating; after the dead letter the reopen replays from the
-    # committed offset (nothing committed here): good again, then after.
+    # One entry per request while isolating; the batch is dead-lettered after the reopen that
+    # follows its refusal, which replays from the committed offset (nothing committed here).
     sent = [(int(a[1] or 0), a[3]) for a in rig.snowflake.appends]
     assert sent == [(good.first, 1), (good.first, 1), (after.first, 1)]
     assert rig.stats.counts["dead_letter"] == 1
 
 
-def test_a_refused_channel_dead_letters_its_whole_log(rig: Rig) -> None:
-    rig.batch("b1", 1)
-    rig.batch("b2", 2)
+def test_a_refused_open_dead_letters_only_what_no_pump_ever_sent(rig: Rig) -> None:
+    rig.pump._open()
+    sent = rig.batch("sent", 1)
+    assert rig.send()  # accepted, not committed: it may still commit
+    rig.batch("b1", 2)
+    rig.batch("b2", 3, 4, pieces=2)
     rig.snowflake.refuse_open = error_from_response(
         404, '{"code":"ERR_PIPE_DOES_NOT_EXIST_OR_NOT_AUTHORIZED","message":"no such pipe"}'
     )
     rig.pump.stop(timeout=0)  # so the pause after the refusal returns at once
-    with pytest.raises(PipeNotFoundError) as refused:
+    with pytest.raises(OpenRefused) as refused:
         rig.pump._open()
-    rig.pump._refused_channel(refused.value, pump_module._log)  # what run() does with it
+    rig.pump._refused_open(refused.value.cause, pump_module._log)  # what run() does with it
     assert sorted(s.letter.batch_id for s in rig.dead.entries()) == ["b1", "b2"]
-    assert rig.log.read(A, 0, 10) == []
+    assert [e.offset for e in rig.log.read(A, 0, 10)] == [sent.first]
+    # New batches for the channel are refused with the reason until an open succeeds.
+    result = rig.log.append(A, "b3", [Piece(1, b'{"id":5}\n')])
+    assert isinstance(result, ChannelRefused) and "no such pipe" in result.reason
 
 
 def test_a_pump_whose_lease_was_taken_stops_without_opening(
@@ -466,6 +500,6 @@ def test_a_pump_expects_its_next_commit_after_most_of_the_latency_it_has_seen(ri
 
 
 def test_the_recent_latency_falls_at_once_and_rises_by_a_tenth() -> None:
-    assert pump_module.recent_latency(0.0, 6.0) == pytest.approx(0.6)
-    assert pump_module.recent_latency(6.0, 5.0) == 5.0
-    assert pump_module.recent_latency(5.0, 15.0) == pytest.approx(6.0)
+    assert recent_latency(0.0, 6.0) == pytest.approx(0.6)
+    assert recent_latency(6.0, 5.0) == 5.0
+    assert recent_latency(5.0, 15.0) == pytest.approx(6.0)

@@ -1,30 +1,42 @@
 """The channel log: per channel, an ordered, durable log of batches in the state Redis.
 
-`ChannelLog.append` is where a batch gets its channel offset, once: one Lua script that returns
+`ChannelLog.append` is where a batch gets its channel offsets, once: one Lua script that returns
 the batch's existing record if its id was seen before (dedup), and otherwise issues the next
-offsets and writes the entries and the dedup record together. Offsets never change afterwards
-(except in the alarm case `raise_floor` handles). The pump that holds the channel's lease reads
-the log in order, appends it to Snowflake, and trims what Snowflake reports committed.
+offsets and writes the entries and the dedup record together. Offsets never change afterwards.
+The pump that holds the channel's lease settles the channel after every open, appends the log to
+Snowflake in order, and trims what Snowflake reports committed (docs/delivery.md).
 
 Keys (prefix `snowpipe:`, channel key `database|schema|pipe|channel`):
 
-    log:{chan}     a Redis stream; entry id `<offset>-0`, fields b (batch id), n (rows),
-                   d (NDJSON bytes), t (ms written, Redis clock)
-    next:{chan}    the last offset issued on the channel
-    bytes:{chan}   bytes of NDJSON in the log (the backpressure cap compares against it)
-    batch:{id}     dedup record `chan TAB first offset TAB last offset`, expires after the
-                   redelivery horizon (`SNOWPIPE_DEDUP_TTL_SECONDS`)
-    channels       set of every channel key that ever had an entry
-    stats          counters (the append script counts logged, already_logged, log_full)
-    dead           dead letters (worker/deadletter.py)
+    log:{chan}       a Redis stream; entry id `<offset>-0`, fields b (batch id), n (rows),
+                     d (NDJSON bytes), t (ms written, Redis clock), p (piece index in the batch),
+                     k (pieces in the batch), r (index in the batch of the piece's first row)
+    next:{chan}      the last offset issued on the channel
+    bytes:{chan}     bytes of NDJSON in the log (the backpressure cap compares against it)
+    settled:{chan}   the incarnation of the state Redis in which a pump last settled the channel
+    committed:{chan} Snowflake's committed offset at the last confirmation (decimal string)
+    errors:{chan}    Snowflake's rows_error_count at the last confirmation
+    sent:{chan}      the highest offset any pump may have put in an append request
+    held:{chan}      a stream of committed entries held until their row errors are attributed
+    heldinfo:{chan}  a hash: one field per held window (see `HeldWindow`)
+    refused:{chan}   why Snowflake refuses to open the channel (expires; set by the pump)
+    batch:{id}       dedup record `chan TAB first TAB last`, plus `TAB D TAB <letter id>` once
+                     the batch was dead-lettered from the log; expires after the redelivery
+                     horizon (`SNOWPIPE_DEDUP_TTL_SECONDS`)
+    channels         set of every channel key that ever had an entry (or a task waiting on it)
+    stats            counters (the append script counts its outcomes)
+    letters, letters:order   dead letters (worker/deadletter.py)
 
-Offsets are `max(last + 1, Redis TIME in µs)`: increasing per channel, and after a state Redis
-lost its last writes (a restart without fsync, a failover) the next offsets are still above any
-offset issued before, because the clock moved on while the counter went back. So a batch logged
-after such a loss never reuses an offset Snowflake may already count as committed.
+**The settle gate.** An incarnation is `run_id:master_replid` of the state Redis, read by each
+script (`INFO`): it changes at every restart and every promotion of a replica, which is when the
+store may have come back older than it was. A task may log on a channel only while the channel
+is settled in the current incarnation: a pump opened it, raised `next` to at least Snowflake's
+committed offset C and trimmed what is at or below C (`settle`). So every offset issued is above
+C, every entry at or below C was committed (by induction over sessions), and a store that came
+back older or empty is made consistent by trimming, never by moving entries (docs/delivery.md
+argues it). Every script that changes a log on a pump's behalf checks the pump's lease value and
+that the channel is still settled in the current incarnation.
 
-Scripts that change a log on behalf of a pump (trim, dead-letter, raise the floor) first check
-the pump's lease value, so a pump that lost its lease can no longer change the log.
 Multi-key scripts assume one Redis node (a single instance or a primary, not a cluster).
 """
 
@@ -36,7 +48,7 @@ from typing import Any
 
 import redis
 
-from worker.deadletter import DEAD_KEY
+from worker.deadletter import LETTERS_KEY, ORDER_KEY
 from worker.delivery.channels import (
     CHANNELS_KEY,
     STATS_KEY,
@@ -46,10 +58,9 @@ from worker.delivery.channels import (
 )
 from worker.errors import SnowpipeWorkerError
 
-# Offsets as decimal strings (Lua helper, pasted into the scripts that compute offsets). Lua's
-# numbers are doubles: above 2^53 `x + 1 == x`, so an offset Snowflake reports as committed that
-# is that large (another writer's, or a clock far ahead) would make the scripts issue one offset
-# twice (XADD refuses it) and, in _RAISE_FLOOR, drop entries. Digit strings are exact.
+# Offsets as decimal strings (Lua helper). Lua's numbers are doubles: above 2^53 `x + 1 == x`,
+# and offsets are microseconds since 1970 (about 2^50) or whatever Snowflake reports as
+# committed (another writer's, a clock far ahead). Digit strings are exact.
 _DECIMAL = """
 local function dec(s)
   s = string.gsub(s, '^0+', '')
@@ -81,55 +92,25 @@ local function dec_add(a, n)
   for i = #digits, 1, -1 do out[#out + 1] = string.format('%d', digits[i]) end
   return dec(table.concat(out))
 end
+local function offset_of(id) return dec(string.match(id, '^(%d+)')) end
 """
 
-# KEYS: batch, next, log, bytes, channels, stats.  ARGV: batch id, ttl, cap, chan key,
-# n pieces, then per piece: row count, NDJSON bytes. Counts its outcome in stats (no extra
-# round trip per task).
-_APPEND = (
-    _DECIMAL
-    + """
-local seen = redis.call('GET', KEYS[1])
-if seen then
-  redis.call('HINCRBY', KEYS[6], 'already_logged', 1)
-  return {0, seen}
+# The state Redis's incarnation: `run_id:master_replid`. A store without INFO (fakeredis, the
+# embedded broker of the local stack, which keeps nothing anyway) has one incarnation, "-".
+# A Redis user that may not run INFO is caught at start (`ChannelLog.incarnation_supported`).
+_INCARNATION = """
+local function incarnation()
+  local ok, server = pcall(redis.call, 'INFO', 'server')
+  if not ok or type(server) ~= 'string' then return '-' end
+  local run = string.match(server, 'run_id:(%w+)') or '?'
+  local ok2, repl = pcall(redis.call, 'INFO', 'replication')
+  local rep = '?'
+  if ok2 and type(repl) == 'string' then rep = string.match(repl, 'master_replid:(%w+)') or '?' end
+  return run .. ':' .. rep
 end
-local cap = tonumber(ARGV[3])
-if cap > 0 then
-  local used = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if used >= cap then
-    redis.call('HINCRBY', KEYS[6], 'log_full', 1)
-    return {2, tostring(used)}
-  end
-end
-local t = redis.call('TIME')
-local now_us = dec(t[1] .. string.format('%06d', tonumber(t[2])))
-local last = dec(redis.call('GET', KEYS[2]) or '0')
-local first = dec_max(dec_add(last, 1), now_us)
-local n = tonumber(ARGV[5])
-local total = 0
-local rows = 0
-local now_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-for i = 0, n - 1 do
-  local data = ARGV[7 + 2 * i]
-  redis.call('XADD', KEYS[3], dec_add(first, i) .. '-0',
-             'b', ARGV[1], 'n', ARGV[6 + 2 * i], 'd', data, 't', now_ms)
-  total = total + #data
-  rows = rows + tonumber(ARGV[6 + 2 * i])
-end
-redis.call('HINCRBY', KEYS[6], 'logged', 1)
-redis.call('HINCRBY', KEYS[6], 'rows_logged', rows)
-local final = dec_add(first, n - 1)
-redis.call('SET', KEYS[2], final)
-redis.call('INCRBY', KEYS[4], total)
-local record = ARGV[4] .. '\\t' .. first .. '\\t' .. final
-redis.call('SET', KEYS[1], record, 'EX', tonumber(ARGV[2]))
-redis.call('SADD', KEYS[5], ARGV[4])
-return {1, record}
 """
-)
 
-# Sum of the `d` field lengths of stream entries (Lua helper, pasted into scripts below).
+# Sum of the `d` field lengths of stream entries.
 _DATA_BYTES = """
 local function data_bytes(entries)
   local total = 0
@@ -143,86 +124,256 @@ local function data_bytes(entries)
 end
 """
 
-# KEYS: lease, log, bytes.  ARGV: lease value, committed offset, first offset to keep.
-_TRIM = (
-    _DATA_BYTES
+# A pump's session is valid while it holds the lease and the channel is settled in the current
+# incarnation: -1 lease lost, -2 the store changed (restart, failover) since the settle.
+_SESSION = """
+local function session(lease_key, lease_value, settled_key)
+  if redis.call('GET', lease_key) ~= lease_value then return -1 end
+  if redis.call('GET', settled_key) ~= incarnation() then return -2 end
+  return 0
+end
+"""
+
+# Confirm Snowflake's committed offset c and error count e: trim the log up to c, except that
+# when e rose since the last confirmation, the entries committed since then, (c0, c], go to the
+# held stream first (their row errors are attributed from there), with a window record.
+# KEYS used: log, bytes, committed, errors, held, heldinfo (passed as arguments).
+_CONFIRM = """
+local function confirm(k_log, k_bytes, k_committed, k_errors, k_held, k_info, c, e, bound, msg)
+  local prev = redis.call('GET', k_committed)
+  local errs = redis.call('GET', k_errors)
+  local c0 = c
+  if prev then c0 = dec(prev) end
+  local e0 = e
+  if errs then e0 = tonumber(errs) end
+  local held = 0
+  if e > e0 then
+    if dec_cmp(c0, c) < 0 then
+      local window = redis.call('XRANGE', k_log, '(' .. c0 .. '-0', c .. '-0')
+      for _, en in ipairs(window) do
+        if pcall(redis.call, 'XADD', k_held, en[1], unpack(en[2])) then held = held + 1 end
+      end
+    else
+      c0 = c  -- nothing committed since: an empty window, reported as unattributed
+    end
+    redis.call('HSET', k_info, tostring(e),
+               c0 .. '\\t' .. c .. '\\t' .. (e - e0) .. '\\t' .. bound .. '\\t' .. msg)
+  end
+  local gone = redis.call('XRANGE', k_log, '-', c .. '-0')
+  local removed = #gone
+  if removed > 0 then
+    local total = data_bytes(gone)
+    redis.call('XTRIM', k_log, 'MINID', dec_add(c, 1) .. '-0')
+    if total > 0 then redis.call('DECRBY', k_bytes, total) end
+  end
+  if (not prev) or dec_cmp(dec(prev), c) <= 0 then redis.call('SET', k_committed, c) end
+  redis.call('SET', k_errors, e)
+  return {removed, held}
+end
+"""
+
+# KEYS: batch, next, log, bytes, channels, stats, settled, refused.
+# ARGV: batch id, ttl, cap, chan key, requeue_of, n pieces, then per piece: rows, data, first row.
+# Returns {status, value}: 0 already logged (record), 1 logged (record), 2 log full (bytes),
+# 3 in the dead letters (letter id), 4 refused (reason), 5 unsettled.
+_APPEND = (
+    _DECIMAL
+    + _INCARNATION
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local gone = redis.call('XRANGE', KEYS[2], '-', ARGV[2])
-if #gone == 0 then return 0 end
-local total = data_bytes(gone)
-redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3] .. '-0')
-if total > 0 then redis.call('DECRBY', KEYS[3], total) end
-return #gone
+local seen = redis.call('GET', KEYS[1])
+if seen then
+  local letter = string.match(seen, '^[^\\t]*\\t[^\\t]*\\t[^\\t]*\\tD\\t(.*)$')
+  if not letter then
+    redis.call('HINCRBY', KEYS[6], 'already_logged', 1)
+    return {0, seen}
+  end
+  if letter ~= ARGV[5] then
+    redis.call('HINCRBY', KEYS[6], 'already_dead_lettered', 1)
+    return {3, letter}
+  end
+end
+if redis.call('GET', KEYS[7]) ~= incarnation() then
+  local refused = redis.call('GET', KEYS[8])
+  if refused then
+    redis.call('HINCRBY', KEYS[6], 'refused', 1)
+    return {4, refused}
+  end
+  redis.call('SADD', KEYS[5], ARGV[4])
+  redis.call('HINCRBY', KEYS[6], 'unsettled', 1)
+  return {5, ''}
+end
+local cap = tonumber(ARGV[3])
+if cap > 0 then
+  local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if used >= cap then
+    redis.call('HINCRBY', KEYS[6], 'log_full', 1)
+    return {2, tostring(used)}
+  end
+end
+local t = redis.call('TIME')
+local now_us = dec(t[1] .. string.format('%06d', tonumber(t[2])))
+local last = dec(redis.call('GET', KEYS[2]) or '0')
+local first = dec_max(dec_add(last, 1), now_us)
+local n = tonumber(ARGV[6])
+local total = 0
+local rows = 0
+local now_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+for i = 0, n - 1 do
+  local data = ARGV[8 + 3 * i]
+  redis.call('XADD', KEYS[3], dec_add(first, i) .. '-0',
+             'b', ARGV[1], 'n', ARGV[7 + 3 * i], 'd', data, 't', now_ms,
+             'p', i, 'k', n, 'r', ARGV[9 + 3 * i])
+  total = total + #data
+  rows = rows + tonumber(ARGV[7 + 3 * i])
+end
+redis.call('HINCRBY', KEYS[6], 'logged', 1)
+redis.call('HINCRBY', KEYS[6], 'rows_logged', rows)
+local final = dec_add(first, n - 1)
+redis.call('SET', KEYS[2], final)
+redis.call('INCRBY', KEYS[4], total)
+local record = ARGV[4] .. '\\t' .. first .. '\\t' .. final
+redis.call('SET', KEYS[1], record, 'EX', tonumber(ARGV[2]))
+redis.call('SADD', KEYS[5], ARGV[4])
+return {1, record}
 """
 )
 
-# KEYS: lease, log, bytes, dead, batch.  ARGV: lease value, dead letter JSON, chan key,
-# then the entry ids to remove.
+# KEYS: lease, next, log, bytes, committed, errors, held, heldinfo, settled, refused, sent.
+# ARGV: lease value, committed offset, error count, error upper bound, error message.
+# Returns {status, incarnation, floor raised, trimmed, held, sent mark}; status -1: lease lost.
+_SETTLE = (
+    _DECIMAL
+    + _INCARNATION
+    + _DATA_BYTES
+    + _CONFIRM
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, '', 0, 0, 0, '0'} end
+local inc = incarnation()
+local c = dec(ARGV[2])
+local last = dec(redis.call('GET', KEYS[2]) or '0')
+local raised = 0
+if dec_cmp(last, c) < 0 then
+  redis.call('SET', KEYS[2], c)
+  raised = 1
+end
+local r = confirm(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], c,
+                  tonumber(ARGV[3]), ARGV[4], ARGV[5])
+redis.call('SET', KEYS[9], inc)
+redis.call('DEL', KEYS[10])
+return {1, inc, raised, r[1], r[2], redis.call('GET', KEYS[11]) or '0'}
+"""
+)
+
+# KEYS: lease, settled, log, bytes, committed, errors, held, heldinfo.
+# ARGV: lease value, committed offset, error count, error upper bound, error message.
+_TRIM = (
+    _DECIMAL
+    + _INCARNATION
+    + _DATA_BYTES
+    + _SESSION
+    + _CONFIRM
+    + """
+local ok = session(KEYS[1], ARGV[1], KEYS[2])
+if ok < 0 then return {ok, 0} end
+return confirm(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], dec(ARGV[2]),
+               tonumber(ARGV[3]), ARGV[4], ARGV[5])
+"""
+)
+
+# KEYS: lease, settled, sent.  ARGV: lease value, offset. Raises the sent mark; returns it.
+_MARK_SENT = (
+    _DECIMAL
+    + _INCARNATION
+    + _SESSION
+    + """
+local ok = session(KEYS[1], ARGV[1], KEYS[2])
+if ok < 0 then return ok end
+local mark = dec_max(dec(redis.call('GET', KEYS[3]) or '0'), dec(ARGV[2]))
+redis.call('SET', KEYS[3], mark)
+return mark
+"""
+)
+
+# KEYS: lease, settled, log, bytes, sent, letters, order, batch.
+# ARGV: lease value, mode, letter id, letter JSON, now ms, chan key, then the entry ids.
+# Mode "settled": the pump settled the channel in this incarnation (so nothing it removes can
+# still commit: the open discarded what was in flight). Mode "unsent": no settle (the open is
+# refused); every entry removed must lie above the sent mark (no pump ever sent it).
+# Returns how many entries were removed (0: none left, nothing stored); -1 lease lost, -2 store
+# changed, -3 an entry may have been sent.
 _DEAD_LETTER = (
-    _DATA_BYTES
+    _DECIMAL
+    + _INCARNATION
+    + _DATA_BYTES
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if ARGV[2] == 'settled' then
+  if redis.call('GET', KEYS[2]) ~= incarnation() then return -2 end
+else
+  local sent = dec(redis.call('GET', KEYS[5]) or '0')
+  for i = 7, #ARGV do
+    if dec_cmp(offset_of(ARGV[i]), sent) <= 0 then return -3 end
+  end
+end
 local removed = 0
 local total = 0
-for i = 4, #ARGV do
-  local found = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
+for i = 7, #ARGV do
+  local found = redis.call('XRANGE', KEYS[3], ARGV[i], ARGV[i])
   if #found > 0 then
     total = total + data_bytes(found)
-    removed = removed + redis.call('XDEL', KEYS[2], ARGV[i])
+    removed = removed + redis.call('XDEL', KEYS[3], ARGV[i])
   end
 end
 if removed == 0 then return 0 end
-if total > 0 then redis.call('DECRBY', KEYS[3], total) end
-redis.call('RPUSH', KEYS[4], ARGV[2])
--- The batch was never committed: forget its id, so that a requeue of the dead letter is logged.
-local record = redis.call('GET', KEYS[5])
-if record and string.sub(record, 1, #ARGV[3] + 1) == ARGV[3] .. '\\t' then
-  redis.call('DEL', KEYS[5])
+if total > 0 then redis.call('DECRBY', KEYS[4], total) end
+redis.call('HSET', KEYS[6], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[7], ARGV[5], ARGV[3])
+local record = redis.call('GET', KEYS[8])
+if record and string.sub(record, 1, #ARGV[6] + 1) == ARGV[6] .. '\\t' then
+  local live = string.match(record, '^([^\\t]*\\t[^\\t]*\\t[^\\t]*)')
+  local ttl = redis.call('PTTL', KEYS[8])
+  if ttl > 0 then
+    redis.call('SET', KEYS[8], live .. '\\tD\\t' .. ARGV[3], 'PX', ttl)
+  else
+    redis.call('SET', KEYS[8], live .. '\\tD\\t' .. ARGV[3])
+  end
 end
 return removed
 """
 )
 
-# KEYS: lease, next, log.  ARGV: lease value, committed offset, chan key, dedup key prefix.
-# If Snowflake's committed offset is beyond the last offset issued, the log forgot (the state
-# Redis came back empty or older): raise the counter above it and move every entry that sits
-# at or below it to new offsets above it, in order, updating their dedup records. Each entry is
-# added at its new offset before it is deleted at the old one: a script that fails half-way
-# (Redis does not roll scripts back) leaves a duplicate entry, never a lost one.
-_RAISE_FLOOR = (
-    _DECIMAL
+# KEYS: lease, settled, refused.  ARGV: lease value, reason, ttl ms.
+# An open was refused for good: close the gate (tasks dead-letter new batches for the channel at
+# once, with the reason) until an open succeeds again.
+_REFUSE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: lease, settled, held, heldinfo, letters, order.
+# ARGV: lease value, window field, now ms, n letters, then n (id, JSON) pairs, then held ids.
+_RELEASE_HELD = (
+    _INCARNATION
+    + _SESSION
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, 0} end
-local committed = dec(ARGV[2])
-local last = dec(redis.call('GET', KEYS[2]) or '0')
-if dec_cmp(last, committed) >= 0 then return {0, 0} end
-local stale = redis.call('XRANGE', KEYS[3], '-', ARGV[2])
-local next_offset = committed
-local tail = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-if #tail > 0 then
-  next_offset = dec_max(next_offset, dec(string.match(tail[1][1], '^(%d+)')))
+local ok = session(KEYS[1], ARGV[1], KEYS[2])
+if ok < 0 then return ok end
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  local id = ARGV[5 + 2 * i]
+  redis.call('HSET', KEYS[5], id, ARGV[6 + 2 * i])
+  redis.call('ZADD', KEYS[6], 'NX', ARGV[3], id)
 end
-for _, e in ipairs(stale) do
-  next_offset = dec_add(next_offset, 1)
-  local id = next_offset
-  local f = e[2]
-  redis.call('XADD', KEYS[3], id .. '-0', unpack(f))
-  redis.call('XDEL', KEYS[3], e[1])
-  for i = 1, #f, 2 do
-    if f[i] == 'b' then
-      local key = ARGV[4] .. f[i + 1]
-      local ttl = redis.call('TTL', key)
-      if ttl > 0 then
-        redis.call('SET', key, ARGV[3] .. '\\t' .. id .. '\\t' .. id, 'EX', ttl)
-      end
-    end
-  end
-end
-redis.call('SET', KEYS[2], next_offset)
-return {1, #stale}
+for i = 5 + 2 * n, #ARGV do redis.call('XDEL', KEYS[3], ARGV[i]) end
+redis.call('HDEL', KEYS[4], ARGV[2])
+return 1
 """
 )
+
+# Does this store tell scripts its incarnation? ("-" on a store without INFO for scripts.)
+_WHICH_INCARNATION = _INCARNATION + "return incarnation()"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +393,20 @@ class Entry:
     rows: int
     data: bytes
     written_ms: int
+    piece: int = 0  # its index among the batch's pieces
+    pieces: int = 1  # how many pieces the batch has (consecutive offsets)
+    first_row: int = 0  # index in the batch of this piece's first row
 
     @property
     def entry_id(self) -> str:
         """The entry's stream id."""
         return f"{self.offset}-0"
+
+    @property
+    def batch_offsets(self) -> tuple[int, int]:
+        """The first and last offsets of the entry's batch (its pieces are consecutive)."""
+        first = self.offset - self.piece
+        return first, first + self.pieces - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,15 +432,68 @@ class LogFull:
     used_bytes: int
 
 
-AppendResult = Logged | AlreadyLogged | LogFull
+@dataclass(frozen=True, slots=True)
+class InDeadLetters:
+    """The batch was dead-lettered from a log (letter `letter_id`) and this is not the requeue
+    of that letter: nothing was written (a late redelivery of the original message)."""
+
+    letter_id: str
 
 
 @dataclass(frozen=True, slots=True)
-class FloorResult:
-    """What `raise_floor` did: nothing, or raised the counter and moved `moved` entries."""
+class ChannelRefused:
+    """Snowflake refuses to open the batch's channel (its pipe, usually): nothing was written."""
 
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsettled:
+    """No pump has settled the channel since the state store (re)started: nothing was written;
+    a pump settles it within a lease tick or two (docs/delivery.md, the settle gate)."""
+
+
+AppendResult = Logged | AlreadyLogged | LogFull | InDeadLetters | ChannelRefused | Unsettled
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What `settle` did: the incarnation it settled in, whether the offset counter had to be
+    raised to Snowflake's committed offset (the store forgot), entries trimmed and held, and the
+    channel's sent mark."""
+
+    incarnation: str
     raised: bool
-    moved: int
+    trimmed: int
+    held: int
+    sent_mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """What a trim did: entries removed from the log, and how many of them were held."""
+
+    trimmed: int
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldWindow:
+    """Entries committed between two confirmations during which Snowflake's error count rose:
+    offsets (after, upto], `errors` more rows in error, the last error's upper bound and
+    message as the channel status gave them."""
+
+    after: int
+    upto: int
+    errors: int
+    upper_bound: str
+    message: str
+    total: int  # Snowflake's error count at the end of the window (the window's field)
+
+    @property
+    def field(self) -> str:
+        """The window's field in `heldinfo:{chan}`."""
+        return str(self.total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +509,28 @@ class LeaseLost(SnowpipeWorkerError):
     """The pump's lease value is no longer the channel's: it must stop working the channel."""
 
 
+class StoreChanged(SnowpipeWorkerError):
+    """The state Redis restarted or failed over since the pump settled the channel (or another
+    pump settled it): the pump must reopen and settle again before it changes the log."""
+
+
+class StateNotReplicatedError(SnowpipeWorkerError, redis.RedisError):
+    """A write reached fewer replicas than SNOWPIPE_STATE_MIN_REPLICAS in time (a failover could
+    take it back). Tasks ride it out like a state-store outage (every `except redis.RedisError`
+    catches it); a pump sends nothing until a later WAIT succeeds."""
+
+
+class MaybeSent(SnowpipeWorkerError):
+    """An entry to dead-letter without a settle lies at or below the sent mark: it may still be
+    committed, so it stays in the log until an open succeeds."""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return int(_text(value)) if value is not None else default
 
 
 def _entries(raw: Any) -> list[Entry]:
@@ -309,12 +542,22 @@ def _entries(raw: Any) -> list[Entry]:
             Entry(
                 offset,
                 _text(f.get("b", b"")),
-                int(_text(f.get("n", b"0"))),
+                _int(f.get("n")),
                 bytes(f.get("d", b"")),
-                int(_text(f.get("t", b"0"))),
+                _int(f.get("t")),
+                _int(f.get("p")),
+                _int(f.get("k"), 1),
+                _int(f.get("r")),
             )
         )
     return out
+
+
+def _check_session(status: int, ref: ChannelRef) -> None:
+    if status == -1:
+        raise LeaseLost(str(ref))
+    if status == -2:
+        raise StoreChanged(f"{ref}: the state store changed since the channel was settled")
 
 
 class ChannelLog:
@@ -324,25 +567,48 @@ class ChannelLog:
         self._redis = client
         self._ttl = dedup_ttl_seconds
         self._append = client.register_script(_APPEND)
+        self._settle = client.register_script(_SETTLE)
         self._trim = client.register_script(_TRIM)
+        self._mark_sent = client.register_script(_MARK_SENT)
         self._dead = client.register_script(_DEAD_LETTER)
-        self._floor = client.register_script(_RAISE_FLOOR)
+        self._refuse = client.register_script(_REFUSE)
+        self._release = client.register_script(_RELEASE_HELD)
+        self._which = client.register_script(_WHICH_INCARNATION)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The state Redis client."""
+        return self._redis
 
     # --- The task side --------------------------------------------------------------------------
 
     def append(
-        self, ref: ChannelRef, batch_id: str, pieces: Sequence[Piece], *, cap_bytes: int = 0
+        self,
+        ref: ChannelRef,
+        batch_id: str,
+        pieces: Sequence[Piece],
+        *,
+        cap_bytes: int = 0,
+        requeue_of: str | None = None,
+        replicas: int = 0,
+        replica_timeout_ms: int = 0,
     ) -> AppendResult:
-        """Log `pieces` of batch `batch_id` on `ref` with fresh offsets, unless already logged.
+        """Log `pieces` of batch `batch_id` on `ref` with fresh offsets, unless it may not be.
 
-        Atomic: either the batch id was seen (`AlreadyLogged`), or the log is over `cap_bytes`
-        (`LogFull`, nothing written), or every piece got its offset (`Logged`).
+        Atomic: one of the outcomes of `AppendResult`, and only `Logged` wrote anything.
+        `requeue_of`: the letter id when this is a requeue of a dead letter. With `replicas`,
+        a WAIT on the same connection follows the script, and StateNotReplicatedError says that
+        fewer replicas than that acknowledged it in `replica_timeout_ms`.
         """
         if not pieces:
             raise ValueError("a batch needs at least one piece")
-        args: list[Any] = [batch_id, self._ttl, cap_bytes, ref.key, len(pieces)]
+        args: list[Any] = [
+            batch_id, self._ttl, cap_bytes, ref.key, requeue_of or "", len(pieces),
+        ]  # fmt: skip
+        first_row = 0
         for piece in pieces:
-            args.extend((piece.rows, piece.data))
+            args.extend((piece.rows, piece.data, first_row))
+            first_row += piece.rows
         keys = [
             batch_key(batch_id),
             channel_key("next", ref),
@@ -350,20 +616,92 @@ class ChannelLog:
             channel_key("bytes", ref),
             CHANNELS_KEY,
             STATS_KEY,
+            channel_key("settled", ref),
+            channel_key("refused", ref),
         ]
-        status, value = self._append(keys=keys, args=args)
-        if int(status) == 0:
-            return AlreadyLogged(_text(value))
-        if int(status) == 2:
-            return LogFull(int(_text(value)))
-        _, first, last = _text(value).split("\t")
-        return Logged(ref, int(first), int(last))
+        status, value = self._call(
+            self._append, keys, args,
+            replicas=replicas, timeout_ms=replica_timeout_ms, what="the log write",
+        )  # fmt: skip
+        return _append_result(ref, int(status), _text(value))
 
-    def wait_for_replicas(self, replicas: int, timeout_ms: int) -> int:
-        """Block until `replicas` replicas acknowledged this connection's writes; how many did."""
-        return int(self._redis.wait(replicas, timeout_ms))
+    def _call(
+        self, script: Any, keys: list[str], args: list[Any], *, replicas: int, timeout_ms: int,
+        what: str,
+    ) -> Any:  # fmt: skip
+        """Run `script`; with `replicas`, WAIT on the same connection right after it."""
+        if not replicas:
+            return script(keys=keys, args=args)
+        pipe = self._redis.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.wait(replicas, timeout_ms)
+        result, acked = pipe.execute()
+        if int(acked) < replicas:
+            raise StateNotReplicatedError(
+                f"{what} reached {int(acked)} of {replicas} replicas in {timeout_ms} ms "
+                "(SNOWPIPE_STATE_MIN_REPLICAS)"
+            )
+        return result
 
     # --- The pump side --------------------------------------------------------------------------
+
+    def settle(
+        self, ref: ChannelRef, lease: str, committed: int, *, errors: int = 0,
+        upper_bound: str | None = None, message: str | None = None,
+    ) -> Settled:  # fmt: skip
+        """After an open: raise the offset counter to Snowflake's committed offset, confirm it
+        (trim, or hold what row errors touched), and mark the channel settled (see the module
+        docstring). LeaseLost if the lease is not `lease`'s."""
+        keys = [
+            channel_key(kind, ref)
+            for kind in (
+                "lease", "next", "log", "bytes", "committed", "errors", "held", "heldinfo",
+                "settled", "refused", "sent",
+            )
+        ]  # fmt: skip
+        args: list[Any] = [lease, committed, errors, upper_bound or "", _one_line(message)]
+        status, inc, raised, trimmed, held, sent = self._settle(keys=keys, args=args)
+        if int(status) < 0:
+            raise LeaseLost(str(ref))
+        return Settled(_text(inc), bool(int(raised)), int(trimmed), int(held), _int(sent))
+
+    def trim(
+        self, ref: ChannelRef, lease: str, committed: int, *, errors: int = 0,
+        upper_bound: str | None = None, message: str | None = None,
+    ) -> Confirmed:  # fmt: skip
+        """Confirm a committed offset and error count (the trim, or holding what row errors
+        touched). LeaseLost / StoreChanged when the session is no longer valid."""
+        keys = [
+            channel_key(kind, ref)
+            for kind in ("lease", "settled", "log", "bytes", "committed", "errors", "held",
+                         "heldinfo")
+        ]  # fmt: skip
+        args: list[Any] = [lease, committed, errors, upper_bound or "", _one_line(message)]
+        removed, held = self._trim(keys=keys, args=args)
+        _check_session(int(removed), ref)
+        return Confirmed(int(removed), int(held))
+
+    def mark_sent(
+        self, ref: ChannelRef, lease: str, offset: int, *, replicas: int = 0, timeout_ms: int = 0
+    ) -> int:
+        """Raise the channel's sent mark to `offset` before appending up to it; the mark. With
+        `replicas`, StateNotReplicatedError unless that many replicas acknowledged it (a WAIT
+        on the same connection: the entries written before are covered too, replication is
+        ordered)."""
+        keys = [channel_key("lease", ref), channel_key("settled", ref), channel_key("sent", ref)]
+        mark = self._call(
+            self._mark_sent, keys, [lease, offset],
+            replicas=replicas, timeout_ms=timeout_ms, what="the sent mark",
+        )  # fmt: skip
+        if isinstance(mark, int) and mark < 0:
+            _check_session(mark, ref)
+        return int(_text(mark))
+
+    def wait_for_replicas(self, replicas: int, timeout_ms: int) -> int:
+        """A WAIT after a write of this process: how many replicas acknowledged it. Use only on
+        a connection that made the write (see `mark_sent`, `append`): a pooled client may pick
+        another connection."""
+        return int(self._redis.wait(replicas, timeout_ms))
 
     def read(self, ref: ChannelRef, after: int, count: int) -> list[Entry]:
         """Up to `count` entries with offsets above `after`, in order."""
@@ -387,21 +725,26 @@ class ChannelLog:
         """The entries with offsets first..last still in the log."""
         return _entries(self._redis.xrange(channel_key("log", ref), f"{first}-0", f"{last}-0"))
 
-    def trim(self, ref: ChannelRef, lease: str, committed: int) -> int:
-        """Remove the entries at or below `committed`; how many. LeaseLost if not `lease`'s."""
-        keys = [channel_key("lease", ref), channel_key("log", ref), channel_key("bytes", ref)]
-        removed = int(self._trim(keys=keys, args=[lease, committed, committed + 1]))
-        if removed < 0:
-            raise LeaseLost(str(ref))
-        return removed
-
     def dead_letter(
-        self, ref: ChannelRef, lease: str, entries: Sequence[Entry], letter: bytes
+        self,
+        ref: ChannelRef,
+        lease: str,
+        entries: Sequence[Entry],
+        letter_id: str,
+        letter: bytes,
+        *,
+        settled: bool = True,
+        now_ms: int = 0,
+        replicas: int = 0,
+        timeout_ms: int = 0,
     ) -> int:
         """Move `entries` (one batch's) out of the log into the dead letters, atomically.
 
-        Returns how many entries were removed (0: already gone, nothing stored). The batch's
-        dedup record is dropped too, so a requeue of the dead letter is logged again.
+        Returns how many entries were removed (0: already gone, nothing stored); with
+        `replicas`, StateNotReplicatedError unless that many replicas acknowledged it. The
+        batch's dedup record is marked with the letter id, so a late copy of the original is not
+        logged again but the letter's requeue is. `settled`: the pump settled the channel in
+        this incarnation; otherwise each entry must lie above the sent mark (MaybeSent).
         """
         if not entries:
             return 0
@@ -410,26 +753,93 @@ class ChannelLog:
             raise ValueError("dead_letter takes the entries of one batch")
         keys = [
             channel_key("lease", ref),
+            channel_key("settled", ref),
             channel_key("log", ref),
             channel_key("bytes", ref),
-            DEAD_KEY,
+            channel_key("sent", ref),
+            LETTERS_KEY,
+            ORDER_KEY,
             batch_key(entries[0].batch_id),
         ]
-        args: list[Any] = [lease, letter, ref.key, *(e.entry_id for e in entries)]
-        removed = int(self._dead(keys=keys, args=args))
-        if removed < 0:
-            raise LeaseLost(str(ref))
+        args: list[Any] = [
+            lease, "settled" if settled else "unsent", letter_id, letter, now_ms, ref.key,
+            *(e.entry_id for e in entries),
+        ]  # fmt: skip
+        removed = int(
+            self._call(
+                self._dead, keys, args, replicas=replicas, timeout_ms=timeout_ms,
+                what="a dead letter",
+            )
+        )  # fmt: skip
+        if removed == -3:
+            raise MaybeSent(f"{ref}: an entry of batch {entries[0].batch_id} may have been sent")
+        _check_session(removed, ref)
         return removed
 
-    def raise_floor(self, ref: ChannelRef, lease: str, committed: int) -> FloorResult:
-        """Make sure no entry sits at or below Snowflake's committed offset (see _RAISE_FLOOR)."""
-        keys = [channel_key("lease", ref), channel_key("next", ref), channel_key("log", ref)]
-        status, moved = self._floor(keys=keys, args=[lease, committed, ref.key, batch_key("")])
-        if int(status) < 0:
+    def refuse(self, ref: ChannelRef, lease: str, reason: str, ttl_seconds: float) -> None:
+        """Close the channel's gate with `reason` for `ttl_seconds` (an open was refused)."""
+        keys = [channel_key("lease", ref), channel_key("settled", ref), channel_key("refused", ref)]
+        args: list[Any] = [lease, _one_line(reason), int(ttl_seconds * 1000)]
+        done = int(self._refuse(keys=keys, args=args))
+        if done < 0:
             raise LeaseLost(str(ref))
-        return FloorResult(int(status) == 1, int(moved))
+
+    def sent_mark(self, ref: ChannelRef) -> int:
+        """The channel's sent mark (0 if none)."""
+        return _int(self._redis.get(channel_key("sent", ref)))
+
+    # --- Held entries (row errors) --------------------------------------------------------------
+
+    def held_windows(self, ref: ChannelRef) -> list[HeldWindow]:
+        """The windows of held entries waiting for their row errors to be attributed, oldest
+        first."""
+        raw = self._redis.hgetall(channel_key("heldinfo", ref))
+        windows = []
+        for field, value in raw.items():
+            after, upto, errors, bound, message = _text(value).split("\t", 4)
+            windows.append(
+                HeldWindow(int(after), int(upto), int(errors), bound, message, int(_text(field)))
+            )
+        return sorted(windows, key=lambda w: w.total)
+
+    def held_entries(self, ref: ChannelRef, window: HeldWindow) -> list[Entry]:
+        """The held entries of `window`."""
+        raw = self._redis.xrange(
+            channel_key("held", ref), f"({window.after}-0", f"{window.upto}-0"
+        )
+        return _entries(raw)
+
+    def release_held(
+        self,
+        ref: ChannelRef,
+        lease: str,
+        window: HeldWindow,
+        entries: Sequence[Entry],
+        letters: Sequence[tuple[str, bytes]],
+        *,
+        now_ms: int,
+    ) -> None:
+        """Store the row-error `letters` (id, JSON) of `window` and drop its held entries, in one
+        script (adding a letter twice overwrites it with the same content)."""
+        keys = [
+            channel_key("lease", ref),
+            channel_key("settled", ref),
+            channel_key("held", ref),
+            channel_key("heldinfo", ref),
+            LETTERS_KEY,
+            ORDER_KEY,
+        ]
+        args: list[Any] = [lease, window.field, now_ms, len(letters)]
+        for letter_id, data in letters:
+            args.extend((letter_id, data))
+        args.extend(e.entry_id for e in entries)
+        _check_session(int(self._release(keys=keys, args=args)), ref)
 
     # --- Inspection -----------------------------------------------------------------------------
+
+    def incarnation(self) -> str:
+        """The incarnation the scripts see (`-` where the store offers no INFO to scripts)."""
+        return _text(self._which())
 
     def channels(self) -> list[ChannelRef]:
         """Every channel that ever had an entry, sorted."""
@@ -438,13 +848,7 @@ class ChannelLog:
 
     def depth(self, ref: ChannelRef) -> Depth:
         """Entries and bytes in the log, and when its oldest entry was written."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xlen(channel_key("log", ref))
-        pipe.get(channel_key("bytes", ref))
-        pipe.xrange(channel_key("log", ref), "-", "+", count=1)
-        length, used, first = pipe.execute()
-        oldest = _entries(first)[0].written_ms if first else None
-        return Depth(int(length), int(_text(used)) if used else 0, oldest)
+        return self.depths([ref])[0]
 
     def depths(self, refs: Sequence[ChannelRef]) -> list[Depth]:
         """`depth` of each of `refs`, in one round trip."""
@@ -465,5 +869,28 @@ class ChannelLog:
 
     def last_offset(self, ref: ChannelRef) -> int:
         """The last offset issued on the channel (0 if none)."""
-        value = self._redis.get(channel_key("next", ref))
-        return int(_text(value)) if value is not None else 0
+        return _int(self._redis.get(channel_key("next", ref)))
+
+    def committed_offset(self, ref: ChannelRef) -> int:
+        """Snowflake's committed offset at the channel's last confirmation (0 if none)."""
+        return _int(self._redis.get(channel_key("committed", ref)))
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+
+def _append_result(ref: ChannelRef, status: int, value: str) -> AppendResult:
+    if status == 0:
+        return AlreadyLogged(value)
+    if status == 2:
+        return LogFull(int(value))
+    if status == 3:
+        return InDeadLetters(value)
+    if status == 4:
+        return ChannelRefused(value)
+    if status == 5:
+        return Unsettled()
+    _, first, last = value.split("\t")[:3]
+    return Logged(ref, int(first), int(last))

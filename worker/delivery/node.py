@@ -31,7 +31,8 @@ from worker.deadletter import DeadLetters
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Depth
-from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig
+from worker.delivery.poller import CommitPoller
+from worker.delivery.pump import ChannelPump, PumpConfig
 from worker.observability import get_logger, record_lease_event
 from worker.settings import Settings
 
@@ -73,6 +74,8 @@ class Node:
             commit_timeout_seconds=settings.commit_timeout_seconds,
             linger_seconds=settings.append_linger_seconds,
             countdown=policy.countdown,
+            replicas=settings.state_min_replicas,
+            replica_timeout_ms=settings.state_replica_timeout_ms,
         )
         self._lock = threading.Lock()
         self._pumps: dict[ChannelRef, ChannelPump] = {}
@@ -244,6 +247,9 @@ class Balancer:
         node.stats.flush()
         live = node.leases.heartbeat()
         node.live_nodes = len(set(live) | {node.name})
+        incarnation = node.log.incarnation()
+        for pump in node.pumps():
+            pump.store_changed(incarnation)  # a restart or failover: settle again
         for pump in node.pumps():
             if pump.lost or not pump.alive:
                 node.drop_pump(pump.ref, release=True)
