@@ -1139,6 +1139,17 @@ class _SortKey:
         v = self.value
         return (0, "") if v is None else (1, type(v).__name__)
 
+    def __eq__(self, other: object) -> bool:
+        # Tuples of keys compare element by element, `==` first: equal values go to the next key.
+        if not isinstance(other, _SortKey):
+            return NotImplemented
+        a, b = self.value, other.value
+        if a is None or b is None:
+            return a is None and b is None
+        return self._rank() == other._rank() and bool(a == b)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __lt__(self, other: _SortKey) -> bool:
         a, b = self.value, other.value
         if a is None or b is None:

@@ -26,19 +26,19 @@ def _resolve(
 ) -> tuple[str, str, str]:
     """A 1-3 part name with the request's database and schema filled in (exact case)."""
     names = [sql.identifier(t) for t in parts]
-    if len(names) < 2 and not schema:
-        raise SqlError(
-            422, "090106", "22000",
-            f"Cannot perform {verb}. This session does not have a current schema. Call 'USE "
-            "SCHEMA', or use a qualified name.",
-            reason='qualify the name (DB.SCHEMA.NAME) or send "schema" in the request body',
-        )
     if len(names) < 3 and not database:
         raise SqlError(
             422, "090105", "22000",
             f"Cannot perform {verb}. This session does not have a current database. Call 'USE "
             "DATABASE', or use a qualified name.",
             reason='qualify the name (DB.SCHEMA.NAME) or send "database" in the request body',
+        )
+    if len(names) < 2 and not schema:
+        raise SqlError(
+            422, "090106", "22000",
+            f"Cannot perform {verb}. This session does not have a current schema. Call 'USE "
+            "SCHEMA', or use a qualified name.",
+            reason='qualify the name (DB.SCHEMA.NAME) or send "schema" in the request body',
         )
     if len(names) == 1:
         return (str(database), str(schema), names[0])
