@@ -716,7 +716,11 @@ class Parser:
                 reason="send one statement per request",
             )
         if self.tok.kind != "eof":
-            raise syntax_error(self.tok, reason=f"unexpected text after the statement: {SUBSET}")
+            raise syntax_error(
+                self.tok,
+                reason="expected WHERE, AND, ORDER BY, LIMIT or the end (no OR, GROUP BY, table "
+                "aliases or joins in the subset)",
+            )
 
     def select(self) -> Select:
         """SELECT items FROM ERROR_TABLE(name) [WHERE ...] [ORDER BY ...] [LIMIT n [OFFSET m]]."""
@@ -783,10 +787,6 @@ class Parser:
         self.expect("(", reason="expected ( after ERROR_TABLE")
         parts = self.qualified_name()
         self.expect(")", reason="expected ) after the table name")
-        if self.at("AS") or (
-            self.tok.kind in ("ident", "qident") and not self.at("WHERE", "ORDER", "LIMIT")
-        ):
-            raise syntax_error(self.tok, reason="table aliases are outside the subset")
         return parts
 
     def qualified_name(self) -> list[Token]:
