@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from emulator import config as defaults
@@ -38,25 +40,83 @@ def _public_key(text: str) -> tuple[str, Path]:
     return subject.upper(), pem
 
 
-def _pipe(text: str) -> tuple[str, str, str, list[Column] | None]:
-    name, paren, rest = text.partition("(")
+@dataclass(frozen=True)
+class PipeArg:
+    """One `--pipe`: its name, its table's columns, the table it loads, its error logging."""
+
+    database: str
+    schema: str
+    pipe: str
     columns: list[Column] | None = None
-    if paren:
-        if not rest.rstrip().endswith(")"):
-            raise argparse.ArgumentTypeError(
-                f"expected DATABASE.SCHEMA.PIPE(COL TYPE [NOT NULL], ...), got {text!r}"
-            )
+    table: str | None = None
+    error_logging: bool | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(database, schema, pipe) as written."""
+        return (self.database, self.schema, self.pipe)
+
+
+_PIPE_FORM = (
+    "DATABASE.SCHEMA.PIPE[(COL TYPE [NOT NULL], ...)] [TABLE = NAME] [ERROR_LOGGING = TRUE]"
+)
+_OPTION_RE = re.compile(r'\s*([A-Za-z_]+)\s*=\s*("(?:[^"]|"")*"|[^\s"]+)')
+
+
+def _split_pipe_arg(text: str) -> tuple[str, str | None, str]:
+    """(name, the text inside the parentheses or None, the options after them)."""
+    in_quotes = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif not in_quotes and (ch == "(" or ch.isspace()):
+            break
+        i += 1
+    name, rest = text[:i], text[i:].lstrip()
+    if not rest.startswith("("):
+        return name, None, rest
+    depth = 0
+    for j, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return name, rest[1:j], rest[j + 1 :]
+    raise argparse.ArgumentTypeError(f"unbalanced parentheses: expected {_PIPE_FORM}, got {text!r}")
+
+
+def _pipe(text: str) -> PipeArg:
+    name, inside, options = _split_pipe_arg(text.strip())
+    columns: list[Column] | None = None
+    if inside is not None:
         try:
-            columns = parse_columns(rest.rstrip()[:-1])
+            columns = parse_columns(inside)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    parts = name.strip().split(".")
+    parts = name.split(".")
     if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected DATABASE.SCHEMA.PIPE or DATABASE.SCHEMA.PIPE(COL TYPE [NOT NULL], ...), "
-            f"got {text!r}"
-        )
-    return parts[0], parts[1], parts[2], columns
+        raise argparse.ArgumentTypeError(f"expected {_PIPE_FORM}, got {text!r}")
+    table: str | None = None
+    error_logging: bool | None = None
+    position = 0
+    while position < len(options.rstrip()):
+        match = _OPTION_RE.match(options, position)
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {options[position:].strip()!r}: expected {_PIPE_FORM}"
+            )
+        key, value = match[1].upper(), match[2]
+        if key == "TABLE":
+            table = value
+        elif key == "ERROR_LOGGING" and value.upper() in ("TRUE", "FALSE"):
+            error_logging = value.upper() == "TRUE"
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown pipe option {match[0].strip()!r}: use TABLE = NAME or "
+                "ERROR_LOGGING = TRUE|FALSE"
+            )
+        position = match.end()
+    return PipeArg(parts[0], parts[1], parts[2], columns, table, error_logging)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,13 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pipe", type=_pipe, action="append", default=[], metavar="DB.SCHEMA.PIPE",
         help=(
-            "register a pipe (repeatable), optionally with its table's columns: "
-            "'DB.S.P(ID NUMBER NOT NULL, NAME VARCHAR)'; <TABLE>-STREAMING pipes need no "
-            "registration"
+            "register a pipe (repeatable), optionally with its table's columns, the table it "
+            "loads and error logging: 'DB.S.P(ID NUMBER NOT NULL, NAME VARCHAR) TABLE = T "
+            "ERROR_LOGGING = TRUE'; <TABLE>-STREAMING pipes need no registration"
         ),
     )
     p.add_argument(
         "--accept-any-pipe", action="store_true", help="create every pipe on first use"
+    )
+    p.add_argument(
+        "--sql-partition-rows", type=int, default=defaults.DEFAULT_SQL_PARTITION_ROWS,
+        metavar="N", help="rows per partition of a SQL API result (1000)",
     )
     p.add_argument(
         "--strict", action="store_true",
@@ -155,6 +219,8 @@ def parse_config(argv: list[str] | None = None) -> EmulatorConfig:
         parser.error("--ca-out needs --tls")
     if args.max_request_bytes <= 0:
         parser.error("--max-request-bytes must be positive")
+    if args.sql_partition_rows <= 0:
+        parser.error("--sql-partition-rows must be positive")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
     cfg = EmulatorConfig(
@@ -167,9 +233,14 @@ def parse_config(argv: list[str] | None = None) -> EmulatorConfig:
         max_bytes_per_second=args.max_bytes_per_second,
         max_request_bytes=args.max_request_bytes,
         public_keys=list(args.public_key),
-        pipes=[(d, s, p) for d, s, p, _ in args.pipe],
-        pipe_columns={(d, s, p): cols for d, s, p, cols in args.pipe if cols},
+        pipes=[a.key for a in args.pipe],
+        pipe_columns={a.key: a.columns for a in args.pipe if a.columns},
+        pipe_tables={a.key: a.table for a in args.pipe if a.table is not None},
+        pipe_error_logging={
+            a.key: a.error_logging for a in args.pipe if a.error_logging is not None
+        },
         accept_any_pipe=args.accept_any_pipe,
+        sql_partition_rows=args.sql_partition_rows,
         strict=args.strict,
         require_accept=not args.allow_missing_accept,
         hostname_with_port=args.hostname_with_port,

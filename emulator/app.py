@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from emulator.config import EmulatorConfig
 from emulator.context import Emulator
 from emulator.http import endpoint
-from emulator.routes import admin, control, ingest, sdk
+from emulator.routes import admin, control, ingest, sdk, statements
 
 _DB = "/v2/streaming/databases/{database}/schemas/{schema}"
 _DATA = "/v2/streaming/data/databases/{database}/schemas/{schema}"
@@ -27,6 +27,15 @@ def api_routes() -> list[BaseRoute]:
     return [
         Route("/v2/streaming/hostname", endpoint("hostname", control.hostname), methods=["GET"]),
         Route("/oauth/token", endpoint("token", control.token), methods=["POST"]),
+        # Snowflake's SQL API on the account host: the subset that reads error tables.
+        Route(
+            "/api/v2/statements", endpoint("statements", statements.submit), methods=["POST"]
+        ),
+        Route(
+            "/api/v2/statements/{handle}",
+            endpoint("statement-status", statements.status),
+            methods=["GET"],
+        ),
         Route(
             _DB + "/pipes/{pipe}/channels/{channel}",
             endpoint("open", ingest.open_channel),

@@ -20,6 +20,9 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # Uncompressed bytes per second per channel: the service allows about 20 MB/s (429s were
 # observed from ~15 MB/s).
 DEFAULT_MAX_BYTES_PER_SECOND = 20 * 1024 * 1024
+# Rows per partition of a SQL API result (`?partition=N` fetches the others). Snowflake sizes
+# partitions by bytes; its first partitions hold a few thousand small rows.
+DEFAULT_SQL_PARTITION_ROWS = 1000
 # How far in the future a key-pair JWT's `iat` may be (clock skew between client and server).
 JWT_IAT_SKEW_SECONDS = 60.0
 # "The JWT is valid for at most one hour after the token is issued."
@@ -42,7 +45,11 @@ class EmulatorConfig:
     pipes: list[tuple[str, str, str]] = field(default_factory=list)
     # Table columns of pipes given with a schema on the command line.
     pipe_columns: dict[tuple[str, str, str], list[Column]] = field(default_factory=dict)
+    # The table a pipe given on the command line loads (`TABLE = T`), and its error logging.
+    pipe_tables: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    pipe_error_logging: dict[tuple[str, str, str], bool] = field(default_factory=dict)
     accept_any_pipe: bool = False
+    sql_partition_rows: int = DEFAULT_SQL_PARTITION_ROWS
     # Switches (docs/emulator.md). The defaults follow the live service or,
     # where that is unknown, Snowflake's documentation.
     require_accept: bool = True  # off: --allow-missing-accept

@@ -7,18 +7,21 @@ from dataclasses import dataclass, field
 from emulator.auth import KeyRegistry, PatRegistry, ScopedTokens
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultTable
+from emulator.sqlapi import StatementStore
 from emulator.state import EmulatorState
 
 
 @dataclass
 class Emulator:
-    """What a route handler gets: config, keys, scoped tokens, faults and channel state."""
+    """What a route handler gets: config, keys, scoped tokens, faults, channel state and SQL
+    statements."""
 
     config: EmulatorConfig
     state: EmulatorState
     keys: KeyRegistry = field(default_factory=KeyRegistry)
     pats: PatRegistry = field(default_factory=PatRegistry)
     faults: FaultTable = field(default_factory=FaultTable)
+    statements: StatementStore = field(default_factory=StatementStore)
     scoped: ScopedTokens = field(init=False)
 
     def __post_init__(self) -> None:

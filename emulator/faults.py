@@ -15,7 +15,8 @@ from typing import Any
 
 # Endpoint names a rule may target; `any` matches them all. Routes declare their own name.
 ENDPOINTS = frozenset(
-    {"hostname", "token", "open", "append", "status", "drop", "pipe-info", "telemetry", "any"}
+    {"hostname", "token", "open", "append", "status", "drop", "pipe-info", "telemetry",
+     "statements", "statement-status", "any"}
 )
 MODES = frozenset({"respond", "drop"})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import zstandard
@@ -57,6 +57,37 @@ def decode_body(body: bytes, content_encoding: str | None, *, strict: bool = Fal
     )
 
 
+# Snowflake's code and SQL state for a row that is not valid JSON ("Error parsing JSON: ...").
+JSON_ERROR_CODE = 100069
+JSON_ERROR_STATE = "22P02"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """One row the table rejected, as an error table records it."""
+
+    position: int  # index among the request's rows
+    raw: bytes  # the row exactly as sent (without the line break)
+    code: int  # Snowflake's error code, e.g. 100072
+    message: str  # Snowflake's message, e.g. "NULL result in a non-nullable column"
+    sql_state: str
+    source: str | None = None  # the column that failed, if one did
+
+    @property
+    def content_type(self) -> str:
+        """`json`, `json-invalid` or `binary-base64` (the error table's
+        `error_data_content_type`)."""
+        try:
+            text = self.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "binary-base64"
+        try:
+            orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return "json-invalid"
+        return "json"
+
+
 @dataclass(slots=True)
 class ParsedRows:
     """The rows of one append: the good ones as raw JSON text, and the errors."""
@@ -67,6 +98,8 @@ class ParsedRows:
     total: int
     errors: int
     first_error: str | None
+    # Every rejected row with Snowflake's code and message, in request order.
+    rejected: list[RejectedRow] = field(default_factory=list)
 
 
 def parse_rows(body: bytes) -> ParsedRows:
@@ -97,13 +130,16 @@ def _parse_sequence(body: bytes) -> ParsedRows | None:
             index += 1
         if index >= end:
             break
+        start = index
         try:
             value, index = decoder.raw_decode(text, index)
         except ValueError:
             return None
         if not isinstance(value, dict):
             return None
-        good.append(orjson.dumps(value))
+        # The object's own text with the layout whitespace taken out: numbers stay as sent
+        # (2**70 and 1.10 are not rounded through a float).
+        good.append(compact_json(text[start:index]).encode("utf-8"))
     if not good:
         return None
     return ParsedRows(good=good, good_positions=None, total=len(good), errors=0, first_error=None)
@@ -117,6 +153,7 @@ def _parse_lines(body: bytes) -> ParsedRows:
     positions: list[int] = []
     errors = 0
     first_error: str | None = None
+    rejected: list[RejectedRow] = []
     total = 0
     loads = orjson.loads
     for raw in lines:
@@ -128,13 +165,21 @@ def _parse_lines(body: bytes) -> ParsedRows:
         try:
             ok = isinstance(loads(line), dict)
             problem = "" if ok else "is valid JSON but not an object"
+            detail = "the row is not a JSON object"
         except orjson.JSONDecodeError as exc:
             ok, problem = False, f"is not valid JSON ({exc})"
+            detail = f"{exc.msg}, pos {exc.pos}"
         if ok:
             good.append(line)
             positions.append(index)
         else:
             errors += 1
+            rejected.append(
+                RejectedRow(
+                    index, bytes(line), JSON_ERROR_CODE, f"Error parsing JSON: {detail}",
+                    JSON_ERROR_STATE,
+                )
+            )
             if first_error is None:
                 first_error = f"Row {index + 1} of the request {problem}"
     return ParsedRows(
@@ -143,4 +188,26 @@ def _parse_lines(body: bytes) -> ParsedRows:
         total=total,
         errors=errors,
         first_error=first_error,
+        rejected=rejected,
     )
+
+
+def compact_json(text: str) -> str:
+    """`text` (valid JSON) without the whitespace between tokens; every token kept as written."""
+    out: list[str] = []
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            out.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif ch not in " \t\r\n":
+            out.append(ch)
+    return "".join(out)

@@ -20,10 +20,20 @@ from typing import Any
 
 import orjson
 
-from emulator.ndjson import ParsedRows
+from emulator.ndjson import ParsedRows, RejectedRow
 
 # Snowflake's messages for these row errors (the NOT NULL one as recorded from the service).
 NULL_MESSAGE = "NULL result in a non-nullable column"
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """Why the table rejects a row: Snowflake's code, message and SQL state, and the column."""
+
+    code: int
+    message: str
+    sql_state: str
+    column: str
 
 _NUMBER = frozenset(
     {"NUMBER", "NUMERIC", "DECIMAL", "INT", "INTEGER", "BIGINT", "SMALLINT", "TINYINT",
@@ -119,19 +129,20 @@ def columns_from_json(data: object) -> list[Column]:
     return out
 
 
-def row_error(row: dict[str, Any], columns: Sequence[Column]) -> str | None:
-    """Snowflake's message for the first way `row` violates the table, or None if it fits."""
+def row_error(row: dict[str, Any], columns: Sequence[Column]) -> RowProblem | None:
+    """The first way `row` violates the table (Snowflake's code and message), or None."""
     values = {k.upper(): v for k, v in row.items()}
     values.update(row)  # exact (quoted) names win over the case-folded ones
     for col in columns:
         value = values.get(col.name)
         if value is None:
             if not col.nullable:
-                return NULL_MESSAGE
+                return RowProblem(100072, NULL_MESSAGE, "22000", col.name)
             continue
         problem = _type_error(col.type, value)
         if problem is not None:
-            return problem
+            code, state, message = problem
+            return RowProblem(code, message, state, col.name)
     return None
 
 
@@ -169,17 +180,23 @@ def _temporal(value: Any) -> bool:
     return True
 
 
-# Per type family: whether a JSON value fits, and Snowflake's message when it does not.
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "number": (_numeric, "Numeric value '{}' is not recognized"),
+# Per type family: whether a JSON value fits, and Snowflake's code, SQL state and message when it
+# does not (the codes as Snowflake reports these conversion errors).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], int, str, str]] = {
+    "number": (_numeric, 100038, "22018", "Numeric value '{}' is not recognized"),
     "text": (
-        lambda v: not isinstance(v, dict | list), "Failed to cast variant value {} to VARCHAR"
+        lambda v: not isinstance(v, dict | list), 100071, "22000",
+        "Failed to cast variant value {} to VARCHAR",
     ),
-    "BOOLEAN": (_boolean, "Boolean value '{}' is not recognized"),
-    "time": (_temporal, "Timestamp '{}' is not recognized"),
-    "OBJECT": (lambda v: isinstance(v, dict), "Failed to cast variant value {} to OBJECT"),
-    "ARRAY": (lambda v: isinstance(v, list), "Failed to cast variant value {} to ARRAY"),
-    "VARIANT": (lambda v: True, ""),
+    "BOOLEAN": (_boolean, 100037, "22018", "Boolean value '{}' is not recognized"),
+    "time": (_temporal, 100035, "22007", "Timestamp '{}' is not recognized"),
+    "OBJECT": (
+        lambda v: isinstance(v, dict), 100071, "22000", "Failed to cast variant value {} to OBJECT"
+    ),
+    "ARRAY": (
+        lambda v: isinstance(v, list), 100071, "22000", "Failed to cast variant value {} to ARRAY"
+    ),
+    "VARIANT": (lambda v: True, 0, "", ""),
 }
 
 
@@ -193,9 +210,9 @@ def _family(kind: str) -> str:
     return kind
 
 
-def _type_error(kind: str, value: Any) -> str | None:
-    fits, message = _CHECKS[_family(kind)]
-    return None if fits(value) else message.format(_show(value))
+def _type_error(kind: str, value: Any) -> tuple[int, str, str] | None:
+    fits, code, state, message = _CHECKS[_family(kind)]
+    return None if fits(value) else (code, state, message.format(_show(value)))
 
 
 def apply(rows: ParsedRows, columns: Sequence[Column]) -> ParsedRows:
@@ -204,6 +221,7 @@ def apply(rows: ParsedRows, columns: Sequence[Column]) -> ParsedRows:
     good: list[bytes] = []
     kept: list[int] = []
     errors, first_error = rows.errors, rows.first_error
+    rejected = list(rows.rejected)
     for line, pos in zip(rows.good, positions, strict=True):
         problem = row_error(orjson.loads(line), columns)
         if problem is None:
@@ -211,14 +229,19 @@ def apply(rows: ParsedRows, columns: Sequence[Column]) -> ParsedRows:
             kept.append(pos)
             continue
         errors += 1
+        rejected.append(
+            RejectedRow(pos, line, problem.code, problem.message, problem.sql_state, problem.column)
+        )
         if first_error is None:
-            first_error = problem
+            first_error = problem.message
     if errors == rows.errors:
         return rows
+    rejected.sort(key=lambda r: r.position)
     return ParsedRows(
         good=good,
         good_positions=kept,
         total=rows.total,
         errors=errors,
         first_error=first_error,
+        rejected=rejected,
     )

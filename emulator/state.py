@@ -15,6 +15,7 @@ import datetime
 import math
 import secrets
 import time
+import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,10 @@ from emulator.errors import (
     coded,
     pipe_not_found,
 )
+from emulator.errortable import error_rows
 from emulator.ndjson import ParsedRows
 from emulator.schema import Column
-from emulator.storage import Storage, StoredBatch, StoredChannel
+from emulator.storage import ErrorRow, Storage, StoredBatch, StoredChannel, TableKey
 
 PipeKey = tuple[str, str, str]
 ChannelKey = tuple[str, str, str, str]
@@ -66,6 +68,7 @@ class PendingBatch:
     appended_at: float
     commit_at: float
     discarded: bool = False
+    appended_ns: int = 0  # wall clock of the append (the error table's `timestamp`)
 
 
 @dataclass(slots=True)
@@ -170,6 +173,13 @@ def pipe_key(database: str, schema: str, pipe: str) -> PipeKey:
     return (identifier(database), identifier(schema), identifier(pipe))
 
 
+def implied_table(pipe: str) -> str:
+    """The table a pipe loads when none was named: `T` for `T-STREAMING`, else the pipe's name."""
+    if pipe.endswith(IMPLICIT_PIPE_SUFFIX) and len(pipe) > len(IMPLICIT_PIPE_SUFFIX):
+        return pipe[: -len(IMPLICIT_PIPE_SUFFIX)]
+    return pipe
+
+
 def default_pipe(table: str) -> str:
     """The name of a table's default pipe (`T-STREAMING`, or `"My T-STREAMING"` when quoted)."""
     table = table.strip()
@@ -183,10 +193,15 @@ class EmulatorState:
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
+        self.started_ns = time.time_ns()
         self.storage = Storage(config.db_path)
         self.stats = Stats()
         self.pipes: set[PipeKey] = set()
         self.columns: dict[PipeKey, list[Column]] = {}
+        # The table a pipe loads, where it was named at registration (else `implied_table`).
+        self.pipe_tables: dict[PipeKey, str] = {}
+        # Tables with ERROR_LOGGING = TRUE: their rejected rows go to their error table.
+        self.error_logging: set[TableKey] = set()
         self.channels: dict[ChannelKey, Channel] = {}
         self.commits_paused = False
         self._queue: deque[PendingBatch] = deque()
@@ -194,9 +209,14 @@ class EmulatorState:
         self._pump: asyncio.Task[None] | None = None
         self.pipes.update(self.storage.load_pipes())
         self.columns.update(self.storage.load_columns())
+        self.pipe_tables.update(self.storage.load_pipe_tables())
+        self.error_logging.update(self.storage.load_error_logging())
         for database, schema, pipe in config.pipes:
+            named = (database, schema, pipe)
             self.add_pipe(
-                database, schema, pipe, columns=config.pipe_columns.get((database, schema, pipe))
+                database, schema, pipe, columns=config.pipe_columns.get(named),
+                table=config.pipe_tables.get(named),
+                error_logging=config.pipe_error_logging.get(named),
             )
         for c in self.storage.load_channels():
             # After a restart every old continuation token is stale (pending rows were lost):
@@ -215,13 +235,53 @@ class EmulatorState:
     # -- pipes ---------------------------------------------------------------------------------
 
     def add_pipe(
-        self, database: str, schema: str, pipe: str, *, columns: list[Column] | None = None
+        self,
+        database: str,
+        schema: str,
+        pipe: str,
+        *,
+        columns: list[Column] | None = None,
+        table: str | None = None,
+        error_logging: bool | None = None,
     ) -> PipeKey:
-        """Register a pipe (idempotent); with `columns`, (re)define its table's schema."""
+        """Register a pipe (idempotent); with `columns`, (re)define its table's schema.
+
+        `table` names the table the pipe loads (default: `implied_table`); `error_logging` turns
+        that table's error logging on or off (None leaves it as it is; off drops its error
+        table's rows, as on the service).
+        """
         for label, value in (("database", database), ("schema", schema), ("pipe", pipe)):
             if not value or not value.strip():
                 raise ValueError(f"{label} must be a non-empty identifier")
-        return self._add_key(pipe_key(database, schema, pipe), columns)
+        if table is not None and not table.strip():
+            raise ValueError("table must be a non-empty identifier (or left out)")
+        key = self._add_key(pipe_key(database, schema, pipe), columns)
+        if table is not None:
+            self.pipe_tables[key] = identifier(table)
+            self.storage.save_pipe_table(key, self.pipe_tables[key])
+        if error_logging is not None:
+            self.set_error_logging(self.table_of(key), error_logging)
+        return key
+
+    def table_of(self, pipe: PipeKey) -> TableKey:
+        """The table a pipe loads."""
+        return (pipe[0], pipe[1], self.pipe_tables.get(pipe) or implied_table(pipe[2]))
+
+    def set_error_logging(self, table: TableKey, on: bool) -> None:
+        """ERROR_LOGGING = TRUE/FALSE on a table (FALSE drops its error table's rows)."""
+        if on:
+            self.error_logging.add(table)
+        else:
+            self.error_logging.discard(table)
+        self.storage.set_error_logging(table, on)
+
+    def tables(self) -> set[TableKey]:
+        """Every table a known pipe loads."""
+        return {self.table_of(p) for p in self.pipes}
+
+    def pipes_of(self, table: TableKey) -> list[PipeKey]:
+        """The known pipes that load `table`."""
+        return sorted(p for p in self.pipes if self.table_of(p) == table)
 
     def _add_key(self, key: PipeKey, columns: list[Column] | None = None) -> PipeKey:
         if key not in self.pipes:
@@ -464,6 +524,7 @@ class EmulatorState:
             rows=rows,
             appended_at=now,
             commit_at=now + self.config.commit_delay,
+            appended_ns=time.time_ns(),
         )
         ch.pending.append(batch)
         if advance:
@@ -543,6 +604,7 @@ class EmulatorState:
         now_ms = _now_ms()
         touched: dict[int, Channel] = {}
         stored: list[StoredBatch] = []
+        errors: list[ErrorRow] = []
         for batch in due:
             ch = batch.channel
             rows = batch.rows
@@ -552,6 +614,8 @@ class EmulatorState:
                     batch.end_offset_token, rows.total, rows.good_positions, rows.good, now_ms,
                 )
             )
+            if rows.rejected:
+                errors.extend(self._error_rows(batch))
             touched[id(ch)] = ch
         for batch in due:
             self._apply_commit(batch, now, now_ms)
@@ -561,8 +625,21 @@ class EmulatorState:
             c for c in touched.values()
             if self.channels.get((c.database, c.schema, c.pipe, c.key)) is c
         ]
-        self.storage.write([c.stored() for c in live], stored)
+        self.storage.write([c.stored() for c in live], stored, errors)
         return len(due)
+
+    def _error_rows(self, batch: PendingBatch) -> list[ErrorRow]:
+        """The error-table rows of a committing batch (none unless its table logs errors)."""
+        ch = batch.channel
+        table = self.table_of((ch.database, ch.schema, ch.pipe))
+        if table not in self.error_logging:
+            return []
+        return error_rows(
+            table, batch.rows.rejected, pipe=ch.pipe, channel=ch.name,
+            start_offset_token=batch.start_offset_token,
+            end_offset_token=batch.end_offset_token,
+            timestamp_ns=batch.appended_ns, query_id=str(uuid.uuid4()),
+        )
 
     def _apply_commit(self, batch: PendingBatch, now: float, now_ms: int) -> None:
         ch = batch.channel

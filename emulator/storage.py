@@ -39,7 +39,24 @@ CREATE TABLE IF NOT EXISTS pipe_columns (
     PRIMARY KEY (database, schema, pipe)
 );
 CREATE INDEX IF NOT EXISTS batches_by_pipe ON batches (database, schema, pipe, id);
+CREATE TABLE IF NOT EXISTS pipe_tables (
+    database TEXT NOT NULL, schema TEXT NOT NULL, pipe TEXT NOT NULL, table_name TEXT NOT NULL,
+    PRIMARY KEY (database, schema, pipe)
+);
+CREATE TABLE IF NOT EXISTS error_logging (
+    database TEXT NOT NULL, schema TEXT NOT NULL, table_name TEXT NOT NULL,
+    PRIMARY KEY (database, schema, table_name)
+);
+CREATE TABLE IF NOT EXISTS error_rows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    database TEXT NOT NULL, schema TEXT NOT NULL, table_name TEXT NOT NULL,
+    timestamp_ns INTEGER NOT NULL, query_id TEXT NOT NULL, error_code INTEGER NOT NULL,
+    error_metadata TEXT NOT NULL, error_data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS error_rows_by_table ON error_rows (database, schema, table_name, id);
 """
+
+TableKey = tuple[str, str, str]
 
 
 @dataclass(slots=True)
@@ -76,6 +93,20 @@ class StoredBatch:
     positions: list[int] | None
     rows: list[bytes]
     committed_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """One row of a table's error table (the columns of Snowflake's error tables)."""
+
+    database: str
+    schema: str
+    table: str
+    timestamp_ns: int  # wall-clock time of the append that carried the row (ns since the epoch)
+    query_id: str
+    error_code: int
+    error_metadata: dict[str, object]
+    error_data: dict[str, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +173,56 @@ class Storage:
             (database, schema, pipe, channel_key),
         )
 
-    def write(self, channels: Iterable[StoredChannel], batches: Iterable[StoredBatch]) -> None:
-        """Persist channel states and committed batches in one transaction."""
+    def load_pipe_tables(self) -> dict[tuple[str, str, str], str]:
+        """The table each registered pipe loads, where one was given or derived."""
+        rows = self._db.execute("SELECT database, schema, pipe, table_name FROM pipe_tables")
+        return {(d, s, p): t for d, s, p, t in rows}
+
+    def save_pipe_table(self, key: tuple[str, str, str], table: str) -> None:
+        """Remember which table a pipe loads."""
+        self._db.execute("INSERT OR REPLACE INTO pipe_tables VALUES (?, ?, ?, ?)", (*key, table))
+
+    def load_error_logging(self) -> set[TableKey]:
+        """The tables with error logging on."""
+        rows = self._db.execute("SELECT database, schema, table_name FROM error_logging")
+        return {(d, s, t) for d, s, t in rows}
+
+    def set_error_logging(self, table: TableKey, on: bool) -> None:
+        """Turn a table's error logging on or off; off drops its error table's rows."""
+        if on:
+            self._db.execute("INSERT OR IGNORE INTO error_logging VALUES (?, ?, ?)", table)
+            return
+        self._db.execute(
+            "DELETE FROM error_logging WHERE database=? AND schema=? AND table_name=?", table
+        )
+        self.truncate_error_rows(table)
+
+    def iter_error_rows(self, table: TableKey) -> Iterator[ErrorRow]:
+        """The rows of a table's error table, in the order they were recorded."""
+        cursor = self._db.execute(
+            "SELECT timestamp_ns, query_id, error_code, error_metadata, error_data FROM error_rows "
+            "WHERE database=? AND schema=? AND table_name=? ORDER BY id",
+            table,
+        )
+        for ts, query_id, code, metadata, data in cursor:
+            yield ErrorRow(
+                *table, ts, query_id, code, orjson.loads(metadata), orjson.loads(data)
+            )
+
+    def truncate_error_rows(self, table: TableKey) -> int:
+        """Delete every row of a table's error table; returns how many there were."""
+        cursor = self._db.execute(
+            "DELETE FROM error_rows WHERE database=? AND schema=? AND table_name=?", table
+        )
+        return int(cursor.rowcount)
+
+    def write(
+        self,
+        channels: Iterable[StoredChannel],
+        batches: Iterable[StoredBatch],
+        error_rows: Iterable[ErrorRow] = (),
+    ) -> None:
+        """Persist channel states, committed batches and error-table rows in one transaction."""
         db = self._db
         db.execute("BEGIN")
         try:
@@ -171,6 +250,18 @@ class Storage:
                         b"\n".join(b.rows), b.committed_at_ms,
                     )
                     for b in batches
+                ],
+            )
+            db.executemany(
+                "INSERT INTO error_rows (database, schema, table_name, timestamp_ns, query_id, "
+                "error_code, error_metadata, error_data) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        e.database, e.schema, e.table, e.timestamp_ns, e.query_id, e.error_code,
+                        orjson.dumps(e.error_metadata).decode(),
+                        orjson.dumps(e.error_data).decode(),
+                    )
+                    for e in error_rows
                 ],
             )
             db.execute("COMMIT")

@@ -72,26 +72,48 @@ async def register_key(request: Request, emu: Emulator) -> Response:
 
 
 async def add_pipe(request: Request, emu: Emulator) -> Response:
-    """POST /_emulator/pipes {"database","schema","pipe"[,"columns"]} registers a pipe.
+    """POST /_emulator/pipes {"database","schema","pipe"[,"columns","table","error_logging"]}.
 
     `columns` ([{"name","type","nullable"}]) gives its table a schema: rows that violate it
-    become row errors, as on the service.
+    become row errors, as on the service. `table` names the table the pipe loads (default: `T`
+    for a pipe `T-STREAMING`, else the pipe's own name); `error_logging: true` turns on that
+    table's error logging (rejected rows go to its error table), `false` turns it off.
     """
     body = await json_body(request, _MAX_ADMIN_BODY)
+    unknown = set(body) - {"database", "schema", "pipe", "columns", "table", "error_logging"}
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {', '.join(sorted(unknown))}: a pipe takes database, schema, "
+            "pipe, columns, table and error_logging"
+        )
     columns = columns_from_json(body["columns"]) if body.get("columns") is not None else None
+    table = body.get("table")
+    if table is not None and not isinstance(table, str):
+        raise ValueError("table must be a string (the table the pipe loads)")
+    logging_on = body.get("error_logging")
+    if logging_on is not None and not isinstance(logging_on, bool):
+        raise ValueError("error_logging must be true or false")
     key = emu.state.add_pipe(
-        _field(body, "database"), _field(body, "schema"), _field(body, "pipe"), columns=columns
+        _field(body, "database"), _field(body, "schema"), _field(body, "pipe"), columns=columns,
+        table=table, error_logging=logging_on,
     )
-    out: dict[str, Any] = {"database": key[0], "schema": key[1], "pipe": key[2]}
+    out = _pipe_json(emu, key)
     if key in emu.state.columns:
         out["columns"] = [c.as_json() for c in emu.state.columns[key]]
     return JSONResponse(out)
 
 
+def _pipe_json(emu: Emulator, key: tuple[str, str, str]) -> dict[str, Any]:
+    table = emu.state.table_of(key)
+    return {
+        "database": key[0], "schema": key[1], "pipe": key[2], "table": table[2],
+        "error_logging": table in emu.state.error_logging,
+    }
+
+
 async def list_pipes(request: Request, emu: Emulator) -> Response:
-    """GET /_emulator/pipes: the known pipes."""
-    pipes = sorted(emu.state.pipes)
-    return JSONResponse([{"database": d, "schema": s, "pipe": p} for d, s, p in pipes])
+    """GET /_emulator/pipes: the known pipes, the table each loads and its error logging."""
+    return JSONResponse([_pipe_json(emu, key) for key in sorted(emu.state.pipes)])
 
 
 async def stats(request: Request, emu: Emulator) -> Response:

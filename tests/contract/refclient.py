@@ -231,6 +231,54 @@ class RefClient:
             headers={**self._scoped_headers(), "Content-Type": "application/json"},
         )
 
+    # -- SQL API (account host) ----------------------------------------------------------------
+
+    def sql_headers(self, token: str | None = None) -> dict[str, str]:
+        """The SQL API's headers: the key-pair JWT as Bearer, its type, JSON both ways."""
+        return {
+            "Authorization": f"Bearer {token or self.jwt()}",
+            "X-Snowflake-Authorization-Token-Type": "KEYPAIR_JWT",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "refclient/1.0",
+        }
+
+    def statement(
+        self,
+        statement: str | None,
+        *,
+        bindings: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        **body: Any,
+    ) -> httpx.Response:
+        """POST /api/v2/statements with {"statement", "bindings", ...body} (database, schema,
+        warehouse, role, timeout, parameters)."""
+        payload: dict[str, Any] = {"timeout": 60, **body}
+        if statement is not None:
+            payload["statement"] = statement
+        if bindings is not None:
+            payload["bindings"] = bindings
+        return self.http.post(
+            f"{self.url}/api/v2/statements",
+            params=params or {},
+            content=orjson.dumps(payload),
+            headers={**self.sql_headers(), **(headers or {})},
+        )
+
+    def query(self, statement: str, **kw: Any) -> dict[str, Any]:
+        """A statement that must succeed (200): its ResultSet."""
+        response = self.statement(statement, **kw)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def statement_status(self, url_or_handle: str, **params: str) -> httpx.Response:
+        """GET /api/v2/statements/{handle} (or a statementStatusUrl as given)."""
+        path = url_or_handle if url_or_handle.startswith("/") else (
+            f"/api/v2/statements/{url_or_handle}"
+        )
+        return self.http.get(f"{self.url}{path}", params=params, headers=self.sql_headers())
+
     def wait_committed(
         self, db: str, schema: str, pipe: str, channel: str, offset: str, timeout: float = 5.0
     ) -> dict[str, Any]:

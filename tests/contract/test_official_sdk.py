@@ -11,6 +11,8 @@ Deselect offline with `-m 'not sdk'`.
 from __future__ import annotations
 
 import contextlib
+import json
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.contract.refclient import RefClient
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
 from tests.support.official_sdk import SdkRun, run_official_sdk
@@ -59,7 +62,10 @@ def emu(sdk_emulator: RunningEmulator) -> Iterator[RunningEmulator]:
     sdk_emulator.clear_faults()
 
 
-def _run(emu: RunningEmulator, tmp_path: Path, channel: str, batches: int, **extra: Any) -> SdkRun:
+def _run(
+    emu: RunningEmulator, tmp_path: Path, channel: str, batches: int, pipe: str = PIPE,
+    **extra: Any,
+) -> SdkRun:
     run = run_official_sdk(
         emu,
         tmp_path,
@@ -68,7 +74,7 @@ def _run(emu: RunningEmulator, tmp_path: Path, channel: str, batches: int, **ext
         user=USER,
         database=DB,
         schema=SCHEMA,
-        pipe=PIPE,
+        pipe=pipe,
         channel=channel,
         batches=batches,
         rows_per_batch=ROWS_PER_BATCH,
@@ -214,3 +220,39 @@ def test_official_sdk_commits_rows_through_the_elastic_channel(
             break
         time.sleep(0.05)
     assert ids == expected, f"{len(expected - ids)} ids never committed"
+
+
+def test_rows_the_sdk_sends_that_the_table_rejects_land_in_its_error_table(
+    emu: RunningEmulator, tmp_path: Path
+) -> None:
+    # The SDK only appends: it has no SQL client. The error table is read over the SQL API.
+    emu.add_pipe(DB, SCHEMA, "CHECKED_PIPE", table="CHECKED", error_logging=True, columns=[
+        {"name": "ID", "type": "NUMBER", "nullable": False},
+        {"name": "NOTE", "type": "VARCHAR", "nullable": False},
+    ])
+    rejected = [3, 250, 399]
+
+    run = _run(emu, tmp_path, "checked", batches=2, pipe="CHECKED_PIPE", null_note_ids=rejected)
+
+    assert run.result["final_status"]["rows_error_count"] == len(rejected), run.result
+    with contextlib.closing(
+        RefClient(emu.url, ACCOUNT, USER, key_pair("official-sdk").private_key,
+                  verify=ssl.create_default_context(cafile=emu.ca_file))
+    ) as sql:
+        result = sql.query(
+            "SELECT error_data:\"$1\"::STRING, "
+            "error_metadata:details:offset_token_lower_bound::STRING, "
+            "error_metadata:details:offset_token_upper_bound::STRING, "
+            "error_metadata:error_source::STRING "
+            "FROM ERROR_TABLE(SDK_DB.PUBLIC.CHECKED) "
+            "WHERE error_metadata:details:channel_name = ? ORDER BY timestamp",
+            bindings={"1": {"type": "TEXT", "value": "checked"}},
+        )
+    rows = [(json.loads(raw), lower, upper, source) for raw, lower, upper, source in result["data"]]
+    assert [payload for payload, *_ in rows] == [
+        {"id": i, "batch": i // ROWS_PER_BATCH, "note": None} for i in rejected
+    ]
+    # Each row carries the offset tokens of the SDK request that sent it (one flush per batch).
+    for payload, lower, upper, source in rows:
+        first = payload["batch"] * ROWS_PER_BATCH
+        assert (lower, upper, source) == (str(first), str(first + ROWS_PER_BATCH - 1), "NOTE")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -345,3 +346,22 @@ def test_threads_share_one_client_and_one_token_fetch(emu: RunningEmulator) -> N
     # Eight threads arriving together with no token: one hostname call, one exchange.
     assert requests(emu, "token", 200) - tokens_before == 1
     assert requests(emu, "hostname", 200) - hostnames_before == 1
+
+
+def test_big_integers_and_decimals_read_back_exactly(
+    emu: RunningEmulator, client: SnowpipeClient
+) -> None:
+    ch = channel_name("exact")
+    ct = client.open_channel(DB, SCHEMA, PIPE, ch).continuation_token
+    rows: list[dict[str, Any]] = [
+        {"id": 1, "big": 2**70, "price": Decimal("1.10")},
+        {"id": 2, "big": -(2**64), "price": Decimal("-0.000000000000000000001")},
+    ]
+    append(client, ch, ct, rows, end=1)
+    wait_committed(client, ch, "1")
+
+    committed = [r["row"] for r in emu.rows(DB, SCHEMA, PIPE) if r["channel"] == ch]
+
+    assert committed == rows  # Decimal("1.10") == Decimal("1.1"): the text shows the digits
+    assert str(committed[0]["price"]) == "1.10"
+    assert committed[0]["big"] == 1180591620717411303424

@@ -12,6 +12,7 @@ with the test process); `start_emulator` waits for its `listening on` line.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import ssl
 import subprocess
@@ -19,11 +20,11 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 20.0
@@ -75,23 +76,44 @@ class RunningEmulator:
         body = {"account": account, "user": user, "public_key_pem": pem}
         return str(self._ok(self.admin.post("/_emulator/keys", json=body))["fingerprint"])
 
-    def add_pipe(self, database: str, schema: str, pipe: str) -> None:
-        """Register a pipe (pipes named <TABLE>-STREAMING need no registration)."""
-        body = {"database": database, "schema": schema, "pipe": pipe}
-        self._ok(self.admin.post("/_emulator/pipes", json=body))
+    def add_pipe(
+        self,
+        database: str,
+        schema: str,
+        pipe: str,
+        *,
+        columns: list[dict[str, Any]] | None = None,
+        table: str | None = None,
+        error_logging: bool | None = None,
+    ) -> dict[str, Any]:
+        """Register a pipe (pipes named <TABLE>-STREAMING need no registration), optionally with
+        its table's columns, the table it loads and that table's error logging."""
+        body: dict[str, Any] = {"database": database, "schema": schema, "pipe": pipe}
+        options = {"columns": columns, "table": table, "error_logging": error_logging}
+        body.update({name: value for name, value in options.items() if value is not None})
+        return dict(self._ok(self.admin.post("/_emulator/pipes", json=body)))
 
     def stats(self) -> dict[str, Any]:
         """GET /_emulator/stats."""
         return dict(self._ok(self.admin.get("/_emulator/stats")))
 
     def rows(self, database: str, schema: str, pipe: str) -> list[dict[str, Any]]:
-        """Committed rows: [{"channel", "offset_token", "committed_at_ms", "row"}, ...] in order."""
+        """Committed rows: [{"channel", "offset_token", "committed_at_ms", "row"}, ...] in order.
+
+        Numbers read back exactly as the rows carried them: integers of any size as int,
+        decimals as Decimal (`1.10` stays Decimal("1.10"); it still equals 1.1 only where the
+        float is exact, as 12.5 is).
+        """
         response = self.admin.get(
             "/_emulator/rows", params={"database": database, "schema": schema, "pipe": pipe}
         )
         if response.status_code != 200:
             raise AssertionError(f"rows -> {response.status_code}: {response.text}")
-        return [orjson.loads(line) for line in response.content.splitlines() if line.strip()]
+        return [
+            json.loads(line, parse_float=Decimal)
+            for line in response.content.splitlines()
+            if line.strip()
+        ]
 
     def fault(self, **rule: Any) -> str:
         """Add a fault rule (endpoint=..., status=..., body=..., count=..., probability=...,

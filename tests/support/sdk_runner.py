@@ -10,7 +10,8 @@ rows_per_batch, timeout_seconds. Optional: table (use `from_table`, pipe `<table
 role, client_name, first_offset, properties (more SDK configuration keys, passed as given),
 admin_after_batch ({"0": "/_emulator/expire-tokens"}: POST that admin path once batch 0 is
 flushed), linger_seconds (keep the client open that long after the commit, so that its
-background token refresh can be observed) and elastic (append through the client's Elastic channel
+background token refresh can be observed), null_note_ids (ids whose `note` is sent as null, for a
+table that rejects them) and elastic (append through the client's Elastic channel
 with `append_rows_with_wait`, waiting for each batch's acknowledgement, instead of a named channel).
 Rows are `{"id": n, "batch": b, "note": "..."}` with offset token `str(n)`, so a test can check
 that every id arrived exactly once.
@@ -83,9 +84,13 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
         result["open_status"] = _status_dict(status)
         first = int(plan.get("first_offset", 0))
         next_id = first
+        null_notes = set(plan.get("null_note_ids", []))
         for batch in range(int(plan["batches"])):
             rows = [
-                {"id": next_id + i, "batch": batch, "note": f"row {next_id + i}"}
+                {
+                    "id": next_id + i, "batch": batch,
+                    "note": None if next_id + i in null_notes else f"row {next_id + i}",
+                }
                 for i in range(int(plan["rows_per_batch"]))
             ]
             channel.append_rows(rows, str(next_id), str(next_id + len(rows) - 1))
