@@ -145,9 +145,12 @@ end
 
 # KEYS: lease, log, bytes.  ARGV: lease value, committed offset, first offset to keep.
 _TRIM = (
-    _DATA_BYTES
+    _DECIMAL
+    + _DATA_BYTES
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local ck = string.gsub(KEYS[2], ':log:', ':committed:', 1) -- committed:{chan}, only rises
+redis.call('SET', ck, dec_max(dec(redis.call('GET', ck) or '0'), dec(ARGV[2])))
 local gone = redis.call('XRANGE', KEYS[2], '-', ARGV[2])
 if #gone == 0 then return 0 end
 local total = data_bytes(gone)
