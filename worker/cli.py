@@ -207,9 +207,7 @@ def publish(
     except (NdjsonError, InvalidBatchError) as exc:
         raise _fail(str(exc), 2) from None
     if wait:
-        from worker.connectivity import state_client
-
-        state_client(settings).close()  # unreachable: say so before publishing anything
+        _state_reachable(settings)  # unreachable: say so before publishing anything
     publisher = Publisher(settings)
     try:
         publisher.check_broker()
@@ -234,6 +232,13 @@ def publish(
     )
     if wait:
         raise typer.Exit(_wait_for(settings, published, timeout))
+
+
+def _state_reachable(settings: Settings) -> None:
+    """StateStoreUnavailableError unless the state store answers."""
+    from worker.connectivity import state_client
+
+    state_client(settings).close()
 
 
 def _publish_file(
@@ -308,6 +313,7 @@ def _wait_for(settings: Settings, batches: list[PublishedBatch], timeout: float)
                     completed=counts["committed"],
                     description=f"committed ({dead} dead-lettered)" if dead else "committed",
                 )
+                progress.refresh()
 
             result = wait_for_batches(
                 [b.batch_id for b in batches], timeout=timeout, settings=settings,
@@ -388,12 +394,14 @@ def _wait_report(result: WaitResult, batches: list[PublishedBatch], timeout: flo
 
 
 def _progress() -> Progress:
+    # On a terminal only: piped, a bar would be printed once, at the end, as a line of noise.
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
