@@ -231,7 +231,15 @@ def publish(
         highlight=False,
     )
     if wait:
-        raise typer.Exit(_wait_for(settings, published, timeout))
+        try:
+            code = _wait_for(settings, published, timeout)
+        except KeyboardInterrupt:
+            raise _fail(
+                "interrupted while waiting; every batch was published: run the same command "
+                "again to keep waiting (nothing is committed twice)",
+                130,
+            ) from None
+        raise typer.Exit(code)
 
 
 def _state_reachable(settings: Settings) -> None:

@@ -221,3 +221,18 @@ def test_wait_on_a_terminal_shows_a_bar_of_batches_committed(
     assert "5 of 5 batches (45 rows) committed in 1.0 s" in done.stdout
     assert "committed (1 dead-lettered)" in screen.getvalue()
     assert "5/5" in screen.getvalue()
+
+
+def test_ctrl_c_while_waiting_says_the_same_command_waits_again(
+    fake: type[FakePublisher], source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(ids: list[str]) -> WaitResult:
+        raise KeyboardInterrupt
+
+    wait_with(monkeypatch, interrupted)
+    result = run(*ARGS, "--wait", str(source))
+    assert result.exit_code == 130
+    assert result.stderr.strip() == (
+        "error: interrupted while waiting; every batch was published: run the same command again "
+        "to keep waiting (nothing is committed twice)"
+    )
