@@ -193,13 +193,16 @@ def publish(
         ),
     ] = False,
     timeout: Annotated[
-        float, typer.Option(min=0, help="seconds --wait waits at most")
-    ] = WAIT_TIMEOUT_SECONDS,
+        float | None,
+        typer.Option(min=0, help=f"seconds --wait waits (default {WAIT_TIMEOUT_SECONDS:g})"),
+    ] = None,
 ) -> None:
     """Publish NDJSON rows as batches of --batch-rows (see PUBLISH_HELP)."""
     from worker.ndjson import check_id_prefix
     from worker.publish import InvalidBatchError, Publisher, check_names
 
+    if timeout is not None and not wait:
+        raise _fail("--timeout is how long --wait waits: add --wait, or drop --timeout", 2)
     settings = _settings()
     try:
         prefix = check_id_prefix(id_prefix) if id_prefix is not None else None
@@ -232,7 +235,8 @@ def publish(
     )
     if wait:
         try:
-            code = _wait_for(settings, published, timeout)
+            limit = timeout if timeout is not None else WAIT_TIMEOUT_SECONDS
+            code = _wait_for(settings, published, limit)
         except KeyboardInterrupt:
             raise _fail(
                 "interrupted while waiting; every batch was published: run the same command "

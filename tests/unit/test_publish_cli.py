@@ -236,3 +236,12 @@ def test_ctrl_c_while_waiting_says_the_same_command_waits_again(
         "error: interrupted while waiting; every batch was published: run the same command again "
         "to keep waiting (nothing is committed twice)"
     )
+
+
+def test_timeout_without_wait_is_a_usage_error(fake: type[FakePublisher], source: Path) -> None:
+    result = run(*ARGS, "--timeout", "5", str(source))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: --timeout is how long --wait waits: add --wait, or drop --timeout"
+    )
+    assert fake.published == []
