@@ -4,6 +4,8 @@ The public API:
 
     app                     the Celery app (`celery -A worker worker` finds it here)
     publish_batch(...)      put one batch of rows on the queue (the producer side)
+    wait_for_batches(...)   wait until batches are committed in Snowflake or dead-lettered
+    WaitResult              what wait_for_batches returns: each batch id's state
     InvalidBatchError       publish_batch refused the rows or the names (fix the input)
     BrokerUnavailableError  the broker did not take the message (a ConnectionError)
     SnowpipeError           the root of the Snowpipe errors (worker/snowpipe/errors.py)
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from worker.connectivity import BrokerUnavailableError
     from worker.publish import InvalidBatchError, publish_batch
     from worker.snowpipe.errors import SnowpipeError
+    from worker.waiting import WaitResult, wait_for_batches
 
     __version__: str
 
@@ -30,9 +33,11 @@ __all__ = [
     "BrokerUnavailableError",
     "InvalidBatchError",
     "SnowpipeError",
+    "WaitResult",
     "__version__",
     "app",
     "publish_batch",
+    "wait_for_batches",
 ]
 
 DISTRIBUTION = "snowpipe-worker"
@@ -45,6 +50,8 @@ _LAZY = {
     "InvalidBatchError": "worker.publish",
     "BrokerUnavailableError": "worker.connectivity",
     "SnowpipeError": "worker.snowpipe.errors",
+    "wait_for_batches": "worker.waiting",
+    "WaitResult": "worker.waiting",
 }
 
 

@@ -1,6 +1,7 @@
 """`snowpipe-worker`: publish NDJSON, manage dead letters, run the local stack.
 
-    snowpipe-worker publish --database D --schema S --pipe P [--batch-rows N] FILE|-
+    snowpipe-worker publish --database D --schema S --pipe P [--batch-rows N] [--id-prefix P]
+                            [--wait [--timeout S]] FILE|-      # a re-run commits each row once
     snowpipe-worker dead-letters list|requeue|drop [--batch-id ID] [--json]
     snowpipe-worker stats
     snowpipe-worker status [--json] [--no-snowflake]     # channels, queues, token, dead letters
@@ -15,14 +16,17 @@ The worker itself is `celery -A worker worker` (and one `celery -A worker beat`)
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Annotated, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Annotated, Any, TypeVar
 
 import orjson
 import typer
@@ -34,6 +38,10 @@ from rich.table import Table
 from worker.connectivity import UnreachableError
 from worker.errors import NdjsonError as NdjsonError  # noqa: PLC0414 (re-exported)
 from worker.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from worker.ndjson import PublishedBatch
+    from worker.waiting import WaitResult
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
@@ -115,87 +123,298 @@ def _require_extra(extra: str, what: str) -> None:
 
 def read_ndjson(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
     """The rows of an NDJSON stream (blank lines skipped); NdjsonError names the bad line."""
+    from worker.ndjson import parse_line
+
     for number, line in enumerate(stream, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise NdjsonError(f"line {number}: not JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise NdjsonError(f"line {number}: a {type(row).__name__}, not a JSON object")
-        yield row
+        if line.strip():
+            yield parse_line(line.strip(), number)
 
 
-@app.command()
+# Exit code of `publish --wait` when batches were still pending at --timeout (none dead-lettered).
+EXIT_PENDING = 4
+# `publish --wait` names at most this many pending batches (dead-lettered ones: every one).
+MAX_PENDING_LISTED = 20
+WAIT_TIMEOUT_SECONDS = 600.0
+
+
+@contextlib.contextmanager
+def _input(source: str) -> Iterator[IO[bytes]]:
+    """The input as a seekable file: standard input is read whole into a temporary file first."""
+    if source == "-":
+        with tempfile.TemporaryFile(prefix="snowpipe-publish-") as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool)
+            spool.seek(0)
+            yield spool
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise _fail(f"no such file: {source}")
+    with path.open("rb") as stream:
+        yield stream
+
+
+PUBLISH_HELP = (
+    "Publish NDJSON rows as batches of --batch-rows to the ingest queue. Only the broker "
+    "settings are needed."
+    "\n\n"
+    "Every line is checked before anything is published: a bad line is named and nothing is "
+    "sent. Batch ids are derived from the input (target, position in the file, rows, "
+    "--id-prefix): after any failure (a broker gone, Ctrl-C, a killed process), run the same "
+    "command again and each row is committed once. Standard input is read whole first."
+    "\n\n"
+    "--wait then waits until every batch is committed in Snowflake (reading the state store, "
+    "SNOWPIPE_STATE_URL): exit 0 if all are, 1 if a batch is a dead letter or had rows "
+    "rejected, 4 if batches are still pending after --timeout (run the same command again to "
+    "wait longer: it commits nothing twice)."
+)
+
+
+@app.command(help=PUBLISH_HELP)
 @_edge
 def publish(
-    source: Annotated[str, typer.Argument(help="NDJSON file, or - for standard input")] = "-",
+    source: Annotated[
+        str, typer.Argument(help="NDJSON file, or - for standard input (read whole first)")
+    ] = "-",
+    *,
     database: Annotated[str, typer.Option(help="target database")] = ...,  # type: ignore[assignment]
     schema: Annotated[str, typer.Option(help="target schema")] = ...,  # type: ignore[assignment]
     pipe: Annotated[str, typer.Option(help="target pipe (a table T has pipe T-STREAMING)")] = ...,  # type: ignore[assignment]
     batch_rows: Annotated[int, typer.Option(min=1, help="rows per batch")] = DEFAULT_BATCH_ROWS,
+    id_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="start every batch id with PREFIX- (a new prefix publishes the same rows again)"
+        ),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="then wait until every batch is committed in Snowflake; exit 0 only if all are",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0, help=f"seconds --wait waits (default {WAIT_TIMEOUT_SECONDS:g})"),
+    ] = None,
 ) -> None:
-    """Publish NDJSON rows as batches of --batch-rows to the ingest queue (only the broker
-    settings are needed)."""
-    from worker.publish import InvalidBatchError, Publisher
+    """Publish NDJSON rows as batches of --batch-rows (see PUBLISH_HELP)."""
+    from worker.ndjson import check_id_prefix
+    from worker.publish import InvalidBatchError, Publisher, check_names
 
+    if timeout is not None and not wait:
+        raise _fail("--timeout is how long --wait waits: add --wait, or drop --timeout", 2)
     settings = _settings()
+    try:
+        prefix = check_id_prefix(id_prefix) if id_prefix is not None else None
+        check_names(database=database, schema=schema, pipe=pipe)
+    except (NdjsonError, InvalidBatchError) as exc:
+        raise _fail(str(exc), 2) from None
+    if wait:
+        _state_reachable(settings)  # unreachable: say so before publishing anything
     publisher = Publisher(settings)
     try:
         publisher.check_broker()
     except UnreachableError:
         publisher.close()
         raise
-    stream: IO[bytes]
-    if source == "-":
-        stream, total = sys.stdin.buffer, None
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise _fail(f"no such file: {source}")
-        total = sum(1 for line in path.open("rb") if line.strip())
-        stream = path.open("rb")
-    rows_sent = batches = 0
     started = time.monotonic()
     try:
-        with _progress() as progress:
-            task = progress.add_task("publishing", total=total)
-            batch: list[dict[str, Any]] = []
-            for row in read_ndjson(stream):
-                batch.append(row)
-                if len(batch) >= batch_rows:
-                    publisher.publish(batch, database=database, schema=schema, pipe=pipe)
-                    rows_sent, batches = rows_sent + len(batch), batches + 1
-                    progress.update(task, advance=len(batch))
-                    batch = []
-            if batch:
-                publisher.publish(batch, database=database, schema=schema, pipe=pipe)
-                rows_sent, batches = rows_sent + len(batch), batches + 1
-                progress.update(task, advance=len(batch))
-    except (NdjsonError, InvalidBatchError) as exc:
-        raise _fail(
-            f"{exc} (batch {batches + 1}; {rows_sent} rows were published before it)"
-        ) from None
+        published = _publish_file(
+            publisher, source, settings=settings, target=(database, schema, pipe),
+            batch_rows=batch_rows, prefix=prefix,
+        )  # fmt: skip
     finally:
         publisher.close()
-        if stream is not sys.stdin.buffer:
-            stream.close()
+    rows_sent = sum(b.rows for b in published)
     elapsed = time.monotonic() - started
     rate = rows_sent / elapsed if elapsed > 0 else 0.0
     out.print(
-        f"published {rows_sent} rows in {batches} batches to {database}.{schema}.{pipe} "
-        f"in {elapsed:.1f} s ({rate:,.0f} rows/s)"
+        f"published {rows_sent} rows in {len(published)} batches to {database}.{schema}.{pipe} "
+        f"in {elapsed:.1f} s ({rate:,.0f} rows/s)",
+        highlight=False,
     )
+    if wait:
+        try:
+            limit = timeout if timeout is not None else WAIT_TIMEOUT_SECONDS
+            code = _wait_for(settings, published, limit)
+        except KeyboardInterrupt:
+            raise _fail(
+                "interrupted while waiting; every batch was published: run the same command "
+                "again to keep waiting (nothing is committed twice)",
+                130,
+            ) from None
+        raise typer.Exit(code)
+
+
+def _state_reachable(settings: Settings) -> None:
+    """StateStoreUnavailableError unless the state store answers."""
+    from worker.connectivity import state_client
+
+    state_client(settings).close()
+
+
+def _publish_file(
+    publisher: Any,
+    source: str,
+    *,
+    settings: Settings,
+    target: tuple[str, str, str],
+    batch_rows: int,
+    prefix: str | None,
+) -> list[PublishedBatch]:
+    """Check the whole input, then publish it batch by batch; what was published."""
+    from worker.ndjson import check_ndjson, file_batches
+    from worker.publish import InvalidBatchError
+
+    database, schema, pipe = target
+    published: list[PublishedBatch] = []
+    rows_sent = 0
+    try:
+        with _input(source) as stream:
+            try:
+                total = check_ndjson(stream, settings=settings)
+            except NdjsonError as exc:
+                raise _fail(str(exc)) from None
+            stream.seek(0)
+            with _progress() as progress:
+                task = progress.add_task("publishing", total=total)
+                batches = file_batches(stream, database=database, schema=schema, pipe=pipe,
+                                       batch_rows=batch_rows, id_prefix=prefix)  # fmt: skip
+                for batch in batches:
+                    publisher.publish(batch.rows, database=database, schema=schema, pipe=pipe,
+                                      batch_id=batch.batch_id)  # fmt: skip
+                    published.append(batch.summary())
+                    rows_sent += len(batch.rows)
+                    progress.update(task, advance=len(batch.rows))
+    except InvalidBatchError as exc:
+        raise _fail(
+            f"{exc} (batch {len(published) + 1}; {len(published)} batch(es) were published "
+            "before it: run the same command again once fixed)"
+        ) from None
+    except UnreachableError as exc:
+        raise _fail(
+            f"{exc}; {len(published)} batch(es) ({rows_sent} rows) were published before it: run "
+            "the same command again when the broker is back (a batch already published is not "
+            "committed twice)",
+            EXIT_UNREACHABLE,
+        ) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            f"interrupted after {len(published)} batch(es) ({rows_sent} rows): run the same "
+            "command again to publish the rest (a batch already published is not committed "
+            "twice)",
+            130,
+        ) from None
+    return published
+
+
+def _wait_for(settings: Settings, batches: list[PublishedBatch], timeout: float) -> int:
+    """`publish --wait`: progress while waiting, one line per problem; the exit code."""
+    from worker.waiting import wait_for_batches
+
+    total = len(batches)
+    if console.is_terminal:
+        with _progress() as progress:
+            task = progress.add_task("committed", total=total)
+
+            def show(result: WaitResult) -> None:
+                counts = result.counts
+                dead = counts["dead_lettered"]
+                progress.update(
+                    task,
+                    completed=counts["committed"],
+                    description=f"committed ({dead} dead-lettered)" if dead else "committed",
+                )
+                progress.refresh()
+
+            result = wait_for_batches(
+                [b.batch_id for b in batches], timeout=timeout, settings=settings,
+                on_progress=show,
+            )  # fmt: skip
+    else:
+        last: list[tuple[int, ...]] = []
+
+        def show_line(result: WaitResult) -> None:
+            counts = result.counts
+            now = (counts["committed"], counts["dead_lettered"], counts["pending"],
+                   counts["unknown"])  # fmt: skip
+            if last and last[-1] == now:
+                return
+            last.append(now)
+            console.print(
+                f"waiting: {now[0]}/{total} batches committed, {now[1]} dead-lettered, "
+                f"{now[2]} logged and not yet committed, {now[3]} not yet logged",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        result = wait_for_batches(
+            [b.batch_id for b in batches], timeout=timeout, settings=settings,
+            on_progress=show_line,
+        )  # fmt: skip
+    return _wait_report(result, batches, timeout)
+
+
+def _wait_report(result: WaitResult, batches: list[PublishedBatch], timeout: float) -> int:
+    """Print the outcome of `publish --wait`: one line per problem; the exit code."""
+    total = len(batches)
+    by_id = {b.batch_id: b for b in batches}
+    counts = result.counts
+
+    def where(batch_id: str) -> str:
+        b = by_id[batch_id]
+        return f"batch {batch_id} ({b.index + 1} of {total}, lines {b.first_line}-{b.last_line})"
+
+    def problem(text: str) -> None:
+        console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False)
+
+    for batch_id in result.ids("dead_lettered"):
+        problem(
+            f"{where(batch_id)} is a dead letter: {result.reasons.get(batch_id, '?')}; see "
+            f"`snowpipe-worker dead-letters list --batch-id {batch_id}`"
+        )
+    for batch_id, reason in result.rows_rejected.items():
+        problem(
+            f"{where(batch_id)} is committed without the rows Snowflake rejected: {reason}; see "
+            f"`snowpipe-worker dead-letters list --batch-id {batch_id}`"
+        )
+    late = [(b, "logged, not yet committed") for b in result.ids("pending")]
+    late += [
+        (b, "not logged: still in the queue (is a worker consuming it?), or in RabbitMQ's "
+            "dead-letter queue")
+        for b in result.ids("unknown")
+    ]  # fmt: skip
+    for batch_id, state in late[:MAX_PENDING_LISTED]:
+        problem(f"{where(batch_id)} still pending after {timeout:g} s: {state}")
+    if len(late) > MAX_PENDING_LISTED:
+        problem(f"... and {len(late) - MAX_PENDING_LISTED} more batches still pending")
+    rows = sum(b.rows for b in batches if result.states[b.batch_id] == "committed")
+    summary = (
+        f"{counts['committed']} of {total} batches ({rows} rows) committed in "
+        f"{result.elapsed_seconds:.1f} s"
+    )
+    if result.ok:
+        out.print(summary, highlight=False)
+        return 0
+    failed = counts["dead_lettered"] + len(result.rows_rejected)
+    if late:
+        summary += f"; {len(late)} still pending: run the same command again to keep waiting"
+    if failed:
+        summary += f"; {failed} with dead letters"
+    problem(summary)
+    return 1 if failed else EXIT_PENDING
 
 
 def _progress() -> Progress:
+    # On a terminal only: piped, a bar would be printed once, at the end, as a line of noise.
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
 
 

@@ -43,6 +43,13 @@ def _check_name(kind: str, value: object) -> str:
     return value
 
 
+def check_names(*, database: str, schema: str, pipe: str) -> None:
+    """InvalidBatchError unless database, schema and pipe are names a batch can be sent to."""
+    _check_name("database", database)
+    _check_name("schema", schema)
+    _check_name("pipe", pipe)
+
+
 def check_batch(
     rows: object, *, database: str, schema: str, pipe: str, settings: Settings
 ) -> list[dict[str, Any]]:

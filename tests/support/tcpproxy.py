@@ -4,8 +4,10 @@
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
         ... start a client on `url` ...
         proxy.cut()      # close every proxied connection; refuse new ones (accept + close)
-        proxy.restore()  # accept and forward again
+        proxy.restore()  # accept and forward again (and end a hold_after)
         proxy.mute()     # keep forwarding requests but swallow every reply (lost answers)
+        proxy.hold_after(n)  # forward the first n bytes clients send, then nothing more
+                             # (`proxy.held` is set then): a client stuck mid-stream
 
 Threads only (one pump thread per direction per connection); every socket operation is bounded
 by a short timeout, and `close()` ends every thread it started.
@@ -42,6 +44,8 @@ class TcpProxy:
         self._cut = threading.Event()
         self._muted = threading.Event()
         self._closed = threading.Event()
+        self.held = threading.Event()
+        self._budget: int | None = None  # bytes clients may still send, when held after a count
         self.accepted = 0
         self.cuts = 0
         self._acceptor = threading.Thread(target=self._accept_loop, name="tcpproxy", daemon=True)
@@ -74,6 +78,26 @@ class TcpProxy:
         """Forward new connections again (and replies, after mute())."""
         self._cut.clear()
         self._muted.clear()
+        with self._lock:
+            self._budget = None
+
+    def hold_after(self, nbytes: int) -> None:
+        """Forward `nbytes` more bytes from clients (over all connections), then hold: forward
+        nothing more they send (it is dropped) and set `held`. Replies keep flowing."""
+        with self._lock:
+            self._budget = nbytes
+        self.held.clear()
+
+    def _allowed(self, data: bytes) -> bytes:
+        """The part of `data` a client may still send (all of it unless held after a count)."""
+        with self._lock:
+            if self._budget is None:
+                return data
+            part = data[: self._budget]
+            self._budget -= len(part)
+            if self._budget == 0:
+                self.held.set()
+            return part
 
     def mute(self) -> None:
         """Forward what clients send, drop what the server answers: a request executes, and its
@@ -146,7 +170,10 @@ class TcpProxy:
                     break
                 if replies and self._muted.is_set():
                     continue
-                dst.sendall(data)
+                if not replies:
+                    data = self._allowed(data)
+                if data:
+                    dst.sendall(data)
         except (OSError, ValueError):  # ValueError: select() on a socket cut() just closed
             pass
         finally:

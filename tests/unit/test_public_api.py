@@ -18,6 +18,8 @@ def test_all_lists_the_app_the_producer_the_errors_a_caller_catches_and_the_vers
     assert set(worker.__all__) == {
         "app",
         "publish_batch",
+        "wait_for_batches",
+        "WaitResult",
         "InvalidBatchError",
         "SnowpipeError",
         "BrokerUnavailableError",
@@ -32,6 +34,10 @@ def test_exported_names_are_the_ones_the_modules_define() -> None:
     from worker.snowpipe.errors import AuthError, PermanentError, RetryableError, SnowpipeError
 
     assert worker.publish_batch is publish_batch
+    from worker.waiting import WaitResult, wait_for_batches
+
+    assert worker.wait_for_batches is wait_for_batches
+    assert worker.WaitResult is WaitResult
     assert worker.InvalidBatchError is InvalidBatchError
     assert worker.BrokerUnavailableError is BrokerUnavailableError
     assert issubclass(BrokerUnavailableError, ConnectionError)
