@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from tests.support.clock import FakeClock
+from tests.support.delivery import mark_settled
 from worker.deadletter import DeadLetter, DeadLetters
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
@@ -29,7 +30,10 @@ B = ChannelRef("DB", "PUBLIC", "P1", "snowpipe_1")
 
 @pytest.fixture
 def log(fredis: fakeredis.FakeRedis) -> ChannelLog:
-    return ChannelLog(fredis, dedup_ttl_seconds=3600)
+    channel_log = ChannelLog(fredis, dedup_ttl_seconds=3600)
+    for ref in (A, B):
+        mark_settled(channel_log, ref)
+    return channel_log
 
 
 @pytest.fixture
@@ -125,7 +129,8 @@ def test_a_batch_dead_lettered_from_its_log_is_dead_lettered_with_the_letters_re
     append(log, A, "b1")
     entries = log.read(A, 0, 10)
     dead = letter("b1", "Snowflake refused the channel: pipe P1 does not exist")
-    assert log.dead_letter(A, lease.value, entries, dead.dumps()) == 1  # record removed with it
+    # The record is marked with the letter's id (chan TAB first TAB last TAB D TAB letter id).
+    assert log.dead_letter(A, lease.value, entries, dead.letter_id, dead.dumps()) == 1
     result = states(fredis, "b1")
     assert result.states == {"b1": "dead_lettered"}
     assert result.reasons == {"b1": "Snowflake refused the channel: pipe P1 does not exist"}
@@ -232,7 +237,7 @@ class Counting:
     def __init__(self, client: fakeredis.FakeRedis) -> None:
         self._client = client
         self.round_trips = 0
-        self.lranges = 0
+        self.scans = 0  # reads of the dead letters' order
 
     def pipeline(self, **kwargs: Any) -> Any:
         pipe = self._client.pipeline(**kwargs)
@@ -245,10 +250,10 @@ class Counting:
         pipe.execute = counted  # type: ignore[method-assign]
         return pipe
 
-    def lrange(self, *args: Any) -> Any:
+    def zrange(self, *args: Any) -> Any:
         self.round_trips += 1
-        self.lranges += 1
-        return self._client.lrange(*args)
+        self.scans += 1
+        return self._client.zrange(*args)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -274,9 +279,10 @@ def test_a_poll_of_thousands_of_ids_takes_a_few_pipelined_round_trips(
     client = Counting(fredis)
     watcher = BatchWatcher(client, ids)  # type: ignore[arg-type]
     watcher.poll()
-    # The records (3 MGETs of up to 1,000 in one pipeline), the committed offsets, LLEN and one
-    # LRANGE of the (empty) dead letters for the 500 without a record.
-    assert client.round_trips == 4
+    # The records (3 MGETs of up to 1,000 in one pipeline), the committed offsets, the number of
+    # dead letters (and, once per store object, the move of letters kept in the old list form),
+    # and one read of the (empty) dead letters for the 500 without a record.
+    assert client.round_trips == 5
     result = watcher.result(timed_out=False, elapsed_seconds=0)
     assert result.counts == {"committed": 500, "pending": 1500, "dead_lettered": 0, "unknown": 500}
 
@@ -288,13 +294,13 @@ def test_the_dead_letters_are_read_again_only_when_their_number_changes(
     client = Counting(fredis)
     watcher = BatchWatcher(client, ["b1"])  # type: ignore[arg-type]
     watcher.poll()
-    assert client.lranges == 1
+    assert client.scans == 1
     for _ in range(RESCAN_POLLS - 2):
         watcher.poll()
-    assert client.lranges == 1  # same number of letters: not read again
+    assert client.scans == 1  # same number of letters: not read again
     DeadLetters(fredis).add(letter("b1", "refused"))
     watcher.poll()
-    assert client.lranges == 2
+    assert client.scans == 2
     assert watcher.result(timed_out=False, elapsed_seconds=0).states == {"b1": "dead_lettered"}
 
 
@@ -305,4 +311,4 @@ def test_the_dead_letters_are_read_again_after_rescan_polls_anyway(
     watcher = BatchWatcher(client, ["b1"])  # type: ignore[arg-type]
     for _ in range(RESCAN_POLLS + 1):
         watcher.poll()
-    assert client.lranges == 2
+    assert client.scans == 2
