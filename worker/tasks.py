@@ -77,6 +77,8 @@ STATE_RETRY_CAP_SECONDS = 5.0
 STATE_HOLD_SHARE = 0.8
 # How often a task waiting on a full log looks again.
 BACKPRESSURE_POLL_SECONDS = 0.25
+# How long a requeued batch waits for its refused channel to open (two of the pump's retries).
+REQUEUE_REFUSED_WAIT_SECONDS = 12.0
 # The token refresh lock outlives a slow refresh, but not a crashed refresher by much.
 REFRESH_LOCK_EXTRA_SECONDS = 10.0
 
@@ -190,8 +192,15 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
         raise DeadLettered(f"batch {batch_id} dead-lettered: {exc}") from None
     ref = rt.channel(batch_id, database, schema, pipe)
 
+    # A requeue (the operator says the cause was fixed) also waits out a refused channel for a
+    # while: the pump tries to open it again every few seconds, and only then lets it through.
+    waits_for = (LogFull, Unsettled, ChannelRefused) if batch.requeue_of else (LogFull, Unsettled)
+    wait_seconds = s.backpressure_wait_seconds
+    if batch.requeue_of:
+        wait_seconds = max(wait_seconds, REQUEUE_REFUSED_WAIT_SECONDS)
+
     def log_batch() -> AppendResult:
-        waited_until = time.monotonic() + s.backpressure_wait_seconds
+        waited_until = time.monotonic() + wait_seconds
         while True:
             # With replicas, a WAIT on the same connection follows the script: a batch is
             # acknowledged only once the replicas hold it (or its record, when already logged).
@@ -200,7 +209,7 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
                 ref, batch_id, pieces, cap_bytes=s.log_max_bytes, requeue_of=batch.requeue_of,
                 replicas=s.state_min_replicas, replica_timeout_ms=s.state_replica_timeout_ms,
             )  # fmt: skip
-            if not isinstance(result, LogFull | Unsettled) or time.monotonic() >= waited_until:
+            if not isinstance(result, waits_for) or time.monotonic() >= waited_until:
                 return result
             time.sleep(BACKPRESSURE_POLL_SECONDS)
 

@@ -112,11 +112,20 @@ class PrivateRedis:
     STOP_TIMEOUT = 10.0
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always"
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        appendfsync: str = "always",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.appendfsync = appendfsync  # "always" (the default) or "everysec" / "no"
+        # False: start without AOF, so that the server loads the RDB snapshot of its data dir
+        # (taken with SAVE): what a restore from an older backup looks like.
+        self.appendonly = True
+        self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6400")
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "redis-server.log"
 
@@ -132,9 +141,11 @@ class PrivateRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             "redis-server", "--port", str(self.port), "--bind", REDIS_HOST,
-            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
+            "--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
             "--logfile", str(self.log_path), "--auto-aof-rewrite-percentage", "0",
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.START_TIMEOUT
@@ -171,6 +182,13 @@ class PrivateRedis:
             process.kill()
             process.wait(self.STOP_TIMEOUT)
 
+    def restore_snapshot(self) -> None:
+        """Kill the server and start it from the RDB snapshot its last SAVE wrote: the state
+        as it was then (every later write lost), a new run_id, no AOF from here on."""
+        self.stop(kill=True)
+        self.appendonly = False
+        self.start()
+
     def restart(self, *, kill: bool = True, down_for: float = 0.0) -> None:
         """Stop (kill -9 by default), stay down `down_for` seconds, start again."""
         self.stop(kill=kill)
@@ -186,10 +204,14 @@ class PrivateRedis:
 
 @contextmanager
 def private_redis(
-    data_dir: Path, port: int | None = None, *, appendfsync: str = "always"
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    appendfsync: str = "always",
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[PrivateRedis]:
     """A started PrivateRedis for the block; stopped afterwards (its data dir stays in tmp)."""
-    server = PrivateRedis(data_dir, port, appendfsync=appendfsync)
+    server = PrivateRedis(data_dir, port, appendfsync=appendfsync, extra_args=extra_args)
     server.start()
     try:
         yield server

@@ -8,6 +8,7 @@
         proxy.mute()     # keep forwarding requests but swallow every reply (lost answers)
         proxy.hold_after(n)  # forward the first n bytes clients send, then nothing more
                              # (`proxy.held` is set then): a client stuck mid-stream
+        proxy.retarget(host, port)  # drop every connection; new ones go to another server
 
 Threads only (one pump thread per direction per connection); every socket operation is bounded
 by a short timeout, and `close()` ends every thread it started.
@@ -80,6 +81,14 @@ class TcpProxy:
         self._muted.clear()
         with self._lock:
             self._budget = None
+
+    def retarget(self, host: str, target_port: int) -> None:
+        """Close every proxied connection and forward new ones to (host, target_port): what a
+        client sees when the address it uses moves to another server (a promoted replica)."""
+        with self._lock:
+            self.target = (host, target_port)
+        self._drop_all()
+        self.cuts += 1
 
     def hold_after(self, nbytes: int) -> None:
         """Forward `nbytes` more bytes from clients (over all connections), then hold: forward

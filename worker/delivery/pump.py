@@ -84,9 +84,11 @@ WAIT_BLOCK_MS = 200
 IDLE_BLOCK_MS = 1000
 # Refused errors that are the batch's fault (anything else is retried after a reopen).
 BATCH_REFUSED = (BadRequestError, PayloadTooLargeError, RequestRejectedError)
-# After an open refused for good the channel is tried again this much later, doubling.
+# After an open refused for good the channel is tried again this much later (an open every few
+# seconds costs Snowflake nothing, and a requeue after the pipe was created waits no longer).
 REFUSED_PAUSE_SECONDS = 5.0
-REFUSED_PAUSE_MAX_SECONDS = 60.0
+# Of the refusals of one channel in a row, only every this many-th is logged at ERROR.
+REFUSED_LOG_EVERY = 12
 MAX_BACKOFF_SECONDS = 30.0
 
 _log = get_logger("worker.delivery.pump")
@@ -612,12 +614,11 @@ class ChannelPump:
         """The open was refused for good (an unknown pipe, ...): close the channel's gate,
         dead-letter what was never sent, back off and try again."""
         self._reopen("refused")
-        self._refused_opens += 1
         taken, kept = self.refusals.refused_open(self.lease.value, str(exc))
-        pause = min(
-            REFUSED_PAUSE_MAX_SECONDS, REFUSED_PAUSE_SECONDS * 2 ** (self._refused_opens - 1)
-        )
-        log.error("channel.open_refused", error=type(exc).__name__, detail=str(exc),
-                  dead_lettered=taken, kept=kept, retry_in=pause)  # fmt: skip
-        self._pause(pause)
+        emit = log.error if self._refused_opens % REFUSED_LOG_EVERY == 0 else log.info
+        self._refused_opens += 1
+        emit("channel.open_refused", error=type(exc).__name__, detail=str(exc),
+             dead_lettered=taken, kept=kept, retry_in=REFUSED_PAUSE_SECONDS,
+             refusals=self._refused_opens)  # fmt: skip
+        self._pause(REFUSED_PAUSE_SECONDS)
 

@@ -101,7 +101,7 @@ class Refusals:
                 except MaybeSent:
                     kept += len(parts)  # the mark moved meanwhile: keep it
                 after = max(after, last)
-        if taken or kept:
+        if taken:
             _log.error("channel.refused", channel=self._ref.channel, pipe=self._ref.pipe,
                        detail=reason, dead_lettered=taken, kept_until_open=kept,
                        sent_mark=mark)  # fmt: skip
