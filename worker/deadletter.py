@@ -8,6 +8,10 @@ requeued batch is logged again; it was never committed).
 
 Kind "row_errors" records rows Snowflake committed with errors (reported in the channel status):
 the batch was committed, so requeueing it would duplicate its good rows; it is kept for inspection.
+
+Kind "malformed" records a message on the queue that was not a valid batch (worker/intake.py):
+`raw` keeps its body as received (text, or base64 when `detail["raw_encoding"]` is "base64"),
+`rows` is empty, and it is never requeued (there is no batch to send; fix the producer).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from worker.messages import IngestMessage
 
 DEAD_KEY = KEY_PREFIX + "dead"
 
-Kind = Literal["failed", "row_errors"]
+Kind = Literal["failed", "row_errors", "malformed"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class DeadLetter:
     task_id: str | None = None
     failed_at: float = field(default_factory=time.time)
     detail: dict[str, Any] = field(default_factory=dict)
+    letter_id: str = ""  # unique id of the letter
+    raw: str | None = None  # "malformed": the message body as received
 
     @classmethod
     def of(
@@ -130,14 +136,15 @@ class DeadLetters:
         *,
         batch_id: str | None = None,
     ) -> tuple[int, int]:
-        """Publish the failed dead letters again and remove them; (requeued, skipped row_errors).
+        """Publish the failed dead letters again and remove them; (requeued, skipped): row_errors
+        and malformed letters are skipped (kept).
 
         Publish first, then remove: a crash in between leaves a duplicate dead letter, never a
         lost one (and the channel log dedups a batch that is published twice).
         """
         requeued = skipped = 0
         for stored in list(self.entries(batch_id=batch_id)):
-            if stored.letter.kind == "row_errors":
+            if stored.letter.kind in ("row_errors", "malformed"):
                 skipped += 1
                 continue
             publish(stored.letter)
