@@ -5,7 +5,7 @@
 // batch ids, which the worker logs once: each row is committed exactly once.
 //
 //   npm ci
-//   node publish.mjs --broker redis://127.0.0.1:6379/0 --queue snowpipe \
+//   node publish.mjs --broker redis://127.0.0.1:6379/0 --queue snowpipe.ingest \
 //       --database DEMO --schema PUBLIC --pipe EVENTS --id-prefix orders-2026-01-02 rows.ndjson
 //
 // --broker amqp://guest:guest@127.0.0.1:5672// publishes to RabbitMQ instead (start a worker
@@ -17,27 +17,44 @@ import { parseArgs } from "node:util";
 
 const TASK = "snowpipe.ingest_batch";
 
+const USAGE =
+  "usage: node publish.mjs --broker URL [--queue NAME] --database DB --schema SCHEMA " +
+  "--pipe PIPE --id-prefix PREFIX [--batch-rows N] FILE.ndjson\n" +
+  "  --broker      redis://HOST:PORT/DB or amqp://USER:PASSWORD@HOST:PORT/VHOST\n" +
+  "  --queue       the worker's SNOWPIPE_QUEUE_NAME (default snowpipe.ingest)\n" +
+  "  --id-prefix   batch ids are PREFIX-0, PREFIX-1, ...: the same input and prefix publish\n" +
+  "                the same ids, so a run repeated after a failure commits each row once\n" +
+  "  --batch-rows  rows per batch (default 100)";
+
 function usage(message) {
   console.error(`error: ${message}`);
-  console.error(
-    "usage: node publish.mjs --broker URL --queue NAME --database DB --schema SCHEMA " +
-      "--pipe PIPE --id-prefix PREFIX [--batch-rows N] FILE.ndjson",
-  );
+  console.error(USAGE);
   process.exit(2);
 }
 
-const { values: opts, positionals } = parseArgs({
-  options: {
-    broker: { type: "string" },
-    queue: { type: "string", default: "snowpipe" },
-    database: { type: "string" },
-    schema: { type: "string" },
-    pipe: { type: "string" },
-    "id-prefix": { type: "string" },
-    "batch-rows": { type: "string", default: "100" },
-  },
-  allowPositionals: true,
-});
+let parsed;
+try {
+  parsed = parseArgs({
+    options: {
+      broker: { type: "string" },
+      queue: { type: "string", default: "snowpipe.ingest" },
+      database: { type: "string" },
+      schema: { type: "string" },
+      pipe: { type: "string" },
+      "id-prefix": { type: "string" },
+      "batch-rows": { type: "string", default: "100" },
+      help: { type: "boolean", default: false },
+    },
+    allowPositionals: true,
+  });
+} catch (err) {
+  usage(err.message);
+}
+const { values: opts, positionals } = parsed;
+if (opts.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
 for (const name of ["broker", "database", "schema", "pipe", "id-prefix"]) {
   if (!opts[name]) usage(`--${name} is required`);
 }
