@@ -46,6 +46,7 @@ DEFAULT_PIPE_SUFFIX = "-STREAMING"
 KEY_SEPARATOR = "|"
 
 _UNQUOTED = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DEFAULT_PIPE = re.compile(r"([A-Za-z_][A-Za-z0-9_$]*)-STREAMING", re.IGNORECASE)
 _FIX_QUOTED = 'put any other name in double quotes, e.g. "my-pipe" (with "" for a quote inside)'
 
@@ -103,9 +104,11 @@ def check_name(kind: str, value: object) -> str:
         raise InvalidNameError(
             f"{kind} must be a string (the object's name), got {type(value).__name__}"
         )
+    if _UNQUOTED.fullmatch(value) is not None and len(value) <= MAX_NAME_CHARS:
+        return value  # the common case: a plain unquoted name
     if not value.strip():
         raise InvalidNameError(f"{kind} is empty: name the Snowflake {kind} to load into")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL.search(value) is not None:
         raise InvalidNameError(
             f"{kind} {value!r} contains a control character (tab, newline, ...): use the "
             "object's plain name"

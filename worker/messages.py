@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = ["OPTIONAL_FIELDS", "REQUIRED_FIELDS", "IngestMessage", "check_batch_i
 REQUIRED_FIELDS = ("batch_id", "database", "schema", "pipe", "rows")
 OPTIONAL_FIELDS = ("attempt", "outage_since", "requeue_of")
 _FORMAT = "see docs/message-format.md"
+_BAD_ID_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
 
 def check_batch_id(value: object) -> str:
@@ -40,7 +42,7 @@ def check_batch_id(value: object) -> str:
         raise MalformedMessageError(
             f"batch_id must be a string, got {type(value).__name__}: send the batch's id as text"
         )
-    if not value or any(ord(ch) < 33 or ord(ch) == 127 for ch in value):
+    if not value or _BAD_ID_CHAR.search(value) is not None:
         raise MalformedMessageError(
             f"batch_id {value!r} must be non-empty, without spaces or control characters"
         )
