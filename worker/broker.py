@@ -53,8 +53,10 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils import encoding
+from kombu.utils import json as kombu_json
 
 from worker import serialization
+from worker.intake import UNREADABLE_CONTENT_TYPE, UNREADABLE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +67,54 @@ _orphans: list[tuple[Any, str, str]] = []
 _orphans_lock = threading.Lock()
 
 # KEYS: the unacked hash, its index, this process's claim marker, then the queue keys in the order
-# to take from (priority first). ARGV: the time (kombu's clock: the client's), the marker's TTL.
+# to take from (priority first). ARGV: the time (kombu's clock: the client's), the marker's TTL, a
+# fresh delivery tag, then the queue name of each queue key (ARGV[i] is KEYS[i]'s queue, i >= 4).
 # Pops the oldest message, records it as unacknowledged exactly as kombu does
-# (`[message, exchange, routing_key]` under its delivery tag), and returns `[queue key, message]`
-# like BRPOP. A message without a delivery tag is returned unrecorded (kombu's behaviour).
+# (`[message, exchange, routing_key]` under its delivery tag), and returns
+# `[queue key, message, delivery tag]` (BRPOP's reply and the tag). An item that is not a kombu
+# envelope (not JSON, or no properties with a delivery tag and delivery info) would stop the
+# consumer: it is recorded and returned as an envelope under the fresh tag, with the header
+# `x-snowpipe-unreadable` (why) and the item hex-encoded as its body, for the worker to
+# dead-letter (worker/intake.py).
 CLAIM_SCRIPT = """
+local function hex(s)
+  local out = {}
+  for i = 1, #s, 4000 do
+    local j = math.min(i + 3999, #s)
+    out[#out + 1] = string.format(string.rep('%02x', j - i + 1), string.byte(s, i, j))
+  end
+  return table.concat(out)
+end
 for i = 4, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, message = pcall(cjson.decode, item)
-    if ok and type(message) == 'table' and type(message['properties']) == 'table' then
-      local props = message['properties']
-      local tag = props['delivery_tag']
-      local info = props['delivery_info']
-      if type(tag) == 'string' and type(info) == 'table' then
-        local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
-          .. cjson.encode(info['routing_key'] or '') .. ']'
-        redis.call('ZADD', KEYS[2], ARGV[1], tag)
-        redis.call('HSET', KEYS[1], tag, record)
-        redis.call('SET', KEYS[3], tag, 'EX', ARGV[2])
+    local why = 'not-json'
+    local tag, info
+    if ok then
+      why = 'not-envelope'
+      if type(message) == 'table' and type(message['properties']) == 'table' then
+        tag = message['properties']['delivery_tag']
+        info = message['properties']['delivery_info']
       end
     end
-    return {KEYS[i], item}
+    if type(tag) ~= 'string' or type(info) ~= 'table' then
+      tag = ARGV[3]
+      info = {exchange = '', routing_key = ARGV[i]}
+      item = cjson.encode({
+        body = hex(item),
+        ['content-encoding'] = 'binary',
+        ['content-type'] = 'application/x-snowpipe-unreadable',
+        headers = {['x-snowpipe-unreadable'] = why},
+        properties = {delivery_tag = tag, delivery_info = info, priority = 0}
+      })
+    end
+    local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
+      .. cjson.encode(info['routing_key'] or '') .. ']'
+    redis.call('ZADD', KEYS[2], ARGV[1], tag)
+    redis.call('HSET', KEYS[1], tag, record)
+    redis.call('SET', KEYS[3], tag, 'EX', ARGV[2])
+    return {KEYS[i], item, tag}
   end
 end
 return false
@@ -95,6 +123,54 @@ CLAIM_MARKER_TTL = 7 * 24 * 3600
 
 _process_lock = threading.Lock()
 _process: dict[str, Any] = {}  # pid, marker key, the last tag this process received
+
+
+def unreadable_envelope(raw: bytes, *, tag: str, queue: str, why: str) -> dict[str, Any]:
+    """The envelope a Redis item that is not a kombu message is handed over in (as the claim
+    script builds it): the worker dead-letters it with `raw` as its body (worker/intake.py)."""
+    return {
+        "body": raw.hex(),
+        "content-encoding": "binary",
+        "content-type": UNREADABLE_CONTENT_TYPE,
+        "headers": {UNREADABLE_HEADER: why},
+        "properties": {
+            "delivery_tag": tag,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+        },
+    }
+
+
+class Message(virtual.Message):
+    """kombu's message of a Redis envelope; an envelope kombu cannot read (a bad body encoding,
+    headers that are not a table, no delivery tag) becomes an unreadable one instead of an
+    exception inside the consumer (the same delivery tag, so acknowledging it works)."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        init: Any = super().__init__
+        try:
+            init(payload, channel, **kwargs)
+        except Exception:  # noqa: BLE001 (whatever kombu cannot read is handed over as unreadable)
+            init(_unreadable_payload(payload), channel, **kwargs)
+
+
+def _unreadable_payload(payload: Any) -> dict[str, Any]:
+    """The unreadable envelope of an envelope kombu's Message refused."""
+    props = payload.get("properties") if isinstance(payload, dict) else None
+    props = props if isinstance(props, dict) else {}
+    info = props.get("delivery_info")
+    tag = props.get("delivery_tag")
+    queue = info.get("routing_key") if isinstance(info, dict) else ""
+    try:
+        raw = kombu_json.dumps(payload).encode()  # type: ignore[no-untyped-call]
+    except Exception:  # noqa: BLE001 (not JSON-able: its repr is what there is)
+        raw = repr(payload).encode()
+    return unreadable_envelope(
+        raw,
+        tag=tag if isinstance(tag, str) else uuid.uuid4().hex,
+        queue=str(queue or ""),
+        why="not-envelope",
+    )
 
 
 def _text(value: Any) -> str:
@@ -181,6 +257,7 @@ class Channel(kombu_redis.Channel):
     """The Redis channel: atomic claims, and a connection error once detached."""
 
     QoS = QoS
+    Message = Message
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._claimed: set[str] = set()
@@ -191,6 +268,7 @@ class Channel(kombu_redis.Channel):
         self._claim_checked = False  # this channel looked for a claim a lost reply left behind
         self._deliveries: dict[str, int] = {}  # messages claimed, by queue key
         self._claim_keys: list[str] = []
+        self._claim_queues: list[str] = []  # the queue of each claim key
         self._server_claims: bool | None = None
         init: Any = super().__init__
         init(*args, **kwargs)
@@ -261,6 +339,7 @@ class Channel(kombu_redis.Channel):
             self._restore_lost_claim()
         key_of: Any = self._q_for_pri
         keys = [key_of(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._claim_queues = [queue for _ in self.priority_steps for queue in queues]
         connection = self.client.connection
         self._in_poll = connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
@@ -288,6 +367,8 @@ class Channel(kombu_redis.Channel):
             *keys,
             repr(time()),
             CLAIM_MARKER_TTL,
+            str(uuid.uuid4()),
+            *self._claim_queues,
         )
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -309,15 +390,16 @@ class Channel(kombu_redis.Channel):
             if not reply:
                 self._claim_idle = True
                 raise Empty()
-            key, item = reply
-            message: dict[str, Any] = serialization.loads(item)
-            tag = message.get("properties", {}).get("delivery_tag")
-            if isinstance(tag, str):
-                self._claimed.add(tag)
-                _received(tag)
+            key, item, tag = reply
             key = _text(key)
-            self._deliveries[key] = self._deliveries.get(key, 0) + 1
             dest = key.rsplit(self.sep, 1)[0]
+            tag = _text(tag)
+            message = _envelope(item)
+            if message is None:  # JSON to the claim script, not to Python (bad UTF-8, say)
+                message = unreadable_envelope(bytes(item), tag=tag, queue=dest, why="not-json")
+            self._claimed.add(tag)
+            _received(tag)
+            self._deliveries[key] = self._deliveries.get(key, 0) + 1
             self._queue_cycle.rotate(dest)
             self.connection._deliver(message, dest)
             return True
@@ -357,6 +439,15 @@ class Channel(kombu_redis.Channel):
             "put back a message whose delivery was cut off by a lost broker connection "
             "(a second run is deduplicated)"
         )
+
+
+def _envelope(item: Any) -> dict[str, Any] | None:
+    """The decoded envelope `item`, or None if Python cannot decode it as a JSON object."""
+    try:
+        message = serialization.loads(item)
+    except Exception:  # noqa: BLE001 (any decoding failure: handed over as unreadable)
+        return None
+    return message if isinstance(message, dict) else None
 
 
 class Transport(kombu_redis.Transport):

@@ -21,9 +21,10 @@ from celery.signals import (
 )
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from worker import runtime, serialization
+from worker import intake, runtime, serialization
 from worker.celery_config import (
     INGEST_TASK,
+    MALFORMED_TASK,
     REFRESH_TASK,
     build_config,
     declare_dead_letter_queue,
@@ -31,7 +32,7 @@ from worker.celery_config import (
 from worker.delivery.node import PumpStep
 from worker.settings import Settings
 
-__all__ = ["INGEST_TASK", "REFRESH_TASK", "app", "create_app"]
+__all__ = ["INGEST_TASK", "MALFORMED_TASK", "REFRESH_TASK", "app", "create_app"]
 
 
 # Celery includes this consumer step whenever a queue is a quorum queue (ours on RabbitMQ). It
@@ -43,7 +44,9 @@ DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer without native delayed delivery (see DELAYED_DELIVERY_STEP)."""
+    """Celery's consumer without native delayed delivery (see DELAYED_DELIVERY_STEP), whose
+    task messages are checked before Celery reads them: a message the worker cannot run becomes
+    a dead letter instead of stopping the node or vanishing (worker/intake.py)."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
         default_steps: ClassVar[list[str]] = [
@@ -51,6 +54,22 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             for step in CeleryConsumer.Blueprint.default_steps
             if step != DELAYED_DELIVERY_STEP
         ]
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        return intake.guard(self, super().create_task_handler(*args, **kwargs))
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        if not intake.on_decode_error(self, message, exc):
+            super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        intake.on_rejected_by_celery(self, message, "an unknown message")
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        intake.on_rejected_by_celery(self, message, f"an unknown task ({exc!r})")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        intake.on_rejected_by_celery(self, message, f"an invalid task message ({exc})")
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -104,7 +123,9 @@ def _startup_checks(**_: Any) -> None:
 def _start_metrics(sender: Any = None, **_: Any) -> None:
     # Before the pool forks: under prefork every process must write to the node's metric files.
     from worker import metrics
+    from worker.observability import serve_pipe_labels
 
+    serve_pipe_labels(runtime.settings().served_pipes())
     metrics.start(
         runtime.settings(),
         nodename=getattr(sender, "hostname", "worker"),

@@ -34,6 +34,9 @@ HARD_LIMIT_SHARE = 0.6
 DELIVERY_LIMIT = 20
 INGEST_TASK = "snowpipe.ingest_batch"
 REFRESH_TASK = "snowpipe.refresh_tokens"
+# Internal: never published; the consumer hands a malformed message to the pool as a call of it
+# (worker/intake.py), which stores its dead letter.
+MALFORMED_TASK = "snowpipe.dead_letter_message"
 
 
 def soft_time_limit(settings: Settings) -> float:

@@ -437,11 +437,25 @@ def _letter_json(stored: Any) -> dict[str, Any]:
     return {**asdict(stored.letter), "source": "state", "index": stored.index}
 
 
+def _print_rows(state: list[Any], from_broker: list[Any]) -> None:
+    """The rows of each dead letter (a malformed message's raw body) after the list."""
+    for stored in state:
+        for row in stored.letter.rows:
+            out.print_json(orjson.dumps(row).decode())
+        if stored.letter.raw is not None:  # a malformed message: its body as received
+            sys.stdout.write(stored.letter.raw + "\n")
+    for b in from_broker:
+        for row in b.rows:
+            out.print_json(orjson.dumps(row).decode())
+
+
 @dead_app.command("list")
 @_edge
 def dead_list(
     batch_id: Annotated[str | None, typer.Option(help="only this batch")] = None,
-    rows: Annotated[bool, typer.Option(help="print the rows too")] = False,
+    rows: Annotated[
+        bool, typer.Option(help="print the rows too (a malformed message's raw body)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document (rows included)")] = (
         False
     ),
@@ -458,7 +472,8 @@ def dead_list(
     listed: list[tuple[str, str, str, str, str, str]] = []
     for stored in state:
         letter = stored.letter
-        target = f"{letter.database}.{letter.schema}.{letter.pipe}"
+        names = (letter.database, letter.schema, letter.pipe)
+        target = ".".join(names) if any(names) else "-"
         listed.append((str(stored.index), letter.batch_id, target, letter.kind,
                        str(len(letter.rows)), letter.reason))  # fmt: skip
     for n, b in enumerate(from_broker):
@@ -478,12 +493,7 @@ def dead_list(
             sys.stdout.write("\t".join(field.replace("\t", " ") for field in line) + "\n")
         sys.stdout.flush()
     if rows:
-        for stored in state:
-            for row in stored.letter.rows:
-                out.print_json(orjson.dumps(row).decode())
-        for b in from_broker:
-            for row in b.rows:
-                out.print_json(orjson.dumps(row).decode())
+        _print_rows(state, from_broker)
     where = f" ({len(from_broker)} in the broker's queue {broker.name})" if from_broker else ""
     out.print(f"{len(listed)} dead letter(s){where}")
 
@@ -625,12 +635,17 @@ def _status_sections(doc: dict[str, Any]) -> list[tuple[str, list[str], list[lis
         dead_rows.append([dead["broker_queue"]["queue"], "broker",
                           str(dead["broker_queue"]["messages"])])  # fmt: skip
     node_rows = [[n["node"], _cell(n["expires_in_seconds"])] for n in doc["nodes"]]
+    invalid_rows = [
+        [_cell(key), "not database|schema|pipe|channel: skipped by the pumps"]
+        for key in doc.get("invalid_channel_keys", [])
+    ]
     sf = doc["snowflake"]
     sf_rows = [[pipe, error] for pipe, error in sorted(sf.get("errors", {}).items())]
     if not sf["queried"]:
         sf_rows.append(["-", sf["detail"]])
     return [
         ("channels", chan_header, chan_rows),
+        ("invalid channel keys", ["key", "problem"], invalid_rows),
         ("snowflake", ["pipe", "problem"], sf_rows),
         ("nodes", ["node", "heartbeat expires in s"], node_rows),
         ("token", ["what", "value"], token_rows),
@@ -665,7 +680,8 @@ def status(
     if as_json:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    sections = [s for s in _status_sections(doc) if s[0] != "snowflake" or s[2]]
+    optional = ("snowflake", "invalid channel keys")  # shown only when they have rows
+    sections = [s for s in _status_sections(doc) if s[0] not in optional or s[2]]
     if out.is_terminal:
         for title, header, rows in sections:
             table = Table(*header, title=title, title_justify="left")

@@ -12,9 +12,12 @@ a late copy of the original message is then not logged again, while the letter's
 batch under its own id, `requeue_of=<letter id>`) is, once. Kinds:
 
 - "failed": never committed; requeued as its own batch id.
-- "row_errors": committed except the rows Snowflake rejected; not requeued by default (that
-  would duplicate the good rows it holds when the attribution is coarse).
-- "malformed": a message that is not a valid batch (kept with its raw body); never requeued.
+- "row_errors": committed except the rows Snowflake rejected (reported in the channel status);
+  not requeued by default (that would duplicate the good rows it holds when the attribution is
+  coarse).
+- "malformed": a message on the queue that was not a valid batch (worker/intake.py): `raw` keeps
+  its body as received (text, or base64 when `detail["raw_encoding"]` is "base64"), `rows` is
+  empty, and it is never requeued (there is no batch to send; fix the producer).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class DeadLetter:
     task_id: str | None = None
     failed_at: float = field(default_factory=time.time)
     detail: dict[str, Any] = field(default_factory=dict)
-    letter_id: str = ""
+    letter_id: str = ""  # unique id of the letter
     raw: str | None = None  # "malformed": the message body as received
 
     @classmethod

@@ -13,6 +13,13 @@ The tree (the module that raises it, or re-exports it for its callers, in bracke
     ├── InvalidBatchError (ValueError)  the batch itself is wrong: fix it, never retry it
     │   │                               [worker.publish: raised before anything is sent]
     │   ├── EmptyBatchError             a batch without rows (published around publish_batch)
+    │   ├── InvalidNameError            a database, schema or pipe name Snowflake or the worker
+    │   │                               cannot take [worker.identifiers]
+    │   ├── MalformedMessageError       a message on the queue that is not a valid batch: its
+    │   │                               dead letter (kind malformed) keeps the raw body
+    │   │                               [worker.messages, worker.intake]
+    │   ├── PipeNotServedError          a batch for a pipe outside SNOWPIPE_PIPES: list the
+    │   │                               pipe, then requeue its dead letter [worker.tasks]
     │   └── EncodingError               a row that cannot be encoded (see `SnowpipeError` below:
     │                                   it is also a PermanentError)
     ├── DeadLettered                    the task stored the batch as a dead letter (Celery shows
@@ -116,13 +123,16 @@ __all__ = [
     "ForbiddenError",
     "InvalidBatchError",
     "InvalidJWTError",
+    "InvalidNameError",
     "KeyPairError",
+    "MalformedMessageError",
     "NdjsonError",
     "OpenChannelInProgressError",
     "PayloadTooLargeError",
     "PermanentError",
     "PipeFailoverError",
     "PipeNotFoundError",
+    "PipeNotServedError",
     "ProtocolError",
     "RateLimitedError",
     "RequestRejectedError",
@@ -180,6 +190,22 @@ class InvalidBatchError(SnowpipeWorkerError, ValueError):
 
 class EmptyBatchError(InvalidBatchError):
     """A batch without rows (published by something other than publish_batch)."""
+
+
+class InvalidNameError(InvalidBatchError):
+    """A database, schema or pipe name that breaks Snowflake's identifier rules or the worker's
+    (no `|`, no `.`); the message names the rule and the fix (worker/identifiers.py)."""
+
+
+class PipeNotServedError(InvalidBatchError):
+    """A batch for a pipe that SNOWPIPE_PIPES does not list: dead-lettered (kind failed); list
+    the pipe in the setting on every worker node, then requeue it."""
+
+
+class MalformedMessageError(InvalidBatchError):
+    """A message on the queue that the worker cannot turn into a valid batch (not Celery's
+    message shape, not JSON, wrong or missing keyword arguments, wrong types, an unknown task):
+    it becomes a dead letter of kind "malformed" with its raw body (docs/message-format.md)."""
 
 
 class DeadLettered(SnowpipeWorkerError):

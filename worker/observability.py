@@ -22,7 +22,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import IO, Any
 
 import structlog
@@ -221,6 +221,41 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 # Bytes on the wire per append request (capped at 4 MiB by Snowflake).
 BYTES_BUCKETS = tuple(float(1 << n) for n in range(10, 23, 2))  # 1 KiB .. 4 MiB
 
+# --- The `pipe` label ---
+# A sender must not be able to create series without bound: the `pipe` label names only pipes the
+# worker serves. With SNOWPIPE_PIPES set, those pipes (any other is "other"); without it, the
+# first PIPE_LABELS_MAX pipes a process labels, and "other" after that.
+PIPE_LABELS_MAX = 100
+OTHER_PIPE = "other"
+_pipe_labels_lock = threading.Lock()
+_served_labels: frozenset[str] | None = None
+_seen_labels: set[str] = set()
+
+
+def serve_pipe_labels(served: Iterable[tuple[str, str, str]] | None) -> None:
+    """Label only these (canonical database, schema, pipe) pipes; None: the first
+    PIPE_LABELS_MAX seen (set once per worker from SNOWPIPE_PIPES, before the pool forks)."""
+    global _served_labels  # noqa: PLW0603 (one policy per process)
+    with _pipe_labels_lock:
+        _served_labels = None if served is None else frozenset(".".join(p) for p in served)
+        _seen_labels.clear()
+
+
+def pipe_label(label: str) -> str:
+    """The `pipe` label value for the pipe `DATABASE.SCHEMA.PIPE` (canonical names): itself, or
+    "other" (see serve_pipe_labels)."""
+    served = _served_labels
+    if served is not None:
+        return label if label in served else OTHER_PIPE
+    if label in _seen_labels:
+        return label
+    with _pipe_labels_lock:
+        if len(_seen_labels) < PIPE_LABELS_MAX:
+            _seen_labels.add(label)
+            return label
+    return OTHER_PIPE
+
+
 # --- Tasks (pool processes) ---
 INGEST_BATCHES = Counter(
     "snowpipe_ingest_batches",
@@ -285,7 +320,8 @@ LOG_FORGOT = Counter(
 DEAD_LETTERS = Counter(
     "snowpipe_dead_letters",
     "Batches dead-lettered, by kind (failed: never delivered, requeue after the fix; row_errors: "
-    "committed with rows in error, kept for inspection).",
+    "committed with rows in error, kept for inspection; malformed: a message that was not a "
+    "valid batch, kept with its raw body).",
     ["kind"],
 )
 LEASE_EVENTS = Counter(
@@ -310,6 +346,7 @@ class PumpMetrics:
     )
 
     def __init__(self, pipe: str) -> None:
+        pipe = pipe_label(pipe)
         self._pipe = pipe
         self.accepted = APPENDS.labels(pipe=pipe, outcome="accepted")
         self.append_bytes = APPEND_BYTES.labels(pipe=pipe)
@@ -334,7 +371,7 @@ class PumpMetrics:
 
 
 def record_dead_letter(kind: str) -> None:
-    """Count one dead-lettered batch of `kind` (failed, row_errors)."""
+    """Count one dead-lettered batch of `kind` (failed, row_errors, malformed)."""
     DEAD_LETTERS.labels(kind=kind).inc()
 
 
@@ -349,7 +386,9 @@ _ingest_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
 def record_ingest(pipe: str, outcome: str, rows: int = 0) -> None:
-    """Count one ingest_batch ending (and the rows it logged)."""
+    """Count one ingest_batch ending (and the rows it logged); `pipe` is the batch's
+    `DATABASE.SCHEMA.PIPE`, labelled as `pipe_label` says."""
+    pipe = pipe_label(pipe)
     children = _ingest_children.get((pipe, outcome))
     if children is None:
         children = (INGEST_BATCHES.labels(pipe, outcome), INGEST_ROWS.labels(pipe))

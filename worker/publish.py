@@ -9,7 +9,10 @@ names the row and the fix, instead of becoming a dead letter later:
   datetime/date/time or UUID, no NaN or infinity; under the per-request cap on the wire
   (`SNOWPIPE_MAX_REQUEST_BYTES`, 4 MB, after `SNOWPIPE_COMPRESSION`). A refused row raises
   `EncodingError` (an `InvalidBatchError`) with the message a dead letter would carry;
-- database, schema and pipe are non-empty names without control characters.
+- database, schema and pipe are names Snowflake and the worker can take
+  (`worker.identifiers.check_name`: Snowflake's identifier rules, quoted names included; no `|`
+  or `.`), the same check the worker applies to every message. A bad name raises
+  `InvalidNameError` (an `InvalidBatchError`) naming the rule and the fix.
 
 The batch id (a UUID unless given) is the dedup key of the whole pipeline: publishing the same
 batch id twice commits its rows once.
@@ -27,36 +30,24 @@ import kombu.exceptions
 from worker import runtime
 from worker.connectivity import broker_error, check_broker
 from worker.errors import InvalidBatchError as InvalidBatchError  # noqa: PLC0414 (re-exported)
+from worker.identifiers import check_name
 from worker.messages import IngestMessage
 from worker.settings import Settings
 from worker.snowpipe.encoding import encode_row
 
 
-def _check_name(kind: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidBatchError(f"{kind} must be a non-empty string, got {value!r}")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise InvalidBatchError(
-            f"{kind} {value!r} contains a control character (tab, newline, ...): use the "
-            "object's plain name"
-        )
-    return value
-
-
 def check_names(*, database: str, schema: str, pipe: str) -> None:
     """InvalidBatchError unless database, schema and pipe are names a batch can be sent to."""
-    _check_name("database", database)
-    _check_name("schema", schema)
-    _check_name("pipe", pipe)
+    check_name("database", database)
+    check_name("schema", schema)
+    check_name("pipe", pipe)
 
 
 def check_batch(
     rows: object, *, database: str, schema: str, pipe: str, settings: Settings
 ) -> list[dict[str, Any]]:
     """The rows as a list, after every check of the module docstring (or InvalidBatchError)."""
-    _check_name("database", database)
-    _check_name("schema", schema)
-    _check_name("pipe", pipe)
+    check_names(database=database, schema=schema, pipe=pipe)
     if isinstance(rows, str | bytes | Mapping) or not isinstance(rows, Sequence):
         raise InvalidBatchError(
             f"rows must be a list of dicts, got {type(rows).__name__}: wrap a single row in a list"
@@ -117,7 +108,11 @@ class Publisher:
         checked = check_batch(rows, database=database, schema=schema, pipe=pipe, settings=s)
         if batch_id is None:
             batch_id = uuid.uuid4().hex
-        elif not batch_id or any(ord(ch) < 33 for ch in batch_id):
+        elif (
+            not isinstance(batch_id, str)
+            or not batch_id
+            or any(ord(ch) < 33 or ord(ch) == 127 for ch in batch_id)
+        ):
             raise InvalidBatchError(f"batch_id {batch_id!r} must be non-empty, without spaces")
         message = IngestMessage(
             batch_id, database, schema, pipe, checked, attempt, requeue_of=requeue_of

@@ -28,7 +28,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from worker.errors import InvalidNameError
 from worker.errors import SettingsError as SettingsError  # noqa: PLC0414 (re-exported)
+from worker.identifiers import parse_pipe_list
 
 ENV_PREFIX = "SNOWPIPE_"
 # The named profiles, shipped as package data (pyproject.toml: [tool.setuptools.package-data]).
@@ -172,7 +174,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535)
 
     # --- Operations (docs/operations.md) ----------------------------------------------------------
-    # The pipes `snowpipe-worker doctor` and the worker's start-up checks probe: DB.SCHEMA.PIPE,...
+    # The pipes this deployment serves, DB.SCHEMA.PIPE,...: a batch for any other pipe is
+    # dead-lettered (empty: every pipe with a valid name is served). `snowpipe-worker doctor` and
+    # the worker's start-up checks probe them.
     pipes: str = ""
     startup_checks: bool = True  # the worker runs doctor's checks at start and logs failures
 
@@ -282,17 +286,20 @@ class Settings(BaseSettings):
     @field_validator("pipes")
     @classmethod
     def _pipe_list(cls, value: str) -> str:
-        for name in (part.strip() for part in value.split(",")):
-            if name and len(name.split(".")) != 3:
-                raise ValueError(
-                    f"{name!r} is not DATABASE.SCHEMA.PIPE: list pipes as "
-                    "DB.SCHEMA.PIPE, comma-separated"
-                )
+        try:
+            parse_pipe_list(value)
+        except InvalidNameError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     def pipe_names(self) -> list[str]:
         """The pipes of SNOWPIPE_PIPES, as DB.SCHEMA.PIPE strings."""
         return [name.strip() for name in self.pipes.split(",") if name.strip()]
+
+    def served_pipes(self) -> frozenset[tuple[str, str, str]] | None:
+        """The pipes of SNOWPIPE_PIPES as canonical (database, schema, pipe) names
+        (worker/identifiers.py); None when it is unset (every valid pipe is served)."""
+        return parse_pipe_list(self.pipes) if self.pipes.strip() else None
 
     @property
     def broker_is_redis(self) -> bool:

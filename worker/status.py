@@ -11,6 +11,8 @@ What it gathers (`collect_status`), each part from where it lives:
   status code and its last error. Without a Snowflake identity in the settings (a producer's
   environment) or with `--no-snowflake`, those columns are empty and `snowflake` says why;
   a failed request is reported per pipe, never raised.
+- **invalid channel keys**: members of `snowpipe:channels` that are not
+  `database|schema|pipe|channel` (written before names were checked); the pumps skip them.
 - **nodes**: the live worker nodes (`snowpipe:nodes`) and when their heartbeat expires.
 - **token**: the shared scoped token (`worker/tokenstore.py`): its age, when it expires, when
   beat will refresh it (its advisory window) and when a worker's guard would at the latest (its
@@ -23,9 +25,9 @@ What it gathers (`collect_status`), each part from where it lives:
   it), so `unacked` is what the worker nodes report through Celery's remote control (tasks
   active and reserved from that queue); nodes that do not answer within the timeout are missing
   from it, and it says so.
-- **dead letters**: the state store's list by kind (`failed`, `row_errors`, counted in the state
-  store by one script, without reading the rows out) and the broker's dead-letter queue
-  (`<queue>.dead`, RabbitMQ only).
+- **dead letters**: the state store's list by kind (`failed`, `row_errors`, `malformed`, counted
+  in the state store by one script, without reading the rows out) and the broker's dead-letter
+  queue (`<queue>.dead`, RabbitMQ only).
 
 No part prints a token, a key or a password (URLs are shown with the password masked).
 """
@@ -207,6 +209,20 @@ def add_snowflake(
     return {"queried": True, "errors": errors}
 
 
+def invalid_channel_keys(client: redis.Redis) -> list[str]:
+    """Members of the channel set that are not channel keys (the pumps skip them): written
+    before names were checked, e.g. a pipe name with `|`."""
+    from worker.delivery.channels import CHANNELS_KEY, ChannelRef
+
+    invalid: list[str] = []
+    for member in client.smembers(CHANNELS_KEY):
+        try:
+            ChannelRef.from_key(_text(member))
+        except ValueError:
+            invalid.append(_text(member))
+    return sorted(invalid)
+
+
 def nodes(client: redis.Redis) -> list[dict[str, Any]]:
     """Live worker nodes and the seconds until their heartbeat expires."""
     from worker.delivery.channels import NODES_KEY
@@ -378,6 +394,7 @@ def collect_status(
             "broker": redact_url(settings.broker_url),
             "state_store": redact_url(settings.state_url),
             "channels": rows,
+            "invalid_channel_keys": invalid_channel_keys(client),
             "snowflake": sf,
             "nodes": nodes(client),
             "token": token(client, settings),

@@ -24,6 +24,11 @@ acknowledged and a rejection deletes the message); every ending is explicit:
   then acknowledged; if that publish fails, `Reject(requeue=True)`) and tried again: a batch is
   never dropped or dead-lettered for an outage. Past the outage setting it says so at ERROR
   (`ingest.state_outage_exceeded`);
+- a message that is not a valid batch (bad names, wrong types: normally caught before the task,
+  worker/intake.py, and checked here again for a direct call): dead letter of kind `malformed`
+  with the arguments as its raw body;
+- a batch for a pipe outside `SNOWPIPE_PIPES` (when set): dead letter of kind `failed` whose
+  reason names the setting (requeue it once the setting lists the pipe);
 - rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter, then
   `DeadLettered` is raised so that Flower and `celery events` show the task as FAILURE; the
   task's request class (`IngestRequest`) acknowledges that message instead of rejecting it (on
@@ -36,6 +41,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +54,7 @@ from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
 from worker import runtime
-from worker.celery_app import INGEST_TASK, REFRESH_TASK, app
+from worker.celery_app import INGEST_TASK, MALFORMED_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import (
     AlreadyLogged,
@@ -64,9 +70,10 @@ from worker.delivery.log import (
 )
 from worker.errors import DeadLettered as DeadLettered  # noqa: PLC0414 (re-exported)
 from worker.errors import EmptyBatchError as EmptyBatchError  # noqa: PLC0414 (re-exported)
-from worker.errors import InvalidBatchError
+from worker.errors import InvalidBatchError, PipeNotServedError
+from worker.identifiers import pipe_label
 from worker.messages import IngestMessage
-from worker.observability import get_logger, record_dead_letter, record_ingest
+from worker.observability import OTHER_PIPE, get_logger, record_dead_letter, record_ingest
 from worker.tokenstore import advisory_window
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
@@ -139,12 +146,18 @@ def ingest_batch(
     """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary.
 
     `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
-    first failed this batch, carried across re-publications of an outage; `requeue_of` is the
-    dead letter this message requeues."""
-    batch = IngestMessage(
-        batch_id, database, schema, pipe, rows, attempt, outage_since, requeue_of
-    )
-    label = f"{database}.{schema}.{pipe}"
+    first failed this batch, carried across re-publications of an outage; `requeue_of` names the
+    dead letter the batch was requeued from. Names are logged in their canonical spelling
+    (worker/identifiers.py)."""
+    arguments = {
+        "batch_id": batch_id, "database": database, "schema": schema, "pipe": pipe,
+        "rows": rows, "attempt": attempt, "outage_since": outage_since, "requeue_of": requeue_of,
+    }  # fmt: skip
+    try:
+        batch = IngestMessage.from_kwargs(arguments)
+    except InvalidBatchError as exc:
+        return _malformed_call(self, arguments, str(exc))
+    label = pipe_label(batch.database, batch.schema, batch.pipe)
     try:
         result = _ingest(self, batch)
     except SoftTimeLimitExceeded as exc:
@@ -160,7 +173,7 @@ def ingest_batch(
         raise
     reason = result.get("reason")
     outcome = str(reason) if reason in ("backpressure", "unsettled") else str(result["outcome"])
-    record_ingest(label, outcome, len(rows) if outcome == "logged" else 0)
+    record_ingest(label, outcome, len(batch.rows) if outcome == "logged" else 0)
     return result
 
 
@@ -177,6 +190,13 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
     rt = runtime.current()
     s = rt.settings
     try:
+        served = s.served_pipes()
+        if served is not None and (database, schema, pipe) not in served:
+            raise PipeNotServedError(
+                f"pipe {pipe_label(database, schema, pipe)} is not one this deployment serves "
+                f"(SNOWPIPE_PIPES={s.pipes}): add it to SNOWPIPE_PIPES on every worker node and "
+                "requeue the dead letter, or publish to a listed pipe"
+            )
         if not rows:
             raise EmptyBatchError("the batch has no rows: publish at least one row per batch")
         pieces = [
@@ -185,7 +205,7 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
                 rows, compression=s.compression, max_request_bytes=s.max_request_bytes
             )
         ]
-    except InvalidBatchError as exc:  # an empty batch, a row that cannot be encoded
+    except InvalidBatchError as exc:  # a pipe not served, no rows, a row that cannot be encoded
         requeued = _dead_letter(rt, self, batch, str(exc))
         if requeued is not None:
             return requeued
@@ -387,6 +407,102 @@ def _retry_later(
     except Exception as publish_error:
         raise Reject(f"re-publish failed: {publish_error}", requeue=True) from publish_error
     return {"batch_id": batch.batch_id, "outcome": "retry_later", "attempt": next_attempt}
+
+
+# --- Malformed messages -------------------------------------------------------------------------
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=MALFORMED_TASK, bind=True, acks_late=True, ignore_result=True
+)
+def dead_letter_message(
+    self: Task,
+    *,
+    letter_id: str,
+    reason: str,
+    raw: str,
+    batch_id: str = "",
+    database: str = "",
+    schema: str = "",
+    pipe: str = "",
+    task_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Store a message that is not a valid batch as a dead letter of kind "malformed" (the
+    consumer hands it here: worker/intake.py); the message is acknowledged once it is stored.
+    While the state store is out the message is held, then put back in its queue."""
+    letter = DeadLetter(
+        batch_id, database, schema, pipe, reason, [], kind="malformed", task_id=task_id,
+        detail=dict(detail or {}), letter_id=letter_id, raw=raw,
+    )  # fmt: skip
+    _store_malformed(letter)
+    return {"outcome": "dead_letter", "kind": "malformed", "letter_id": letter_id}
+
+
+def _malformed_call(task: Task, arguments: dict[str, Any], reason: str) -> dict[str, Any]:
+    """ingest_batch called with arguments that are not a valid batch (a direct call: the
+    consumer diverts such messages before they reach the task): dead letter, DeadLettered."""
+    from kombu.utils import json as kombu_json
+
+    from worker import intake
+
+    body = kombu_json.dumps(arguments, default=repr)  # type: ignore[no-untyped-call]
+    raw, note = intake.raw_text(body.encode())
+    names = ("batch_id", "database", "schema", "pipe")
+    fields = {k: v for k, v in arguments.items() if k in names and isinstance(v, str)}
+    letter = DeadLetter(
+        fields.get("batch_id", ""), fields.get("database", ""), fields.get("schema", ""),
+        fields.get("pipe", ""), reason, [], kind="malformed", task_id=task.request.id,
+        detail={"task": INGEST_TASK, **note}, letter_id=uuid.uuid4().hex, raw=raw,
+    )  # fmt: skip
+    _store_malformed(letter)
+    record_ingest(OTHER_PIPE, "dead_letter")
+    raise DeadLettered(f"message dead-lettered as malformed: {reason}")
+
+
+def _store_malformed(letter: DeadLetter) -> None:
+    """Add a malformed message's dead letter; while the state store is out, hold the message
+    (one hold, as `_ride_out`), then `Reject(requeue=True)`: it is never acknowledged unstored."""
+    rt = runtime.current()
+    requeue = f"the state store is unreachable: malformed message {letter.letter_id} goes back to "
+    try:
+        try:
+            rt.dead_letters.add(letter)
+        except redis.RedisError as exc:
+            if not _hold(lambda: rt.dead_letters.add(letter), exc, letter.letter_id):
+                raise Reject(requeue + "its queue", requeue=True) from exc
+    except SoftTimeLimitExceeded as exc:
+        raise Reject(requeue + "its queue (soft time limit)", requeue=True) from exc
+    rt.count("dead_letter")
+    record_dead_letter("malformed")
+    _log.error("ingest.dead_letter", kind="malformed", letter_id=letter.letter_id,
+               batch_id=letter.batch_id, reason=letter.reason)  # fmt: skip
+
+
+def _hold(again: Callable[[], Any], exc: BaseException, what: str) -> bool:
+    """Retry `again` while the state store fails, for one hold (`state_hold_seconds` of a first
+    failure); True once it answered, False when the hold ran out or the worker shuts down."""
+    from worker.celery_config import soft_time_limit
+
+    s = runtime.current().settings
+    hold = state_hold_seconds(s.state_outage_seconds, soft_time_limit(s), 0.0)
+    _log.warning("ingest.state_unavailable", letter_id=what, error=type(exc).__name__,
+                 detail=str(exc), holding_s=round(hold, 1),
+                 note="the message stays in the queue; nothing is lost")  # fmt: skip
+    started = time.monotonic()
+    retry = 0
+    while True:
+        left = hold - (time.monotonic() - started)
+        if left <= 0 or _shutting_down.is_set():
+            return False
+        retry += 1
+        if _shutting_down.wait(min(left, state_retry_delay(retry))):
+            return False
+        try:
+            again()
+        except redis.RedisError:
+            continue
+        return True
 
 
 @app.task(name=REFRESH_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]

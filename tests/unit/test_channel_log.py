@@ -303,3 +303,13 @@ def test_depths_report_entries_bytes_and_the_oldest_write(
     assert (a.entries, a.bytes) == (2, len(piece(1).data) + len(piece(2, 3).data))
     assert a.oldest_ms is not None and at_ms <= a.oldest_ms < at_ms + 5000
     assert (b.entries, b.bytes, b.oldest_ms) == (0, 0, None)
+
+
+def test_a_member_that_is_no_channel_key_is_skipped_not_fatal(
+    log: ChannelLog, fredis: fakeredis.FakeRedis
+) -> None:
+    # Left over from before names were checked: a pipe named `X|Y` made a five-part key.
+    log.append(A, "b1", [piece(1)], cap_bytes=0)
+    fredis.sadd("snowpipe:channels", "DB|PUBLIC|X|Y|snowpipe_0", "DB||P|snowpipe_0")
+    assert log.channels() == [A]
+    assert log.channels() == [A]  # every tick: the bad members never stop the others

@@ -12,12 +12,13 @@ import worker
 ROOT = Path(worker.__file__).parent
 
 # Each module of the lower layers, and the worker modules (prefixes) it may import.
-BOTTOM = ("worker.errors",)
+BOTTOM = ("worker.errors", "worker.identifiers")
 ALLOWED = {
     "worker.errors": (),
+    "worker.identifiers": ("worker.errors",),
     "worker.settings": BOTTOM,
     "worker.observability": BOTTOM,
-    "worker.messages": (),
+    "worker.messages": BOTTOM,
     "worker.auth": (*BOTTOM, "worker.settings", "worker.observability", "worker.auth"),
     "worker.retry": (*BOTTOM, "worker.settings", "worker.observability"),
     "worker.snowpipe": (

@@ -523,6 +523,21 @@ class StateNotReplicatedError(SnowpipeWorkerError, redis.RedisError):
 class MaybeSent(SnowpipeWorkerError):
     """An entry to dead-letter without a settle lies at or below the sent mark: it may still be
     committed, so it stays in the log until an open succeeds."""
+_warned_keys: set[str] = set()
+
+
+def _warn_invalid_key(key: str) -> None:
+    if key in _warned_keys:
+        return
+    _warned_keys.add(key)
+    from worker.observability import get_logger
+
+    get_logger("worker.delivery.log").warning(
+        "channels.invalid_key",
+        key=key,
+        note="skipped: not database|schema|pipe|channel; its log (if any) is not delivered. "
+        "Inspect it with `snowpipe-worker status`, then remove the member from snowpipe:channels",
+    )
 
 
 def _text(value: Any) -> str:
@@ -842,9 +857,18 @@ class ChannelLog:
         return _text(self._which())
 
     def channels(self) -> list[ChannelRef]:
-        """Every channel that ever had an entry, sorted."""
-        members = self._redis.smembers(CHANNELS_KEY)
-        return sorted(ChannelRef.from_key(_text(m)) for m in members)
+        """Every channel that ever had an entry, sorted. A member that is not a channel key (a
+        name with `|`, an empty name: written before names were checked) is skipped, with one
+        warning per process: one bad key never stops the others from being served (`status`
+        lists them)."""
+        refs: list[ChannelRef] = []
+        for member in self._redis.smembers(CHANNELS_KEY):
+            key = _text(member)
+            try:
+                refs.append(ChannelRef.from_key(key))
+            except ValueError:
+                _warn_invalid_key(key)
+        return sorted(refs)
 
     def depth(self, ref: ChannelRef) -> Depth:
         """Entries and bytes in the log, and when its oldest entry was written."""
