@@ -5,11 +5,14 @@ tests/unit/test_channel_log.py and test_lease.py run them on fakeredis with a cl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
+import redis
 
 from tests.support.delivery import mark_settled
-from tests.support.redis import RedisDB
+from tests.support.redis import REDIS_HOST, RedisDB, private_redis
 from worker.deadletter import DeadLetter, DeadLetters
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import LeaseTable
@@ -181,3 +184,20 @@ def test_heartbeats_list_the_live_nodes(db: RedisDB, leases: LeaseTable) -> None
     assert leases.heartbeat() == ["n1@test", "n2@test"]
     other.leave()
     assert leases.heartbeat() == ["n1@test"]
+
+
+def test_a_store_that_refuses_info_to_the_worker_is_reported_at_start(tmp_path: Path) -> None:
+    # Without INFO in scripts every incarnation looks alike: the settle gate could not close after
+    # a restart. The node says so at start instead of running blind.
+    from worker.delivery.node import check_incarnation
+
+    with private_redis(tmp_path / "acl") as server:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~*", "+@all", "-info")
+        restricted = ChannelLog(
+            redis.Redis(host=REDIS_HOST, port=server.port, username="worker", password="pw"),
+            dedup_ttl_seconds=60,
+        )
+        assert restricted.incarnation() == "-"
+        assert not check_incarnation(restricted)
+        assert check_incarnation(ChannelLog(admin, dedup_ttl_seconds=60))

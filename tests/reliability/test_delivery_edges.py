@@ -341,3 +341,40 @@ def test_hole5_row_errors_committed_after_the_owners_last_poll_are_attributed_by
         [letter] = [s.letter for s in rig.dead_letters.entries()]
         assert (letter.batch_id, letter.kind) == ("b-null", "row_errors")
         assert "non-nullable" in letter.reason, letter.reason
+
+
+# --- What an empty restart costs (the documented figures) ----------------------------------------
+
+
+def test_a_store_restarted_empty_loses_what_waited_in_its_logs_and_logs_a_late_copy_again(
+    emu: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The figures docs/delivery.md gives for a state store without persistence: the batches
+    # acknowledged and not yet committed are lost (b1, b2), and a batch whose message comes again
+    # after the loss is committed again (b0); nothing else is lost or duplicated (b3).
+    import collections
+    import shutil
+
+    with private_redis(tmp_path / "state") as server, \
+        edge_rig(emu, server.url(), monkeypatch) as rig:  # fmt: skip
+        node = rig.start_node("nodeA")
+        assert ingest(rig, "b0", ids_of(0))["outcome"] == "logged"
+        rig.wait_exactly_once(all_ids([0]))
+        node.stop()
+        for b in (1, 2):  # acknowledged; no pump runs, so they wait in the log
+            assert ingest(rig, f"b{b}", ids_of(b))["outcome"] == "logged"
+
+        server.stop(kill=True)
+        shutil.rmtree(server.data_dir / "appendonlydir")  # it comes back empty
+        server.start()
+        rig.start_node("nodeB")
+        assert ingest(rig, "b0", ids_of(0))["outcome"] == "logged"  # its record was lost
+        assert ingest(rig, "b3", ids_of(3))["outcome"] == "logged"
+        wait_until(lambda: set(ids_of(3)) <= set(rig.committed_ids()), timeout=20,
+                   what=lambda: "b3 committed")  # fmt: skip
+        wait_until(lambda: rig.emu.stats()["batches_pending"] == 0, timeout=10,
+                   what=lambda: "nothing in flight")  # fmt: skip
+        seen = collections.Counter(rig.committed_ids())
+        assert {i: seen[i] for i in ids_of(0)} == dict.fromkeys(ids_of(0), 2)
+        assert not any(seen[i] for i in [*ids_of(1), *ids_of(2)])
+        assert {i: seen[i] for i in ids_of(3)} == dict.fromkeys(ids_of(3), 1)

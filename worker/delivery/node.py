@@ -103,6 +103,7 @@ class Node:
         from worker import metrics
 
         check_persistence(self.redis)
+        check_incarnation(self.log)
         self.poller.start()
         self.balancer.start()
         metrics.watch(self)
@@ -199,6 +200,31 @@ def check_persistence(client: redis.Redis) -> None:
             detail=f"appendfsync {fsync}: a crash of the state Redis may lose about the last "
             "second of acknowledged batches; appendfsync always closes that window",
         )
+
+
+def check_incarnation(log: ChannelLog) -> bool:
+    """Whether the state store tells scripts its incarnation (an error when a Redis refuses the
+    worker's scripts INFO: its restarts then look alike and the settle gate cannot close after
+    one). The embedded store of the local stack has no INFO and keeps nothing: no error."""
+    if log.incarnation() != "-":
+        return True
+    try:
+        log.redis.info("server")
+    except redis.exceptions.NoPermissionError:
+        _log.error(
+            "state.incarnation.unavailable",
+            detail="the state Redis refuses INFO to the worker's user: grant it (+info) so that "
+            "a restart or failover of the store is seen by the delivery core (docs/delivery.md)",
+        )
+        return False
+    except redis.RedisError:
+        return True  # no INFO at all: the embedded store (fakeredis), which keeps nothing
+    _log.error(
+        "state.incarnation.unavailable",
+        detail="the state Redis answers INFO but not inside scripts: the delivery core cannot "
+        "see its restarts; use Redis 6.2 or newer",
+    )
+    return False
 
 
 def _rank(node: str, ref: ChannelRef) -> bytes:
