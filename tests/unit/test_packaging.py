@@ -129,3 +129,13 @@ def test_emulator_without_its_extra_says_which_to_install(
         "snowpipe-emulator needs the [emulator] extra (no_such_module_for_this_test not "
         "installed): pip install 'snowpipe-worker[emulator]'\n"
     )
+
+
+def test_make_run_and_up_install_the_local_extra_not_the_dev_tools(tmp_path: Path) -> None:
+    for target in ("run", "up"):
+        plan = subprocess.run(
+            ["make", "-n", "-B", target, f"VENV={tmp_path / 'venv'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        installs = [line for line in plan.splitlines() if "pip install" in line and " -e " in line]
+        assert installs == [f"{tmp_path / 'venv'}/bin/python -m pip install --quiet -e '.[local]'"]
