@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,7 @@ from tests.support.celery import (
 )
 from tests.support.emulator import REPO_ROOT, RunningEmulator
 from tests.support.keys import key_pair
-from tests.support.redis import free_port
+from tests.support.redis import redis_server
 from worker.delivery.node import check_persistence
 from worker.doctor import Doctor
 from worker.publish import Publisher
@@ -43,41 +40,6 @@ from worker.settings import load_settings
 CONFIG = REPO_ROOT / "config" / "redis"
 STATE_CONF = CONFIG / "state.conf"
 USERS_CONF = CONFIG / "users.conf"
-START_TIMEOUT = 20.0
-
-
-@contextmanager
-def redis_server(data_dir: Path, *args: str) -> Iterator[int]:
-    """A redis-server of this test on a free port (its files in `data_dir`); yields the port."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = data_dir / "redis-server.log"
-    process = subprocess.Popen(
-        ["redis-server", *args, "--port", str(port), "--bind", "127.0.0.1",
-         "--dir", str(data_dir), "--logfile", str(log), "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                # An unauthenticated PING: answered, or refused with NOAUTH once the ACLs are up.
-                redis.Redis(port=port, socket_timeout=1).ping()
-                break
-            except redis.AuthenticationError:
-                break
-            except redis.ConnectionError:
-                text = log.read_text() if log.exists() else ""
-                assert process.poll() is None and time.monotonic() < deadline, text
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def persistence_events(client: redis.Redis) -> list[dict[str, object]]:
