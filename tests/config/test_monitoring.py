@@ -194,17 +194,22 @@ def unknown_labels(exprs: list[str], exported: Exported) -> list[str]:
 
 
 def declared_labels(series: str) -> set[str]:
-    """The label names a metric is declared with (for those with no sample in a short run)."""
+    """The label names a metric is declared with (for those with no sample in a short run):
+    the metrics of worker/observability.py, and the node gauges of worker/metrics.py."""
     from prometheus_client import REGISTRY
     from prometheus_client.metrics import MetricWrapperBase
 
     import worker.observability  # noqa: F401 (registers the metrics)
+    from worker.metrics import NodeCollector
 
     for collector in list(REGISTRY._collector_to_names):
         if isinstance(collector, MetricWrapperBase):
             names = REGISTRY._collector_to_names[collector]
             if series in names:
                 return set(collector._labelnames)
+    for family in NodeCollector([]).collect():
+        if family.name == series:
+            return set(getattr(family, "_labelnames", ()))
     return set()
 
 
