@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# `make run` and `make up` need only the [local] extra (no test or lint tools).
+LOCAL_STAMP := $(VENV)/.local-stamp
 
 .PHONY: install lint typecheck test test-fast run up bench clean
 
@@ -11,6 +13,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(LOCAL_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[local]'
+	touch $(LOCAL_STAMP)
 
 install: $(STAMP)
 
@@ -30,11 +38,11 @@ test-fast: lint typecheck
 	$(BIN)/pytest -n 2 --dist loadgroup -m "not sdk and not slow" $(PYTEST_ARGS)
 
 # The first run: local stack + 50k sample rows, each verified committed exactly once (exit 0).
-run: install
+run: $(LOCAL_STAMP)
 	$(BIN)/snowpipe-worker run
 
 # The same local stack (embedded broker, emulator, worker, beat), kept running until Ctrl-C.
-up: install
+up: $(LOCAL_STAMP)
 	$(BIN)/snowpipe-worker up
 
 bench: install

@@ -711,7 +711,11 @@ def keygen(
 
 
 def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server listens on the port. Bound the way the emulator and the
+    embedded broker bind theirs, with SO_REUSEADDR: the connections of a stack just stopped,
+    left in TIME_WAIT for a minute, do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -15,7 +15,8 @@ the fix. In order (a check that cannot run because an earlier one failed is skip
                         channel (the pipe exists and the role may use it)
     broker              SNOWPIPE_BROKER_URL accepts a connection
     state store         SNOWPIPE_STATE_URL answers PING
-    state persistence   the state Redis writes an AOF (appendonly yes; `always` recommended)
+    state persistence   the state Redis writes an AOF (appendonly yes; `always` recommended);
+                        does not apply to the embedded broker of the local stack (in memory)
 
 Nothing here prints or logs a token, key or passphrase: messages name settings and files only.
 """
@@ -313,6 +314,13 @@ class Doctor:
             config = client.config_get("appendonly") | client.config_get("appendfsync")
             config |= client.config_get("save")
         except redis.RedisError as exc:
+            from worker.embedded import is_embedded
+
+            if is_embedded(client):
+                self._add(Check(name, True, "does not apply: the local stack's embedded broker "
+                                "keeps everything in memory, by design (a deployment's state "
+                                "Redis needs appendonly yes, appendfsync always)"))  # fmt: skip
+                return
             self._add(Check(name, False, f"CONFIG GET refused ({_first_line(exc)})",
                             "allow CONFIG GET for this user, and make sure the state Redis runs "
                             "with appendonly yes and appendfsync always"))  # fmt: skip

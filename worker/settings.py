@@ -321,7 +321,7 @@ class Settings(BaseSettings):
 
 
 def profile_names() -> list[str]:
-    """The names of the packaged profiles (`local`, `production.example`)."""
+    """The names of the packaged profiles (`local`)."""
     return sorted(p.name.removesuffix(".toml") for p in PROFILE_DIR.glob("*.toml"))
 
 

@@ -217,3 +217,38 @@ def private_redis(
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def redis_server(data_dir: Path, *args: str) -> Iterator[int]:
+    """`redis-server *args` (a configuration file, options) of one test on a free port of
+    127.0.0.1, its files in `data_dir`; yields the port. Stopped (SIGTERM) afterwards."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = data_dir / "redis-server.log"
+    process = subprocess.Popen(
+        ["redis-server", *args, "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(data_dir), "--logfile", str(log), "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + PrivateRedis.START_TIMEOUT
+        while True:
+            try:
+                # An unauthenticated PING: answered, or refused with NOAUTH once the ACLs are up.
+                redis.Redis(port=port, socket_timeout=1).ping()
+                break
+            except redis.AuthenticationError:
+                break
+            except redis.ConnectionError:
+                text = log.read_text() if log.exists() else ""
+                assert process.poll() is None and time.monotonic() < deadline, text
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

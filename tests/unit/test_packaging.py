@@ -56,9 +56,11 @@ def test_wheel_ships_py_typed_for_both_packages(wheel: zipfile.ZipFile) -> None:
     assert {"worker/py.typed", "emulator/py.typed"} <= names
 
 
-def test_wheel_ships_the_settings_profiles(wheel: zipfile.ZipFile) -> None:
+def test_wheel_ships_the_local_profile(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
-    assert {"worker/profiles/local.toml", "worker/profiles/production.example.toml"} <= names
+    assert "worker/profiles/local.toml" in names  # SNOWPIPE_CONFIG=local works from a wheel
+    # The production example is one of the deployment files in config/, not package data.
+    assert not [n for n in names if n.startswith("config/") or "production" in n]
     local = wheel.read("worker/profiles/local.toml").decode()
     assert 'account_url = "http://127.0.0.1:' in local
 
@@ -129,3 +131,13 @@ def test_emulator_without_its_extra_says_which_to_install(
         "snowpipe-emulator needs the [emulator] extra (no_such_module_for_this_test not "
         "installed): pip install 'snowpipe-worker[emulator]'\n"
     )
+
+
+def test_make_run_and_up_install_the_local_extra_not_the_dev_tools(tmp_path: Path) -> None:
+    for target in ("run", "up"):
+        plan = subprocess.run(
+            ["make", "-n", "-B", target, f"VENV={tmp_path / 'venv'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        installs = [line for line in plan.splitlines() if "pip install" in line and " -e " in line]
+        assert installs == [f"{tmp_path / 'venv'}/bin/python -m pip install --quiet -e '.[local]'"]

@@ -136,13 +136,13 @@ def test_a_profile_name_is_looked_up_in_the_packaged_profiles(
 
     # Package data next to the code (worker/profiles/), so an installed wheel finds it too.
     assert PROFILE_DIR.resolve() == Path(worker.__file__).resolve().parent / "profiles"
-    assert profile_names() == ["local", "production.example"]
+    assert profile_names() == ["local"]
     monkeypatch.setenv("SNOWPIPE_CONFIG", "local")
     assert profile_path() == PROFILE_DIR / "local.toml"
     monkeypatch.setenv("SNOWPIPE_CONFIG", "nosuch")
     with pytest.raises(
         SettingsError,
-        match=r"SNOWPIPE_CONFIG: profile 'nosuch' not found .*use one of: local, production",
+        match=r"SNOWPIPE_CONFIG: profile 'nosuch' not found .*use one of: local, or a path",
     ):
         profile_path()
 
