@@ -712,12 +712,6 @@ class ChannelLog:
             _check_session(mark, ref)
         return int(_text(mark))
 
-    def wait_for_replicas(self, replicas: int, timeout_ms: int) -> int:
-        """A WAIT after a write of this process: how many replicas acknowledged it. Use only on
-        a connection that made the write (see `mark_sent`, `append`): a pooled client may pick
-        another connection."""
-        return int(self._redis.wait(replicas, timeout_ms))
-
     def read(self, ref: ChannelRef, after: int, count: int) -> list[Entry]:
         """Up to `count` entries with offsets above `after`, in order."""
         raw = self._redis.xrange(channel_key("log", ref), f"({after}-0", "+", count=count)
