@@ -196,6 +196,7 @@ class FailoverPool(SentinelConnectionPool):
         """Ask Sentinel for the primary (at most every MASTER_CHECK_SECONDS); if it moved, the
         pool drops its idle connections and refuses the busy ones back (redis-py's
         `get_master_address` and `owns_connection`)."""
+        self._checkpid()  # after fork(): start afresh (reset)
         if time.monotonic() - self._checked_at < MASTER_CHECK_SECONDS:
             return
         if not self._check_lock.acquire(blocking=False):

@@ -202,3 +202,26 @@ def test_the_redis_password_setting_reaches_the_nodes_behind_sentinel() -> None:
         assert sentinel_kwargs.get("password") is None
     finally:
         client.close()
+
+
+# --- The example configuration (config/redis/, what tests/support/sentinel.py starts from) ----
+
+
+def test_the_example_node_config_keeps_what_it_acknowledged_on_every_node() -> None:
+    from tests.support.sentinel import NODE_CONFIG, directives
+
+    found = {d[0].lower(): d[1:] for d in directives(NODE_CONFIG)}
+    assert found["appendonly"] == ["yes"] and found["appendfsync"] == ["always"]
+    assert found["maxmemory-policy"] == ["noeviction"]
+    assert found["replicaof"] == ["redis-state-1", "6379"]
+    assert found["replica-priority"] != ["0"]  # a replica that can be promoted
+
+
+def test_the_example_sentinel_config_monitors_the_documented_master_with_a_quorum_of_two() -> None:
+    from tests.support.sentinel import SENTINEL_CONFIG, directives
+
+    lines = [d for d in directives(SENTINEL_CONFIG) if d[0] == "sentinel"]
+    monitor = next(d for d in lines if d[1] == "monitor")
+    assert monitor[2:] == [MASTER, "redis-state-1", "6379", "2"]
+    per_master = {d[1] for d in lines if len(d) > 2 and d[2] == MASTER}
+    assert {"down-after-milliseconds", "failover-timeout", "parallel-syncs"} <= per_master
