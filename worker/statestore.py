@@ -7,8 +7,8 @@ doctor, the CLI, the demo) is built here, from `SNOWPIPE_STATE_URL`:
 - `sentinel://...` (`worker.redisurl`): a client of the primary that Sentinel names for
   `SNOWPIPE_STATE_SENTINEL_MASTER`, which follows a failover by itself (below).
 
-Both have the same explicit timeouts (the threads pool has no time limits) and retry a command
-once, at once, after a connection error or a timeout, on a new connection.
+Both have the same explicit timeouts (the threads pool has no time limits) and, after a
+connection error or a timeout, reconnect and retry a command once, at once.
 
 Following a failover. redis-py's `Sentinel.master_for()` asks Sentinel for the primary's address
 whenever its pool opens a connection, but (redis-py 8.x, checked in its source):
@@ -20,15 +20,20 @@ whenever its pool opens a connection, but (redis-py 8.x, checked in its source):
 2. an open connection stays with the old primary as long as it works. A forced failover
    (`SENTINEL FAILOVER`) leaves the old primary a primary, accepting writes, until Sentinel
    reconfigures it, about 10 s after the switch (measured here with Redis 7.0);
-3. `MasterNotFoundError` (a `ConnectionError`) comes while Sentinel's view is in flux (#3731).
+3. it asks `SENTINEL MASTERS`, whose address changes only when the failover ends, after every
+   other replica was pointed at the new primary, and which gives `MasterNotFoundError` while the
+   primary is reported down (#3731).
 
-So `FailoverConnection` reconnects through Sentinel every time (1), and `FailoverPool` asks
-Sentinel where the primary is at most every `MASTER_CHECK_SECONDS` while the client is in use,
-dropping its connections to a primary that is no longer the one (2). A demoted primary's
-`READONLY` reply (a write or a script that writes) is turned by redis-py into a
-`ConnectionError` after dropping that connection, so it is retried on a connection through
-Sentinel like any other. Callers see ordinary `redis.RedisError`s (`ConnectionError`,
-`TimeoutError`, `MasterNotFoundError`) while the failover lasts and nothing after it.
+So `FailoverConnection` reconnects through Sentinel every time (1) and checks `ROLE`,
+`FailoverPool` asks Sentinel where the primary is at most every `MASTER_CHECK_SECONDS` while
+the client is in use, dropping its connections to a primary that is no longer the one (2), and
+`FollowingSentinel` asks `SENTINEL GET-MASTER-ADDR-BY-NAME`, which names the promoted replica as
+soon as it is a primary (3); `MasterNotFoundError` (a `ConnectionError`) then means that no
+Sentinel answered. A demoted primary's `READONLY` reply (a write or a script that writes) is
+turned by redis-py into a `ConnectionError` after dropping that connection, so it is retried
+through Sentinel like any other. Callers see ordinary `redis.RedisError`s (`ConnectionError`,
+`TimeoutError`, `MasterNotFoundError`) while the failover lasts, and none once the client
+reached the new primary.
 
 Scripts (`register_script`) are not replicated (Redis 7 keeps them per server): the first call on
 a new primary gets NOSCRIPT and redis-py's `Script` loads it there and runs it again; a pipeline
