@@ -15,7 +15,7 @@ tmp dir. The nodes start from `config/redis/replica.conf` (the first primary wit
 `replicaof` line) and the Sentinel from `config/redis/sentinel.conf`, with the addresses, the
 directories and the timings replaced: `down-after-milliseconds` 2000 (a killed primary is
 replaced about 4 s later; 1000 gave spurious failovers on a loaded machine), `failover-timeout`
-10000, and `repl-diskless-sync-delay 0` on the
+20000 (how long a cut of replication may last, below), and `repl-diskless-sync-delay 0` on the
 nodes (a replica's full sync starts at once instead of after 5 s). Sentinel rewrites its own
 file and the nodes' (`CONFIG REWRITE`) as the roles change, so a restarted node keeps its role.
 
@@ -28,9 +28,9 @@ Replication can be cut and restored:
 
 - `cut_replication(node)` points the replica at a port where nothing listens (`REPLICAOF`), so
   it keeps its data and receives nothing after the call returns. Sentinel puts such a replica
-  back under the primary only after `failover-timeout` (10 s), so a cut lasts at most that long
-  (`restore_replication` ends it at once). A cut replica can still be promoted: that is the
-  "lagging replica promoted" case.
+  back under the primary `failover-timeout` (20 s) after it notices, so a cut lasts about that
+  long at most (`restore_replication` ends it at once). A cut replica can still be promoted:
+  that is the "lagging replica promoted" case.
 - `pause(node)` / `resume(node)` (SIGSTOP / SIGCONT) freeze a process instead: its clients and
   Sentinel see it hang. It is *not* a cut of replication: what the primary sent before the
   pause sits in the replica's socket buffer and is applied on `resume`, even after the primary
@@ -68,7 +68,7 @@ SENTINEL_CONFIG = CONFIG_DIR / "sentinel.conf"
 
 MASTER_NAME = "snowpipe-state"
 DOWN_AFTER_MS = 2000
-FAILOVER_TIMEOUT_MS = 10000
+FAILOVER_TIMEOUT_MS = 20000
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 # A failover: down-after (2 s) + the vote and the promotion (about 2 s) + a wide margin for a
