@@ -348,7 +348,6 @@ class Doctor:
         else:
             self._add(Check(name, True, "appendonly yes, appendfsync always"))
 
-
     def _replication(self, s: Settings) -> None:
         import redis
 
