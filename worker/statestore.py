@@ -200,22 +200,23 @@ class FailoverPool(SentinelConnectionPool):
     def _follow_master(self) -> None:
         """Ask Sentinel for the primary (at most every MASTER_CHECK_SECONDS); if it moved, the
         pool drops its idle connections and refuses the busy ones back (redis-py's
-        `get_master_address` and `owns_connection`)."""
+        `get_master_address` and `owns_connection`). Threads that need a connection while one
+        of them asks wait for the answer, so that none takes an idle connection to the old
+        primary in the meantime."""
         self._checkpid()  # after fork(): start afresh (reset)
         if time.monotonic() - self._checked_at < MASTER_CHECK_SECONDS:
             return
-        if not self._check_lock.acquire(blocking=False):
-            return  # another thread is asking
-        try:
-            self._checked_at = time.monotonic()
-            if self.master_address is None:
-                return  # nothing connected yet: the first connection asks Sentinel anyway
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                # No answer now (MasterNotFoundError during a failover, Sentinels down): keep
-                # the connections; one that fails reconnects through Sentinel.
-                self.get_master_address()  # type: ignore[no-untyped-call]
-        finally:
-            self._check_lock.release()
+        with self._check_lock:
+            if time.monotonic() - self._checked_at < MASTER_CHECK_SECONDS:
+                return  # another thread has just asked
+            try:
+                if self.master_address is not None:  # else the first connection asks anyway
+                    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                        # No answer now (no Sentinel answers): keep the connections; one that
+                        # fails reconnects through Sentinel.
+                        self.get_master_address()  # type: ignore[no-untyped-call]
+            finally:
+                self._checked_at = time.monotonic()
 
 
 class StatePipeline(Pipeline):

@@ -94,9 +94,10 @@ def test_a_worker_on_sentinel_logs_and_commits_batches_before_and_after_a_failov
                 assert logged >= {f"batch-{b}" for b in range(2 * BATCHES)}, worker.log_tail()
                 # The second round's dedup records are on the new primary (snowpipe:batch:<id>).
                 on_new = new.client()
-                assert all(on_new.exists(f"snowpipe:batch:batch-{b}")
-                           for b in range(BATCHES, 2 * BATCHES))  # fmt: skip
+                missing = [b for b in range(BATCHES, 2 * BATCHES)
+                           if not on_new.exists(f"snowpipe:batch:batch-{b}")]  # fmt: skip
                 on_new.close()
+                assert not missing, f"{missing} not on {new}\n{ha.logs()}\n{worker.log_tail()}"
                 assert new is not first
                 assert worker.process.poll() is None, worker.log_tail()
                 assert "Unrecoverable error" not in worker.log(), worker.log_tail()
