@@ -639,6 +639,23 @@ def _status_sections(doc: dict[str, Any]) -> list[tuple[str, list[str], list[lis
         [_cell(key), "not database|schema|pipe|channel: skipped by the pumps"]
         for key in doc.get("invalid_channel_keys", [])
     ]
+    repl = doc["state_replication"]
+    if "error" in repl:
+        repl_rows = [["error", repl["error"], "", "", ""]]
+    else:
+        where = repl["primary"] or "-"
+        if repl["via"] == "sentinel":
+            where += f" (Sentinel master {repl['master_name']})"
+        repl_rows = [["primary", where, repl["role"] or "-", "", ""]]
+        repl_rows += [
+            ["replica", r["address"], _cell(r["state"]), _cell(r["behind_bytes"]),
+             _cell(r["lag_seconds"])]
+            for r in repl["replicas"]
+        ]  # fmt: skip
+        repl_rows.append(["online", f"{repl['replicas_online']} (SNOWPIPE_STATE_MIN_REPLICAS "
+                          f"{repl['min_replicas']})", "", "", ""])  # fmt: skip
+        if repl["problem"]:
+            repl_rows.append(["problem", repl["problem"], "", "", ""])
     sf = doc["snowflake"]
     sf_rows = [[pipe, error] for pipe, error in sorted(sf.get("errors", {}).items())]
     if not sf["queried"]:
@@ -647,6 +664,7 @@ def _status_sections(doc: dict[str, Any]) -> list[tuple[str, list[str], list[lis
         ("channels", chan_header, chan_rows),
         ("invalid channel keys", ["key", "problem"], invalid_rows),
         ("snowflake", ["pipe", "problem"], sf_rows),
+        ("state store", ["what", "address", "state", "bytes behind", "last ack s"], repl_rows),
         ("nodes", ["node", "heartbeat expires in s"], node_rows),
         ("token", ["what", "value"], token_rows),
         ("queues", ["queue", "ready", "unacked", "consumers", "note"], queue_rows),

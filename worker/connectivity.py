@@ -8,28 +8,16 @@ The CLI prints them as one line; `publish_batch` raises them instead of kombu's 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from worker.errors import BrokerUnavailableError as BrokerUnavailableError  # noqa: PLC0414 (re-exported)
 from worker.errors import StateStoreUnavailableError as StateStoreUnavailableError  # noqa: PLC0414 (re-exported)
 from worker.errors import UnreachableError as UnreachableError  # noqa: PLC0414 (re-exported)
+from worker.redisurl import redact_url as redact_url  # noqa: PLC0414 (re-exported)
 from worker.settings import Settings
 
 CONNECT_TIMEOUT_SECONDS = 3.0
-
-
-def redact_url(url: str) -> str:
-    """`url` with its password (if any) replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _reason(exc: BaseException) -> str:
@@ -54,6 +42,14 @@ def state_error(settings: Settings, exc: BaseException | None = None) -> StateSt
     default = ""
     if settings.state_url == settings.broker_url:
         default = ", which defaults to SNOWPIPE_BROKER_URL"
+    if settings.state_is_sentinel:
+        return StateStoreUnavailableError(
+            f"cannot reach the state store through the Sentinels at "
+            f"{redact_url(settings.state_url)} (SNOWPIPE_STATE_URL, master "
+            f"{settings.state_sentinel_master!r}){why}; check that the Sentinels run and monitor "
+            "a primary under SNOWPIPE_STATE_SENTINEL_MASTER (SENTINEL MASTERS lists the names), "
+            "and that the primary answers"
+        )
     return StateStoreUnavailableError(
         f"cannot reach the state store at {redact_url(settings.state_url)} "
         f"(SNOWPIPE_STATE_URL{default}){why}; start Redis there, or point SNOWPIPE_STATE_URL at a "
@@ -82,18 +78,23 @@ def check_broker(settings: Settings, *, timeout: float = CONNECT_TIMEOUT_SECONDS
 
 def state_client(settings: Settings, *, check: bool = True) -> redis.Redis:
     """A client of the state Redis; with `check`, PINGed once (StateStoreUnavailableError)."""
-    from worker import runtime
+    from redis.sentinel import MasterNotFoundError
+
+    from worker.statestore import sentinel_problem, state_redis
 
     if not settings.state_url:
         raise StateStoreUnavailableError(
             "SNOWPIPE_STATE_URL is not set (with a RabbitMQ broker there is no default): set it "
             "to the state Redis, e.g. redis://127.0.0.1:6379/0"
         )
-    client = runtime.redis_client(settings.state_url)
+    client = state_redis(settings)
     if check:
         try:
             client.ping()
         except redis.RedisError as exc:
+            error = state_error(settings, exc)
+            if isinstance(exc, MasterNotFoundError):
+                error = state_error(settings, MasterNotFoundError(sentinel_problem(client)))
             client.close()
-            raise state_error(settings, exc) from None
+            raise error from None
     return client

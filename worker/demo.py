@@ -102,6 +102,7 @@ def run_demo(*, rows: int, pipes: int, batch_rows: int, console: Console) -> int
 def _drive(stack: Any, *, rows: int, pipes: int, batch_rows: int, console: Console) -> Outcome:
     from worker import runtime
     from worker.publish import Publisher
+    from worker.statestore import state_redis
     from worker.tokenstore import TokenStore
 
     names = [f"EVENTS_{i}" for i in range(pipes)]
@@ -146,7 +147,7 @@ def _drive(stack: Any, *, rows: int, pipes: int, batch_rows: int, console: Conso
         ids.update(int(orjson.loads(line)["row"]["id"]) for line in body.splitlines() if line)
     emulator_stats = admin.get("/_emulator/stats").json()
     admin.close()
-    client = runtime.redis_client(settings.state_url)
+    client = state_redis(settings)
     return Outcome(
         rows=rows,
         batches=batch,

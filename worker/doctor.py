@@ -17,6 +17,9 @@ the fix. In order (a check that cannot run because an earlier one failed is skip
     state store         SNOWPIPE_STATE_URL answers PING
     state persistence   the state Redis writes an AOF (appendonly yes; `always` recommended);
                         does not apply to the embedded broker of the local stack (in memory)
+    state replication   the primary (through Sentinel with a sentinel:// URL), its replicas and
+                        their lag; fails when fewer replicas are online than
+                        SNOWPIPE_STATE_MIN_REPLICAS, or when the URL reaches a replica
 
 Nothing here prints or logs a token, key or passphrase: messages name settings and files only.
 """
@@ -135,8 +138,10 @@ class Doctor:
                     client.close()
         self._broker(s)
         # At start the node itself logs the state store's persistence (state.persistence.*).
-        if self._state(s) and not self.startup:
-            self._persistence(s)
+        if self._state(s):
+            if not self.startup:
+                self._persistence(s)
+            self._replication(s)
         return self.results
 
     @property
@@ -350,6 +355,36 @@ class Doctor:
             self._add(Check(name, True, detail))
         else:
             self._add(Check(name, True, "appendonly yes, appendfsync always"))
+
+    def _replication(self, s: Settings) -> None:
+        import redis
+
+        from worker.connectivity import state_client
+        from worker.statestore import describe_replicas, replication
+
+        client = state_client(s, check=False)
+        name = "state replication"
+        try:
+            view = replication(client, s)
+        except redis.RedisError as exc:
+            fix = "allow INFO for this user (and SENTINEL REPLICAS on the Sentinels)"
+            self._add(Check(name, False, f"INFO replication failed ({_first_line(exc)})", fix))
+            return
+        finally:
+            client.close()
+        where = f"primary {view['primary']}"
+        if view["via"] == "sentinel":
+            where += f" (Sentinel master {view['master_name']!r})"
+        online = f"{view['replicas_online']} replica(s) online"
+        detail = f"{where}, {online}: {describe_replicas(view)}"
+        if view["problem"]:
+            what, _, fix = view["problem"].rpartition("; ")
+            self._add(Check(name, False, f"{where}: {what}", fix))
+            return
+        wanted = view["min_replicas"]
+        if wanted:
+            detail += f" (SNOWPIPE_STATE_MIN_REPLICAS={wanted})"
+        self._add(Check(name, True, detail))
 
 
 def run_doctor(pipes: Iterable[str] = (), settings: Settings | None = None) -> Doctor:

@@ -44,13 +44,14 @@ def node_health(controller: Any) -> dict[str, Any]:
     """The health answer of this node (see the module docstring)."""
     from worker import doctor, runtime
     from worker.delivery.channels import NODES_KEY
+    from worker.statestore import state_redis
 
     checks: dict[str, dict[str, Any]] = {}
     node = _pump_node(controller)
     checks["broker"] = _check(True, "answered this request")
     if node is None:
         settings = runtime.settings()
-        client = runtime.redis_client(settings.state_url)
+        client = state_redis(settings)
         checks["pumps"] = _check(True, "not running on this node (SNOWPIPE_PUMP_ENABLED=false)")
     else:
         client = node.redis
@@ -68,6 +69,9 @@ def node_health(controller: Any) -> dict[str, Any]:
         checks["state store"] = _check(True, "answers PING")
     except redis.RedisError as exc:
         checks["state store"] = _check(False, f"{type(exc).__name__}: {exc}")
+    finally:
+        if node is None:
+            client.close()  # our own client (a Sentinel client holds connections to each)
     if node is not None and checks["state store"]["ok"]:
         try:
             held = node.held()

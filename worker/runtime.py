@@ -22,15 +22,12 @@ from worker.deadletter import DeadLetters
 from worker.delivery.channels import STATS_KEY, ChannelRef, channel_for
 from worker.delivery.log import ChannelLog
 from worker.settings import Settings, load_settings
+from worker.statestore import state_redis
 from worker.tokenstore import SharedToken, TokenStore
 
 if TYPE_CHECKING:
     from worker.auth.guard import Token
     from worker.snowpipe.client import SnowpipeClient
-
-REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
-REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
-REDIS_HEALTH_CHECK_SECONDS = 25
 
 _settings: Settings | None = None
 _producer_settings: Settings | None = None
@@ -57,17 +54,6 @@ def producer_settings() -> Settings:
             if _producer_settings is None:
                 _producer_settings = load_settings(require_identity=False)
     return _producer_settings
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A Redis client with explicit timeouts (the threads pool has no time limits)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
-        health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
-        retry_on_timeout=True,
-    )
 
 
 def identity(s: Settings) -> str:
@@ -171,7 +157,7 @@ class Runtime:
     def __init__(self, s: Settings) -> None:
         self.settings = s
         self.pid = os.getpid()
-        self.redis = redis_client(s.state_url)
+        self.redis = state_redis(s)
         self.log = ChannelLog(self.redis, dedup_ttl_seconds=s.dedup_ttl_seconds)
         self.dead_letters = DeadLetters(self.redis)
         self.stats = Counters(self.redis)

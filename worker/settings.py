@@ -31,6 +31,7 @@ from pydantic_settings import (
 from worker.errors import InvalidNameError
 from worker.errors import SettingsError as SettingsError  # noqa: PLC0414 (re-exported)
 from worker.identifiers import parse_pipe_list
+from worker.redisurl import is_sentinel_url, parse_sentinel_url, redact_url, url_password
 
 ENV_PREFIX = "SNOWPIPE_"
 # The named profiles, shipped as package data (pyproject.toml: [tool.setuptools.package-data]).
@@ -74,7 +75,15 @@ _FIXES: dict[str, str] = {
     ),
     "ca_file": "point SNOWPIPE_CA_FILE at a readable PEM CA bundle, or unset it",
     "broker_url": "use redis://HOST:PORT/DB or amqp://USER:PASS@HOST:PORT/VHOST",
-    "state_url": "set SNOWPIPE_STATE_URL to a Redis URL, e.g. redis://127.0.0.1:6379/0",
+    "state_url": (
+        "set SNOWPIPE_STATE_URL to a Redis URL, e.g. redis://127.0.0.1:6379/0, or to its "
+        "Sentinels, e.g. sentinel://10.0.0.5:26379;sentinel://10.0.0.6:26379/0 with "
+        "SNOWPIPE_STATE_SENTINEL_MASTER"
+    ),
+    "state_sentinel_master": (
+        "set SNOWPIPE_STATE_SENTINEL_MASTER to the name Sentinel monitors the state Redis under "
+        "(the NAME of `sentinel monitor NAME HOST PORT QUORUM`)"
+    ),
 }
 
 
@@ -143,6 +152,12 @@ class Settings(BaseSettings):
     # --- Celery, state store, shared token store --------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
     state_url: str = ""  # default: the broker when it is Redis
+    # With a sentinel:// state URL (docs/operations.md, "Sentinel deployment"): the master name,
+    # Sentinel's own password (`requirepass` of the Sentinels), and the Redis nodes' password
+    # (any state URL; or in the URL itself, as Celery takes it).
+    state_sentinel_master: str = ""
+    state_sentinel_password: SecretStr | None = None
+    state_password: SecretStr | None = None
     beat_refresh_seconds: float = Field(60.0, gt=0)
     visibility_timeout_seconds: int = Field(900, gt=0)
 
@@ -255,13 +270,53 @@ class Settings(BaseSettings):
         state = self.state_url
         if not state:
             if not broker.startswith("redis"):
+                self._check_sentinel_settings(sentinel=False)
                 return  # RabbitMQ without a state URL: enough to publish (identity_problems)
             state = self.broker_url
-        if urlsplit(state).scheme not in ("redis", "rediss"):
+        sentinel = is_sentinel_url(state)
+        if sentinel:
+            parse_sentinel_url(state)  # ValueError: the problem and the form, password masked
+        elif urlsplit(state).scheme not in ("redis", "rediss"):
             raise ValueError(
-                f"SNOWPIPE_STATE_URL {state!r} is not a Redis URL: {_FIXES['state_url']}"
+                f"SNOWPIPE_STATE_URL {redact_url(state)!r} is not a Redis URL: "
+                + _FIXES["state_url"]
             )
+        self._check_sentinel_settings(sentinel=sentinel)
+        if self.state_password is not None:
+            in_url = (
+                parse_sentinel_url(state).password if sentinel else url_password(state)
+            )
+            if in_url is not None:
+                raise ValueError(
+                    "SNOWPIPE_STATE_PASSWORD is set and SNOWPIPE_STATE_URL has a password too: "
+                    "keep one (remove it from the URL, or unset SNOWPIPE_STATE_PASSWORD)"
+                )
         object.__setattr__(self, "state_url", state)
+
+    def _check_sentinel_settings(self, *, sentinel: bool) -> None:
+        master = self.state_sentinel_master.strip()
+        object.__setattr__(self, "state_sentinel_master", master)
+        if sentinel and not master:
+            raise ValueError(
+                "SNOWPIPE_STATE_SENTINEL_MASTER is required with a sentinel:// SNOWPIPE_STATE_URL: "
+                + _FIXES["state_sentinel_master"]
+            )
+        if not sentinel:
+            extra = [
+                name
+                for name, value in (
+                    ("SNOWPIPE_STATE_SENTINEL_MASTER", master),
+                    ("SNOWPIPE_STATE_SENTINEL_PASSWORD", self.state_sentinel_password),
+                )
+                if value
+            ]
+            if extra:
+                raise ValueError(
+                    f"{' and '.join(extra)} {'is' if len(extra) == 1 else 'are'} set but "
+                    "SNOWPIPE_STATE_URL is not a sentinel:// URL: unset "
+                    f"{'it' if len(extra) == 1 else 'them'}, or set SNOWPIPE_STATE_URL to the "
+                    "Sentinels, e.g. sentinel://10.0.0.5:26379;sentinel://10.0.0.6:26379/0"
+                )
 
     def identity_problems(self) -> list[str]:
         """What a worker needs and these settings lack (account, user, a private key, a state
@@ -300,6 +355,11 @@ class Settings(BaseSettings):
         """The pipes of SNOWPIPE_PIPES as canonical (database, schema, pipe) names
         (worker/identifiers.py); None when it is unset (every valid pipe is served)."""
         return parse_pipe_list(self.pipes) if self.pipes.strip() else None
+
+    @property
+    def state_is_sentinel(self) -> bool:
+        """True when the state Redis is reached through Sentinel (a sentinel:// URL)."""
+        return is_sentinel_url(self.state_url)
 
     @property
     def broker_is_redis(self) -> bool:

@@ -13,6 +13,11 @@ What it gathers (`collect_status`), each part from where it lives:
   a failed request is reported per pipe, never raised.
 - **invalid channel keys**: members of `snowpipe:channels` that are not
   `database|schema|pipe|channel` (written before names were checked); the pumps skip them.
+- **state replication** (the state store, through Sentinel for a `sentinel://` URL): the
+  primary, each replica with its state, bytes behind the primary and seconds since its last
+  acknowledgement (`INFO replication`), Sentinel's flags for it (`SENTINEL REPLICAS`), how many
+  are online, and a `problem` line when fewer are online than `SNOWPIPE_STATE_MIN_REPLICAS` or
+  the URL reaches a replica.
 - **nodes**: the live worker nodes (`snowpipe:nodes`) and when their heartbeat expires.
 - **token**: the shared scoped token (`worker/tokenstore.py`): its age, when it expires, when
   beat will refresh it (its advisory window) and when a worker's guard would at the latest (its
@@ -272,9 +277,9 @@ def token(client: redis.Redis, settings: Settings) -> dict[str, Any]:
 
 def redis_queues(settings: Settings, names: list[str]) -> list[dict[str, Any]]:
     """Redis broker: messages waiting (every priority list) and unacknowledged, per queue."""
-    from worker import runtime
+    from worker.statestore import redis_client
 
-    client = runtime.redis_client(settings.broker_url)
+    client = redis_client(settings.broker_url)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names:
@@ -368,6 +373,18 @@ def dead_letters(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     return out
 
 
+def state_replication(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """The state store's primary, replicas and their lag (`worker.statestore.replication`); on
+    a refused INFO or SENTINEL command, the error instead."""
+    from worker.statestore import replication
+
+    try:
+        return replication(client, settings)
+    except redis.RedisError as exc:
+        lines = str(exc).strip().splitlines()
+        return {"error": f"{type(exc).__name__}: {lines[0] if lines else ''}"}
+
+
 def collect_status(
     settings: Settings, *, snowflake: bool = True, timeout: float = 1.0
 ) -> dict[str, Any]:
@@ -393,6 +410,7 @@ def collect_status(
         return {
             "broker": redact_url(settings.broker_url),
             "state_store": redact_url(settings.state_url),
+            "state_replication": state_replication(client, settings),
             "channels": rows,
             "invalid_channel_keys": invalid_channel_keys(client),
             "snowflake": sf,

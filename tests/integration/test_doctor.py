@@ -68,14 +68,14 @@ def test_every_check_passes_on_a_good_configuration(
     assert result.returncode == 0, result.stdout + result.stderr
     names = ["settings", "private key", "key fingerprint", "account host", "account URL",
              "token exchange", f"pipe DB.PUBLIC.{PIPE}", "broker", "state store",
-             "state persistence"]  # fmt: skip
+             "state persistence", "state replication"]  # fmt: skip
     for name in names:
         assert line(result.stdout, name).startswith("✓"), result.stdout
     assert fingerprint in line(result.stdout, "key fingerprint")
     assert "RSA_PUBLIC_KEY_FP" in line(result.stdout, "key fingerprint")
     assert "passphrase" in line(result.stdout, "private key").lower()
     assert PASSPHRASE not in result.stdout + result.stderr
-    assert "10 passed, 0 failed" in result.stdout
+    assert "11 passed, 0 failed" in result.stdout
 
 
 def test_a_key_snowflake_rejects_a_stopped_broker_and_no_persistence_are_each_a_cross(

@@ -12,10 +12,11 @@ import worker
 ROOT = Path(worker.__file__).parent
 
 # Each module of the lower layers, and the worker modules (prefixes) it may import.
-BOTTOM = ("worker.errors", "worker.identifiers")
+BOTTOM = ("worker.errors", "worker.identifiers", "worker.redisurl")
 ALLOWED = {
     "worker.errors": (),
     "worker.identifiers": ("worker.errors",),
+    "worker.redisurl": (),
     "worker.settings": BOTTOM,
     "worker.observability": BOTTOM,
     "worker.messages": BOTTOM,

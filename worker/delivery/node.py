@@ -48,10 +48,11 @@ class Node:
     def __init__(self, settings: Settings, name: str, *, client: Any = None) -> None:
         from worker import runtime
         from worker.retry import RetryPolicy
+        from worker.statestore import state_redis
 
         self.settings = settings
         self.name = name
-        self.redis = runtime.redis_client(settings.state_url)
+        self.redis = state_redis(settings)
         self.log = ChannelLog(self.redis, dedup_ttl_seconds=settings.dedup_ttl_seconds)
         self.leases = LeaseTable(self.redis, name, ttl_seconds=settings.lease_ttl_seconds)
         self.dead_letters = DeadLetters(self.redis)
