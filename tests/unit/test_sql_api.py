@@ -226,7 +226,7 @@ def test_a_statement_that_runs_past_the_timeout_is_cancelled_and_reported(
     )
     policy = RetryPolicy(sleep=sleep, clock=lambda: now[0], budget=RetryBudget(100))
     api = SnowpipeClient(settings(sql_timeout_seconds=5), policy=policy).sql()
-    with pytest.raises(e.RequestTimeoutError, match="still running after 1[0-9] s") as info:
+    with pytest.raises(e.RequestTimeoutError, match=r"still running after 1[0-9] s") as info:
         api.execute("SELECT 1")
     assert cancel.called
     assert "SNOWPIPE_SQL_TIMEOUT_SECONDS" in str(info.value)

@@ -315,8 +315,7 @@ class _Answer:
             ) from None
         if not isinstance(body, dict):
             raise ProtocolError(
-                f"the SQL API answered HTTP {response.status_code} with JSON that is not an "
-                "object",
+                f"the SQL API answered HTTP {response.status_code} with JSON that is not an object",
                 op=op,
                 status=response.status_code,
             )

@@ -1,0 +1,60 @@
+"""Dead letters get ids; which kinds `requeue` sends (row_errors only once the table is fixed)."""
+
+from __future__ import annotations
+
+import fakeredis
+
+from worker.deadletter import DeadLetter, DeadLetters
+
+
+def letter(batch_id: str, kind: str = "failed", **extra: object) -> DeadLetter:
+    return DeadLetter(
+        batch_id,
+        "DB",
+        "SC",
+        "T-STREAMING",
+        "why",
+        [{"ID": 1}],
+        kind=kind,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_a_letter_without_an_id_gets_one_and_a_given_id_is_kept(
+    fredis: fakeredis.FakeRedis,
+) -> None:
+    dead = DeadLetters(fredis)
+    dead.add(letter("a"))
+    dead.add(letter("b", letter_id="b-rejected-0123"))
+    a, b = (s.letter for s in dead.entries())
+    assert len(a.letter_id) == 32
+    assert b.letter_id == "b-rejected-0123"
+
+
+def test_a_letter_stored_before_ids_existed_reads_with_a_stable_id(
+    fredis: fakeredis.FakeRedis,
+) -> None:
+    dead = DeadLetters(fredis)
+    fredis.rpush(dead.key, letter("old").dumps())  # as an older worker stored it: no id
+    first = next(dead.entries()).letter.letter_id
+    assert first.startswith("letter-")
+    assert next(dead.entries()).letter.letter_id == first
+
+
+def test_row_errors_are_requeued_only_when_the_table_is_fixed_and_malformed_never(
+    fredis: fakeredis.FakeRedis,
+) -> None:
+    dead = DeadLetters(fredis)
+    for kind in ("failed", "row_errors", "malformed"):
+        dead.add(letter(kind, kind=kind))
+    sent: list[str] = []
+
+    def publish(x: DeadLetter) -> None:
+        sent.append(x.kind)
+
+    assert dead.requeue(publish) == (1, 2)
+    assert sent == ["failed"]
+    assert dead.requeue(publish, kind="row_errors", table_fixed=True) == (1, 0)
+    assert sent == ["failed", "row_errors"]
+    assert [s.letter.kind for s in dead.entries()] == ["malformed"]
+    assert dead.requeue(publish, table_fixed=True) == (0, 1)
