@@ -939,14 +939,19 @@ def doctor(
     from worker.doctor import run_doctor
 
     result = run_doctor(pipe or ())
+    styles = {"✓": "green", "!": "yellow", "✗": "red"}
     for check in result.results:
-        mark, style = ("✓", "green") if check.ok else ("✗", "red")
-        out.print(f"[{style}]{mark}[/] {check.name}: {check.detail}", highlight=False,
-                  soft_wrap=True)  # fmt: skip
-        if not check.ok and check.fix:
-            out.print(f"    fix: {check.fix}", highlight=False, soft_wrap=True)
+        mark = check.mark
+        out.print(f"[{styles[mark]}]{escape(mark)}[/] {escape(check.name)}: "
+                  f"{escape(check.detail)}", highlight=False, soft_wrap=True)  # fmt: skip
+        if (not check.ok or check.warning) and check.fix:
+            out.print(f"    fix: {escape(check.fix)}", highlight=False, soft_wrap=True)
     failed = sum(1 for check in result.results if not check.ok)
-    out.print(f"{len(result.results) - failed} passed, {failed} failed", highlight=False)
+    warned = sum(1 for check in result.results if check.ok and check.warning)
+    summary = f"{len(result.results) - failed} passed, {failed} failed"
+    if warned:
+        summary += f" ({warned} with a warning)"
+    out.print(summary, highlight=False)
     raise typer.Exit(0 if result.ok else 1)
 
 

@@ -600,7 +600,15 @@ class RowTooLargeError(EncodingError):
 
 class PipeTableUnknownError(SnowpipeWorkerError, ValueError):
     """The table a pipe loads cannot be found (not a default pipe, and DESCRIBE PIPE did not
-    tell); the message names the pipe and the setting that fixes it."""
+    tell); the message names the pipe (`what`) and the setting that fixes it (`fix`)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}: {fix}")
+        self.what = what
+        self.fix = fix
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what, self.fix))
 
 
 # --- Scrubbing ---------------------------------------------------------------------------------

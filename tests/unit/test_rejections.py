@@ -494,7 +494,7 @@ def test_an_unreadable_error_table_is_unavailable_with_the_fix_and_not_asked_for
 
 
 def test_a_pipe_whose_table_is_unknown_is_unavailable() -> None:
-    locator = FakeLocator(PipeTableUnknownError("pipe NAMED is not a default pipe: set X"))
+    locator = FakeLocator(PipeTableUnknownError("pipe NAMED is not a default pipe", "set X"))
     resolution = resolver(FakeReader([]), locator).resolve(REF, ENTRIES, 1)
     assert resolution.status == "unavailable"
     assert "not a default pipe" in resolution.reason

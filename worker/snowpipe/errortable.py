@@ -188,12 +188,12 @@ class TableLocator:
             "then its rejected rows are attributed to whole batches"
         )
         if self._sql is None:
-            raise PipeTableUnknownError(f"pipe {name} is not a default pipe: {fix}")
+            raise PipeTableUnknownError(f"pipe {name} is not a default pipe", fix)
         try:
             result = self._sql.execute(f"DESCRIBE PIPE {name}")
         except SqlStatementError as exc:
             raise PipeTableUnknownError(
-                f"DESCRIBE PIPE {name} failed ({exc.code}: {exc.message}): {fix}"
+                f"DESCRIBE PIPE {name} failed ({exc.code}: {exc.message})", fix
             ) from exc
         try:
             definition = result.rows[0][result.index("definition")] if result.rows else None
@@ -201,7 +201,7 @@ class TableLocator:
             definition = None
         target = copy_into_target(definition or "", database, schema)
         if target is None:
-            raise PipeTableUnknownError(f"DESCRIBE PIPE {name} shows no COPY INTO target: {fix}")
+            raise PipeTableUnknownError(f"DESCRIBE PIPE {name} shows no COPY INTO target", fix)
         return target
 
 
