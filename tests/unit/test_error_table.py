@@ -310,3 +310,36 @@ def test_a_pipe_whose_table_cannot_be_found_names_the_setting(mock: respx.MockRo
     assert "\n" not in text
     with pytest.raises(PipeTableUnknownError, match="not a default pipe"):
         TableLocator(None).table_of("DB", "SC", "NAMED")
+
+
+# --- Settings ------------------------------------------------------------------------------------
+
+
+def test_pipe_tables_name_a_table_per_pipe_quoted_names_included() -> None:
+    s = Settings(pipe_tables='DB.SC.NAMED=T, DB.SC."a.b"=X.Y."z,="')
+    assert s.pipe_tables_map() == {
+        ("DB", "SC", "NAMED"): ("DB", "SC", "T"),
+        ("DB", "SC", '"a.b"'): ("X", "Y", '"z,="'),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("pipe_tables", "DB.SC.P", "'DB.SC.P' is not DB.SCHEMA.PIPE=TABLE"),
+        ("pipe_tables", "P=T", "'P=T' is not DB.SCHEMA.PIPE=TABLE"),
+        ("pipe_tables", 'DB.SC."P=T', "unterminated double quote"),
+        ("error_table", "on", "SNOWPIPE_ERROR_TABLE"),
+        ("sql_timeout_seconds", "0", "SNOWPIPE_SQL_TIMEOUT_SECONDS"),
+    ],
+)
+def test_a_bad_error_table_setting_is_one_line_naming_it(name: str, value: str, says: str) -> None:
+    from worker.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as info:
+        load_settings(require_identity=False, **{name: value})
+    assert says in str(info.value)
+
+
+def test_a_blank_warehouse_is_the_users_default() -> None:
+    assert Settings(sql_warehouse="  ").sql_warehouse is None
