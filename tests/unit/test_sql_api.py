@@ -375,3 +375,23 @@ def test_the_sql_api_shares_the_snowpipe_clients_http_client_and_policy(sleeps: 
     assert api is client.sql()
     assert api.policy is client.policy
     assert api._http() is client.http
+
+
+def test_no_token_reaches_the_log_or_the_error(
+    mock: respx.MockRouter, sleeps: Sleeps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sent: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("Bearer ")
+        sent.append(token)
+        return httpx.Response(401, json={"code": "390144", "message": f"bad JWT {token}"})
+
+    mock.post(STATEMENTS).mock(side_effect=refuse)
+    with pytest.raises(e.InvalidJWTError) as info:
+        make_client(sleeps).sql().execute("SELECT 1")
+    logged = capsys.readouterr()
+    for token in sent:
+        assert token not in str(info.value)
+        assert token not in repr(info.value)
+        assert token not in logged.out + logged.err
