@@ -45,16 +45,27 @@ def test_row_errors_are_requeued_only_when_the_table_is_fixed_and_malformed_neve
     fredis: fakeredis.FakeRedis,
 ) -> None:
     dead = DeadLetters(fredis)
-    for kind in ("failed", "row_errors", "malformed"):
-        dead.add(letter(kind, kind=kind))
+    exact = {"rejected": [{"row": 3, "message": "NULL result", "code": "100072"}]}
+    dead.add(letter("failed"))
+    dead.add(letter("exact", kind="row_errors", detail=exact))
+    dead.add(letter("whole batch", kind="row_errors"))  # coarse: its other rows are committed
+    dead.add(letter("malformed", kind="malformed"))
     sent: list[str] = []
 
     def publish(x: DeadLetter) -> None:
-        sent.append(x.kind)
+        sent.append(x.batch_id)
 
-    assert dead.requeue(publish) == (1, 2)
+    assert dead.requeue(publish) == (1, 3)
     assert sent == ["failed"]
-    assert dead.requeue(publish, kind="row_errors", table_fixed=True) == (1, 0)
-    assert sent == ["failed", "row_errors"]
-    assert [s.letter.kind for s in dead.entries()] == ["malformed"]
-    assert dead.requeue(publish, table_fixed=True) == (0, 1)
+    assert dead.requeue(publish, kind="row_errors", table_fixed=True) == (1, 1)
+    assert sent == ["failed", "exact"]
+    assert [s.letter.batch_id for s in dead.entries()] == ["whole batch", "malformed"]
+    assert dead.requeue(publish, table_fixed=True) == (0, 2)
+
+
+def test_only_a_letter_holding_exactly_the_rejected_rows_is_exact() -> None:
+    one = {"rejected": [{"row": 0, "message": "m", "code": None}]}
+    assert letter("a", kind="row_errors", detail=one).exact_rows
+    assert not letter("a", kind="row_errors").exact_rows
+    assert not letter("a", kind="row_errors", detail={"rejected": []}).exact_rows
+    assert not letter("a", kind="failed", detail=one).exact_rows
