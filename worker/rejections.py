@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import orjson
 
@@ -120,54 +120,53 @@ class Resolution:
 # --- The mapping (pure) ------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Line:
+class _Line(NamedTuple):
     batch_id: str
     row: int
     offset: int
     raw: bytes  # stripped of surrounding whitespace
-    canon: Any = None
-    parsed: bool = False
 
 
 def _lines(entries: Sequence[Entry]) -> list[_Line]:
     """Every NDJSON line of `entries`, in offset order, with its row index in its batch."""
     out: list[_Line] = []
     for entry in sorted(entries, key=lambda e: e.offset):
-        row = entry.first_row
-        for line in entry.data.split(b"\n"):
-            stripped = line.strip()
-            if not stripped:
-                continue
-            out.append(_Line(entry.batch_id, row, entry.offset, stripped))
-            row += 1
+        batch_id, offset = entry.batch_id, entry.offset
+        stripped = [line for line in (x.strip() for x in entry.data.split(b"\n")) if line]
+        out.extend(
+            _Line(batch_id, row, offset, line)
+            for row, line in enumerate(stripped, start=entry.first_row)
+        )
     return out
 
 
-def _canon(value: Any) -> Any:  # noqa: PLR0911 - one return per JSON type
-    """A hashable form of a parsed JSON value in which equal JSON values are equal."""
-    if value is None:
-        return ("null",)
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, int | float | Decimal):
-        return ("num", Decimal(value) if not isinstance(value, float) else value)
-    if isinstance(value, str):
-        return ("str", value)
-    if isinstance(value, list):
-        return ("list", tuple(_canon(v) for v in value))
-    if isinstance(value, dict):
-        return ("obj", frozenset((k, _canon(v)) for k, v in value.items()))
-    return ("other", repr(value))
-
-
+# Numbers as decimals (`1.10` equals `1.1`, 2**70 stays exact); one decoder for every line.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
+# Booleans stand for themselves only: True == Decimal(1) in Python, `true` is not `1` in JSON.
+_TRUE, _FALSE = object(), object()
 _NOT_JSON = object()
 
 
+def _canon(value: Any) -> Any:
+    """A hashable form of a decoded JSON value in which equal JSON values are equal: objects as
+    frozensets of pairs, arrays as tuples, booleans as two markers; strings, decimals and null as
+    they are (none of these forms equals another)."""
+    if isinstance(value, dict):
+        return frozenset((k, _canon(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_canon(v) for v in value)
+    if value is True:
+        return _TRUE
+    if value is False:
+        return _FALSE
+    return value
+
+
 def _parse(raw: bytes) -> Any:
+    """The canonical form of a JSON text (`_NOT_JSON` when it is not JSON)."""
     try:
-        return _canon(json.loads(raw, parse_float=Decimal))
-    except (ValueError, RecursionError):
+        return _canon(_DECODER.decode(raw.decode("utf-8")))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
         return _NOT_JSON
 
 
