@@ -35,7 +35,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -127,17 +127,13 @@ class _Line(NamedTuple):
     raw: bytes  # stripped of surrounding whitespace
 
 
-def _lines(entries: Sequence[Entry]) -> list[_Line]:
-    """Every NDJSON line of `entries`, in offset order, with its row index in its batch."""
-    out: list[_Line] = []
-    for entry in sorted(entries, key=lambda e: e.offset):
+def _scan(entries: Sequence[Entry]) -> Iterator[_Line]:
+    """Every NDJSON line of `entries` (in offset order), with its row index in its batch."""
+    for entry in entries:
         batch_id, offset = entry.batch_id, entry.offset
-        stripped = [line for line in (x.strip() for x in entry.data.split(b"\n")) if line]
-        out.extend(
-            _Line(batch_id, row, offset, line)
-            for row, line in enumerate(stripped, start=entry.first_row)
-        )
-    return out
+        lines = (line for line in (x.strip() for x in entry.data.split(b"\n")) if line)
+        for row, line in enumerate(lines, start=entry.first_row):
+            yield _Line(batch_id, row, offset, line)
 
 
 # Numbers as decimals (`1.10` equals `1.1`, 2**70 stays exact); one decoder for every line.
@@ -188,46 +184,57 @@ def _sort_key(row: ErrorRow) -> tuple[Any, ...]:
 
 
 class _Matcher:
-    """The lines of some entries, and which of them an error row has taken."""
+    """The lines of some entries, and which of them an error row has taken.
 
-    def __init__(self, entries: Sequence[Entry]) -> None:
-        self.lines = _lines(entries)
-        self.used = [False] * len(self.lines)
-        self.by_bytes: dict[bytes, list[int]] = {}
-        for i, line in enumerate(self.lines):
-            self.by_bytes.setdefault(line.raw, []).append(i)
-        self._by_canon: dict[Any, list[int]] | None = None
+    Lines are indexed by their bytes only where an error row's payload has those bytes; the
+    looser ways (the same JSON value, a prefix) read every line, and only when a row needs them.
+    """
 
-    def take(self, candidates: Iterable[int], lower: int, upper: int) -> int | None:
+    def __init__(self, entries: Sequence[Entry], payloads: set[bytes]) -> None:
+        self._entries = sorted(entries, key=lambda e: e.offset)
+        self.used: set[tuple[int, int]] = set()
+        self.by_bytes: dict[bytes, list[_Line]] = {}
+        for line in _scan(self._entries):
+            if line.raw in payloads:
+                self.by_bytes.setdefault(line.raw, []).append(line)
+        self._all: list[_Line] | None = None
+        self._by_canon: dict[Any, list[_Line]] | None = None
+
+    @property
+    def lines(self) -> list[_Line]:
+        """Every line (read on first use)."""
+        if self._all is None:
+            self._all = list(_scan(self._entries))
+        return self._all
+
+    def take(self, candidates: Iterable[_Line], lower: int, upper: int) -> _Line | None:
         """The first candidate line not yet taken whose entry lies within [lower, upper]."""
-        for i in candidates:
-            if not self.used[i] and lower <= self.lines[i].offset <= upper:
-                self.used[i] = True
-                return i
+        for line in candidates:
+            key = (line.offset, line.row)
+            if key not in self.used and lower <= line.offset <= upper:
+                self.used.add(key)
+                return line
         return None
 
-    def same_bytes(self, payload: bytes, lower: int, upper: int) -> int | None:
+    def same_bytes(self, payload: bytes, lower: int, upper: int) -> _Line | None:
         return self.take(self.by_bytes.get(payload, ()), lower, upper)
 
-    def same_json(self, payload: bytes, lower: int, upper: int) -> int | None:
+    def same_json(self, payload: bytes, lower: int, upper: int) -> _Line | None:
         canon = _parse(payload)
         if canon is _NOT_JSON:
             return None
         if self._by_canon is None:  # parsed once, on the first row that needs it
             self._by_canon = {}
-            for j, line in enumerate(self.lines):
+            for line in self.lines:
                 key = _parse(line.raw)
                 if key is not _NOT_JSON:
-                    self._by_canon.setdefault(key, []).append(j)
+                    self._by_canon.setdefault(key, []).append(line)
         return self.take(self._by_canon.get(canon, ()), lower, upper)
 
-    def prefix(self, payload: bytes, lower: int, upper: int) -> int | None:
+    def prefix(self, payload: bytes, lower: int, upper: int) -> _Line | None:
         if not payload:
             return None
-        lines = self.lines
-        return self.take(
-            (j for j, line in enumerate(lines) if line.raw.startswith(payload)), lower, upper
-        )
+        return self.take((x for x in self.lines if x.raw.startswith(payload)), lower, upper)
 
 
 def match_error_rows(
@@ -237,8 +244,7 @@ def match_error_rows(
 
     The status is "complete" when at least `expected` rows were matched, else "short".
     """
-    matcher = _Matcher(entries)
-    found: dict[int, ErrorRow] = {}
+    found: dict[_Line, ErrorRow] = {}
     unmatched: list[ErrorRow] = []
     pending: list[tuple[ErrorRow, bytes, int, int]] = []
     for row in sorted(error_rows, key=_sort_key):
@@ -247,6 +253,7 @@ def match_error_rows(
             unmatched.append(row)
         else:
             pending.append((row, payload, *bounds))
+    matcher = _Matcher(entries, {payload for _, payload, _, _ in pending})
     # Each way in turn, for every row, before the next way may take a line: an exact match is
     # never taken away by a looser one.
     ways = (matcher.same_bytes, matcher.same_json, matcher.prefix)
@@ -258,18 +265,17 @@ def match_error_rows(
             ):
                 rest.append((row, payload, lower, upper))  # JSON of whole rows; prefixes of cut
                 continue
-            i = way(payload, lower, upper)
-            if i is None:
+            line = way(payload, lower, upper)
+            if line is None:
                 rest.append((row, payload, lower, upper))
             else:
-                found[i] = row
+                found[line] = row
         pending = rest
         if n == len(ways) - 1:
             unmatched.extend(row for row, *_ in rest)
-    lines = matcher.lines
     rejected: dict[str, list[Rejection]] = {}
-    for i in sorted(found, key=lambda j: (lines[j].offset, lines[j].row)):
-        line, row = lines[i], found[i]
+    for line in sorted(found, key=lambda x: (x.offset, x.row)):
+        row = found[line]
         rejected.setdefault(line.batch_id, []).append(
             Rejection(line.row, _one_line(row.message), row.code, row.column, line.offset, line.raw)
         )
