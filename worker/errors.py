@@ -48,6 +48,9 @@ The tree (the module that raises it, or re-exports it for its callers, in bracke
     │                                   [defined in worker.delivery.pump]
     ├── PipeTableUnknownError (ValueError)  the table a pipe loads cannot be found: name it
     │                                   in SNOWPIPE_PIPE_TABLES [worker.snowpipe.errortable]
+    ├── ErrorTableUnavailableError      no error table can name the rejected rows (off, no
+    │                                   table, not readable): attribute them coarsely
+    │                                   [worker.rejections]
     └── SnowpipeError                   what Snowflake (or the way to it) answered: status, code,
         │                               message, request_id, op [worker.snowpipe.errors]
         ├── RetryableError              transient: the RetryPolicy retries it with backoff
@@ -128,6 +131,7 @@ __all__ = [
     "DeadLettered",
     "EmptyBatchError",
     "EncodingError",
+    "ErrorTableUnavailableError",
     "ForbiddenError",
     "InvalidBatchError",
     "InvalidJWTError",
@@ -596,6 +600,11 @@ class RowTooLargeError(EncodingError):
 
 
 # --- Error tables ------------------------------------------------------------------------------
+
+
+class ErrorTableUnavailableError(SnowpipeWorkerError):
+    """No error table can name the rows Snowflake rejected (SNOWPIPE_ERROR_TABLE=off, no table
+    known for the pipe, error logging off, no privilege): the message says why, in one line."""
 
 
 class PipeTableUnknownError(SnowpipeWorkerError, ValueError):

@@ -7,14 +7,15 @@ the request it came in and the row's text as sent (worker.snowpipe.errortable). 
 those rows back to the log entries of the requests, and so to a batch and a row index, and builds
 the dead letters that hold exactly the rejected rows.
 
-The pump's interface (docs/architecture.md#rejected-rows):
+The pump's interface (docs/architecture.md#rejected-rows): `ErrorTableAttribution` is the
+`ExactAttribution` of worker.delivery.rowerrors (its `letters(ref, window, entries)`), built on
 
     resolver = RowErrorResolver.from_settings(settings, snowpipe_client)
     resolution = resolver.resolve(ref, entries, expected)   # never raises Snowflake's errors
     if resolution.status == "complete":
         for letter in rejected_letters(ref, resolution): dead_letters.add(letter)
     elif resolution.status == "short":        # not all in the error table yet: ask again later
-        ...                                   # (after SNOWPIPE_ERROR_TABLE_WAIT_SECONDS: coarse)
+        ...                                   # (after a deadline: coarse)
     else:  # "unavailable": error logging off, no table, SNOWPIPE_ERROR_TABLE=off: coarse now
 
 The mapping (`match_error_rows`, pure): an error row belongs to the entries whose offsets lie
@@ -44,6 +45,7 @@ import orjson
 
 from worker.deadletter import DeadLetter
 from worker.errors import (
+    ErrorTableUnavailableError,
     PipeTableUnknownError,
     RetryableError,
     SnowpipeError,
@@ -55,7 +57,7 @@ from worker.snowpipe.errortable import ErrorRow, ErrorTableReader, TableLocator,
 
 if TYPE_CHECKING:
     from worker.delivery.channels import ChannelRef
-    from worker.delivery.log import Entry
+    from worker.delivery.log import Entry, HeldWindow
     from worker.settings import Settings
     from worker.snowpipe.client import SnowpipeClient
 
@@ -340,7 +342,7 @@ def rejected_letters(ref: ChannelRef, resolution: Resolution) -> list[DeadLetter
             "channel": ref.channel,
             "offsets": sorted({r.offset for r in rejections}),
             "rejected": rejected,
-            "source": "error_table",
+            "attribution": "error_table",
         }
         if unparsed:
             detail["unparsed_lines"] = unparsed
@@ -376,14 +378,12 @@ class RowErrorResolver:
         *,
         off_reason: str = "",
         recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
-        wait_seconds: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._reader = reader
         self._locator = locator
         self._off_reason = off_reason or "error tables are not read"
         self.recheck_seconds = recheck_seconds
-        self.wait_seconds = wait_seconds  # SNOWPIPE_ERROR_TABLE_WAIT_SECONDS, for the caller
         self._clock = clock
         self._down: dict[object, tuple[float, str]] = {}
         self._lock = threading.Lock()
@@ -392,18 +392,9 @@ class RowErrorResolver:
     def from_settings(cls, settings: Settings, client: SnowpipeClient) -> RowErrorResolver:
         """The resolver of SNOWPIPE_ERROR_TABLE (auto: through `client.sql()`; off: none)."""
         if settings.error_table == "off":
-            return cls(
-                None,
-                None,
-                off_reason="SNOWPIPE_ERROR_TABLE=off",
-                wait_seconds=settings.error_table_wait_seconds,
-            )
+            return cls(None, None, off_reason="SNOWPIPE_ERROR_TABLE=off")
         sql = client.sql()
-        return cls(
-            ErrorTableReader(sql),
-            TableLocator(sql, settings.pipe_tables_map()),
-            wait_seconds=settings.error_table_wait_seconds,
-        )
+        return cls(ErrorTableReader(sql), TableLocator(sql, settings.pipe_tables_map()))
 
     @property
     def enabled(self) -> bool:
@@ -493,4 +484,39 @@ class RowErrorResolver:
         return reason
 
 
-__all__ += ["DEFAULT_RECHECK_SECONDS", "Status", "TableName"]
+
+class ErrorTableAttribution:
+    """The pump's exact attribution of a held window (worker.delivery.rowerrors
+    `ExactAttribution`): the window's rejected rows from the error table, as letters.
+
+    `letters` returns the letters when every row the window counted was found, None while some
+    are not in the error table yet (the pump asks again, and attributes coarsely after its
+    deadline), and raises `ErrorTableUnavailableError` when no error table can tell (the pump
+    attributes coarsely at once).
+    """
+
+    def __init__(self, resolver: RowErrorResolver) -> None:
+        self.resolver = resolver
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: SnowpipeClient
+    ) -> ErrorTableAttribution | None:
+        """The attribution of SNOWPIPE_ERROR_TABLE: None when it is off (coarse only)."""
+        if settings.error_table == "off":
+            return None
+        return cls(RowErrorResolver.from_settings(settings, client))
+
+    def letters(
+        self, ref: ChannelRef, window: HeldWindow, entries: Sequence[Entry]
+    ) -> list[DeadLetter] | None:
+        """The window's row_errors letters (see the class docstring)."""
+        resolution = self.resolver.resolve(ref, entries, window.errors)
+        if resolution.status == "complete":
+            return rejected_letters(ref, resolution)
+        if resolution.status == "short":
+            return None
+        raise ErrorTableUnavailableError(resolution.reason)
+
+
+__all__ += ["DEFAULT_RECHECK_SECONDS", "ErrorTableAttribution", "Status", "TableName"]

@@ -60,8 +60,6 @@ DEFAULT_APPEND_LINGER_SECONDS = 1.0  # like the SDK's max client lag: a batch wa
 DEFAULT_STATE_OUTAGE_SECONDS = 300.0  # tasks ride out a state-store outage this long (failover)
 DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
 DEFAULT_SQL_TIMEOUT_SECONDS = 60.0  # a SQL API statement (the error-table query) may run this long
-# How long rejected rows may take to show in the error table before they are attributed coarsely.
-DEFAULT_ERROR_TABLE_WAIT_SECONDS = 120.0
 
 _LOOPBACK_NAMES = {"localhost"}
 
@@ -186,7 +184,6 @@ class Settings(BaseSettings):
     error_table: Literal["auto", "off"] = "auto"
     sql_warehouse: str | None = None  # the warehouse of the query (default: the user's default)
     sql_timeout_seconds: float = Field(DEFAULT_SQL_TIMEOUT_SECONDS, gt=0, le=604800)
-    error_table_wait_seconds: float = Field(DEFAULT_ERROR_TABLE_WAIT_SECONDS, ge=0)
     # The tables of pipes that are neither default pipes nor readable with DESCRIBE PIPE.
     pipe_tables: str = ""
 

@@ -59,7 +59,7 @@ def entries_of(batches: Sequence[tuple[str, list[dict[str, Any]]]], first: int) 
     for batch_id, rows in batches:
         start = 0
         for count, data in encode_pieces(rows, compression="none", max_request_bytes=4096):
-            entries.append(Entry(offset, batch_id, count, data, 0, start))
+            entries.append(Entry(offset, batch_id, count, data, 0, first_row=start))
             offset, start = offset + 1, start + count
     return entries
 

@@ -16,14 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.delivery.channels import ChannelRef
-from worker.delivery.log import Entry
+from worker.delivery.log import Entry, HeldWindow
+from worker.delivery.rowerrors import ExactAttribution
 from worker.errors import (
+    ErrorTableUnavailableError,
     PipeTableUnknownError,
     RateLimitedError,
     SqlNoWarehouseError,
     SqlObjectNotFoundError,
 )
 from worker.rejections import (
+    ErrorTableAttribution,
     Resolution,
     RowErrorResolver,
     _parse,
@@ -39,7 +42,7 @@ REF = ChannelRef("DB", "SC", "T-STREAMING", "snowpipe_0")
 
 def entry(offset: int, batch_id: str, rows: Sequence[dict[str, Any]], first_row: int = 0) -> Entry:
     data = b"".join(encode_line(r, i) for i, r in enumerate(rows))
-    return Entry(offset, batch_id, len(rows), data, 0, first_row)
+    return Entry(offset, batch_id, len(rows), data, 0, first_row=first_row)
 
 
 def rejected(
@@ -509,3 +512,30 @@ def test_with_error_tables_off_nothing_is_read() -> None:
         2,
     )
     assert not off.enabled
+
+
+# --- The pump's exact attribution ----------------------------------------------------------------
+
+
+def window(errors: int) -> HeldWindow:
+    return HeldWindow(after=9, upto=12, errors=errors, upper_bound="12", message="m", total=7)
+
+
+def test_the_pumps_attribution_gives_letters_none_while_short_and_raises_when_unavailable() -> None:
+    reader = FakeReader([[], [rejected({"ID": None}, 10, 12)]])
+    exact: ExactAttribution = ErrorTableAttribution(resolver(reader))
+    assert exact.letters(REF, window(1), ENTRIES) is None  # not in the error table yet
+    (letter,) = exact.letters(REF, window(1), ENTRIES) or []
+    assert (letter.batch_id, letter.kind, letter.rows) == ("a", "row_errors", [{"ID": None}])
+    assert letter.detail["attribution"] == "error_table"
+    unavailable = ErrorTableAttribution(
+        resolver(FakeReader([SqlObjectNotFoundError("no error table", status=422, code="002003")]))
+    )
+    with pytest.raises(ErrorTableUnavailableError, match="SET ERROR_LOGGING = TRUE"):
+        unavailable.letters(REF, window(1), ENTRIES)
+
+
+def test_with_error_tables_off_the_pump_gets_no_exact_attribution() -> None:
+    from worker.settings import Settings
+
+    assert ErrorTableAttribution.from_settings(Settings(error_table="off"), None) is None  # type: ignore[arg-type]
