@@ -3,6 +3,8 @@
     snowpipe-worker publish --database D --schema S --pipe P [--batch-rows N] [--id-prefix P]
                             [--wait [--timeout S]] FILE|-      # a re-run commits each row once
     snowpipe-worker dead-letters list|requeue|drop [--batch-id ID] [--json]
+    snowpipe-worker dead-letters export [--batch-id ID] [--kind K] [--sources F] FILE|-
+    snowpipe-worker dead-letters requeue --kind row_errors --table-fixed
     snowpipe-worker stats
     snowpipe-worker status [--json] [--no-snowflake]     # channels, queues, token, dead letters
     snowpipe-worker doctor [--pipe DB.SCHEMA.PIPE ...]   # every check, one line each; exit 0/1
@@ -15,7 +17,6 @@ The worker itself is `celery -A worker worker` (and one `celery -A worker beat`)
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import shutil
@@ -498,57 +499,185 @@ def dead_list(
     out.print(f"{len(listed)} dead letter(s){where}")
 
 
+KINDS = ("failed", "row_errors", "malformed")
+
+
+def _export_rows(letters: list[Any], stream: IO[bytes], side: IO[bytes] | None) -> tuple[int, int]:
+    """Write the letters' rows to `stream` (and where each came from to `side`); (rows written,
+    letters without rows)."""
+    from worker.snowpipe.encoding import to_json
+
+    exported = without_rows = 0
+    for letter in letters:
+        if not letter.rows:
+            without_rows += 1
+            continue
+        rejected = letter.detail.get("rejected") if letter.exact_rows else None
+        for k, row in enumerate(letter.rows):
+            exported += 1
+            stream.write(to_json(row) + b"\n")
+            if side is None:
+                continue
+            why = rejected[k] if rejected else {"row": k, "message": letter.reason}
+            source = {
+                "line": exported,
+                "letter_id": letter.letter_id,
+                "batch_id": letter.batch_id,
+                "kind": letter.kind,
+                "database": letter.database,
+                "schema": letter.schema,
+                "pipe": letter.pipe,
+                "row": why.get("row", k),
+                "message": why.get("message"),
+                "code": why.get("code"),
+                "column": why.get("column"),
+            }
+            side.write(to_json(source) + b"\n")
+    return exported, without_rows
+
+
+def _kind(kind: str | None) -> Any:
+    if kind is not None and kind not in KINDS:
+        raise _fail(f"--kind {kind!r} is not a dead-letter kind: use one of {', '.join(KINDS)}", 2)
+    return kind
+
+
 @dead_app.command("requeue")
 @_edge
 def dead_requeue(
     batch_id: Annotated[str | None, typer.Option(help="only this batch (default: all)")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="only this kind: failed or row_errors (default: both)")
+    ] = None,
+    table_fixed: Annotated[
+        bool,
+        typer.Option(
+            "--table-fixed",
+            help="the table now accepts the rows Snowflake rejected: send row_errors letters' "
+            "rows (exactly the rejected ones) once",
+        ),
+    ] = False,
 ) -> None:
     """Publish dead letters again, the broker's dead-letter queue's too (same batch id: nothing
-    committed is sent twice)."""
-    from worker.deadletter import BrokerDeadLetter, DeadLetter
+    committed is sent twice). A row_errors letter is sent only with --table-fixed, under its
+    letter id as batch id, and only when it holds exactly the rejected rows."""
+    from worker.deadletter import BrokerDeadLetter, DeadLetter, Kind
     from worker.publish import Publisher
 
+    kind = _kind(kind)
     dead = _dead_letters()
     broker = _broker_dead_letters()
+    letters = [s.letter for s in dead.entries(batch_id=batch_id)]
+    row_errors = [x for x in letters if x.kind == "row_errors" and kind in (None, "row_errors")]
+    coarse = [x for x in row_errors if not x.exact_rows]
+    malformed = sum(1 for x in letters if x.kind == "malformed" and kind in (None, "malformed"))
     publisher = Publisher(_settings())
 
     def republish(letter: DeadLetter | BrokerDeadLetter) -> None:
         # A letter of the state store is requeued as itself: the channel log logs it once
-        # (requeue_of names the letter), and never a late copy of the original message.
+        # (requeue_of names the letter), and never a late copy of the original message. The
+        # rejected rows of a row_errors letter are a batch of their own, whose id is the
+        # letter id: a second requeue of the same letter is a duplicate the channel log drops.
+        batch = letter.batch_id
+        if isinstance(letter, DeadLetter) and letter.kind == "row_errors":
+            batch = letter.letter_id
         publisher.publish(
             letter.rows,
             database=letter.database,
             schema=letter.schema,
             pipe=letter.pipe,
-            batch_id=letter.batch_id,
+            batch_id=batch,
             requeue_of=letter.letter_id if isinstance(letter, DeadLetter) else None,
         )
 
-    held_back = collections.Counter(
-        s.letter.kind for s in dead.entries(batch_id=batch_id) if s.letter.kind != "failed"
-    )
+    kinds: tuple[Kind, ...] = ("failed", "row_errors") if table_fixed else ("failed",)
+    if kind is not None:
+        kinds = tuple(k for k in kinds if k == kind)
     try:
-        requeued, _ = dead.requeue(republish, batch_id=batch_id)
-        moved, kept = broker.requeue(republish, batch_id=batch_id)
+        requeued, _ = dead.requeue(republish, batch_id=batch_id, kinds=kinds)
+        moved = kept = 0
+        if kind is None:
+            moved, kept = broker.requeue(republish, batch_id=batch_id)
     finally:
         publisher.close()
     out.print(f"requeued {requeued + moved} batch(es)")
     if moved:
         out.print(f"({moved} of them from the broker's dead-letter queue {broker.name})")
-    if held_back["row_errors"]:
+    if row_errors and not table_fixed:
         out.print(
-            f"kept {held_back['row_errors']} row_errors letter(s): those batches were committed; "
-            "requeueing would duplicate their good rows (drop them when inspected)"
+            f"kept {len(row_errors)} row_errors letter(s): Snowflake rejected those rows and "
+            "committed the rest of their batches. Once the table accepts them, "
+            "`dead-letters requeue --kind row_errors --table-fixed` sends them once; or "
+            "`dead-letters export`, fix the rows and publish them (docs/operations.md)",
+            soft_wrap=True,
         )
-    if held_back["malformed"]:
+    elif coarse:
         out.print(
-            f"kept {held_back['malformed']} malformed letter(s): those messages are not batches "
-            "(inspect them with `dead-letters list --json`, then drop them)"
+            f"kept {len(coarse)} row_errors letter(s) that hold whole batches (no error table "
+            "told which rows were rejected; their other rows are committed): export them, keep "
+            "the rejected rows and publish those",
+            soft_wrap=True,
+        )
+    if malformed:
+        out.print(
+            f"kept {malformed} malformed letter(s): those messages are not batches (inspect "
+            "them with `dead-letters list --json`, then drop them)",
+            soft_wrap=True,
         )
     if kept:
         out.print(
             f"kept {kept} message(s) in {broker.name}: not ingest batches, or rows that cannot "
             "be published (see `dead-letters list --rows`)"
+        )
+
+
+@dead_app.command("export")
+@_edge
+def dead_export(
+    target: Annotated[str, typer.Argument(help="NDJSON file to write, or - for stdout")] = "-",
+    batch_id: Annotated[str | None, typer.Option(help="only this batch")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="only this kind: failed, row_errors or malformed")
+    ] = None,
+    pipe: Annotated[str | None, typer.Option(help="only letters for DATABASE.SCHEMA.PIPE")] = None,
+    sources: Annotated[
+        Path | None,
+        typer.Option(
+            help="also write this NDJSON file: line N says which letter, batch and row line N "
+            "of the export came from, and why it was dead-lettered"
+        ),
+    ] = None,
+) -> None:
+    """Write the rows of dead letters as NDJSON, one row per line, to fix and publish again."""
+    kind = _kind(kind)
+    if pipe is not None and len([p for p in pipe.split(".") if p]) != 3:
+        raise _fail(f"--pipe {pipe!r} is not DATABASE.SCHEMA.PIPE", 2)
+    letters = [
+        s.letter
+        for s in _dead_letters().entries(batch_id=batch_id)
+        if (kind is None or s.letter.kind == kind)
+        and (pipe is None or f"{s.letter.database}.{s.letter.schema}.{s.letter.pipe}" == pipe)
+    ]
+    with contextlib.ExitStack() as files:
+        stream = (
+            sys.stdout.buffer if target == "-" else files.enter_context(Path(target).open("wb"))
+        )
+        side = files.enter_context(sources.open("wb")) if sources is not None else None
+        exported, without_rows = _export_rows(letters, stream, side)
+        stream.flush()
+    where = "standard output" if target == "-" else target
+    console.print(
+        f"exported {exported} row(s) of {len(letters) - without_rows} dead letter(s) to {where}"
+        + (f" (sources in {sources})" if sources is not None else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if without_rows:
+        console.print(
+            f"{without_rows} letter(s) have no rows (malformed messages: see "
+            "`dead-letters list --json` for their raw bodies)",
+            highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -828,14 +957,19 @@ def doctor(
     from worker.doctor import run_doctor
 
     result = run_doctor(pipe or ())
+    styles = {"✓": "green", "!": "yellow", "✗": "red"}
     for check in result.results:
-        mark, style = ("✓", "green") if check.ok else ("✗", "red")
-        out.print(f"[{style}]{mark}[/] {check.name}: {check.detail}", highlight=False,
-                  soft_wrap=True)  # fmt: skip
-        if not check.ok and check.fix:
-            out.print(f"    fix: {check.fix}", highlight=False, soft_wrap=True)
+        mark = check.mark
+        out.print(f"[{styles[mark]}]{escape(mark)}[/] {escape(check.name)}: "
+                  f"{escape(check.detail)}", highlight=False, soft_wrap=True)  # fmt: skip
+        if (not check.ok or check.warning) and check.fix:
+            out.print(f"    fix: {escape(check.fix)}", highlight=False, soft_wrap=True)
     failed = sum(1 for check in result.results if not check.ok)
-    out.print(f"{len(result.results) - failed} passed, {failed} failed", highlight=False)
+    warned = sum(1 for check in result.results if check.ok and check.warning)
+    summary = f"{len(result.results) - failed} passed, {failed} failed"
+    if warned:
+        summary += f" ({warned} with a warning)"
+    out.print(summary, highlight=False)
     raise typer.Exit(0 if result.ok else 1)
 
 

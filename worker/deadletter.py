@@ -12,9 +12,11 @@ a late copy of the original message is then not logged again, while the letter's
 batch under its own id, `requeue_of=<letter id>`) is, once. Kinds:
 
 - "failed": never committed; requeued as its own batch id.
-- "row_errors": committed except the rows Snowflake rejected (reported in the channel status);
-  not requeued by default (that would duplicate the good rows it holds when the attribution is
-  coarse).
+- "row_errors": committed except the rows Snowflake rejected. Found in the table's error table
+  (worker/rejections.py), the letter holds exactly the rejected rows, and is requeued once the
+  operator says the table was fixed (`requeue --table-fixed`), under its letter id as batch id;
+  attributed coarsely (from the channel status), it holds whole batches and is never requeued
+  (that would duplicate the good rows).
 - "malformed": a message on the queue that was not a valid batch (worker/intake.py): `raw` keeps
   its body as received (text, or base64 when `detail["raw_encoding"]` is "base64"), `rows` is
   empty, and it is never requeued (there is no batch to send; fix the producer).
@@ -65,6 +67,18 @@ class DeadLetter:
     detail: dict[str, Any] = field(default_factory=dict)
     letter_id: str = ""  # unique id of the letter
     raw: str | None = None  # "malformed": the message body as received
+
+    @property
+    def exact_rows(self) -> bool:
+        """True for a row_errors letter that holds exactly the rows Snowflake rejected (found in
+        the table's error table: `detail["rejected"][k]` describes `rows[k]`), not a whole batch
+        whose other rows were committed."""
+        rejected = self.detail.get("rejected")
+        return (
+            self.kind == "row_errors"
+            and isinstance(rejected, list)
+            and len(rejected) == len(self.rows) > 0
+        )
 
     @classmethod
     def of(
@@ -226,13 +240,17 @@ class DeadLetters:
     ) -> tuple[int, int]:
         """Publish the letters of `kinds` again and remove them; (requeued, skipped).
 
-        `publish` sends a "failed" letter as its batch with `requeue_of=letter.letter_id`.
-        Publish first, then remove: a crash in between leaves the letter, and a second requeue
-        is answered "already logged" by the channel log (never logged twice).
+        `publish` sends a "failed" letter as its batch with `requeue_of=letter.letter_id`, a
+        "row_errors" letter (the operator fixed the table) as a batch of its own whose id is
+        the letter id. A "row_errors" letter is requeued only when it holds exactly the rejected
+        rows (`exact_rows`): a whole batch would duplicate its committed rows. Publish first,
+        then remove: a crash in between leaves the letter, and a second requeue is answered
+        "already logged" by the channel log (never logged twice).
         """
         requeued = skipped = 0
         for stored in list(self.entries(batch_id=batch_id)):
-            if stored.letter.kind not in kinds:
+            letter = stored.letter
+            if letter.kind not in kinds or (letter.kind == "row_errors" and not letter.exact_rows):
                 skipped += 1
                 continue
             publish(stored.letter)

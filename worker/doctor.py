@@ -13,6 +13,13 @@ the fix. In order (a check that cannot run because an earlier one failed is skip
                         key, account and user there without issuing a token)
     pipe D.S.P          each pipe of --pipe / SNOWPIPE_PIPES: bulk channel status with a probe
                         channel (the pipe exists and the role may use it)
+    SQL API             with SNOWPIPE_ERROR_TABLE=auto and pipes to check (not at worker start):
+                        Snowflake's SQL API runs a query with the key-pair JWT (a warehouse:
+                        SNOWPIPE_SQL_WAREHOUSE or the user's default)
+    error table of D.S.P  each pipe's table (worker.snowpipe.errortable) has a readable error
+                        table; when error logging is off it says how to turn it on and that
+                        rejected rows are attributed to whole batches until then (a warning: the
+                        pipe works without it)
     broker              SNOWPIPE_BROKER_URL accepts a connection
     state store         SNOWPIPE_STATE_URL answers PING
     state persistence   the state Redis writes an AOF (appendonly yes; `always` recommended);
@@ -20,6 +27,8 @@ the fix. In order (a check that cannot run because an earlier one failed is skip
     state replication   the primary (through Sentinel with a sentinel:// URL), its replicas and
                         their lag; fails when fewer replicas are online than
                         SNOWPIPE_STATE_MIN_REPLICAS, or when the URL reaches a replica
+
+A check that passed with a `warning` is shown with `!` and its fix; it does not fail the run.
 
 Nothing here prints or logs a token, key or passphrase: messages name settings and files only.
 """
@@ -51,6 +60,7 @@ DOCTOR_OVERRIDES: dict[str, Any] = {
     "http_timeout_seconds": 10.0,
     "http_connect_timeout_seconds": HTTP_TIMEOUT_SECONDS,
     "refresh_wait_timeout_seconds": 10.0,
+    "sql_timeout_seconds": 30.0,
 }
 
 _log = get_logger("worker.doctor")
@@ -64,12 +74,19 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # passed, but something is worth fixing (shown with `!` and the fix)
+
+    @property
+    def mark(self) -> str:
+        """✓ passed, ! passed with a warning, ✗ failed."""
+        if not self.ok:
+            return "✗"
+        return "!" if self.warning else "✓"
 
     def line(self) -> str:
-        """`✓ name: detail`, or `✗ name: detail -> fix`."""
-        mark = "✓" if self.ok else "✗"
-        text = f"{mark} {self.name}: {self.detail}"
-        if not self.ok and self.fix:
+        """`✓ name: detail`, or `✗ name: detail -> fix` (`!` for a warning, with its fix)."""
+        text = f"{self.mark} {self.name}: {self.detail}"
+        if (not self.ok or self.warning) and self.fix:
             text += f"\n    fix: {self.fix}"
         return text
 
@@ -132,8 +149,9 @@ class Doctor:
             client = self._snowflake(s, minter)
             if client is not None:
                 try:
-                    for pipe in pipes:
-                        self._pipe(client, pipe)
+                    found = [pipe for pipe in pipes if self._pipe(client, pipe)]
+                    if not self.startup:
+                        self._error_tables(client, found)
                 finally:
                     client.close()
         self._broker(s)
@@ -257,7 +275,7 @@ class Doctor:
         self._add(Check(name, True, detail))
         return client
 
-    def _pipe(self, client: SnowpipeClient, name: str) -> None:
+    def _pipe(self, client: SnowpipeClient, name: str) -> bool:
         from worker.snowpipe.errors import PipeNotFoundError
 
         label = f"pipe {name}"
@@ -265,7 +283,7 @@ class Doctor:
             database, schema, pipe = parse_pipe(name)
         except ValueError as exc:
             self._add(Check(label, False, str(exc), "name it as DATABASE.SCHEMA.PIPE"))
-            return
+            return False
         s = client.settings
         names = [f"{s.channel_prefix}_{i}" for i in range(s.channels_per_pipe)]
         try:
@@ -276,14 +294,50 @@ class Doctor:
                       f"check the name (a table T has the pipe T-STREAMING), create the pipe, "
                       f"or grant the role{' ' + s.role if s.role else ''} USAGE/OPERATE on it")
             )  # fmt: skip
-            return
+            return False
         except Exception as exc:  # noqa: BLE001
             what, fix = _split_hint(token_cause(exc))
             self._add(Check(label, False, what, fix or "see the message"))
-            return
+            return False
         ours = sorted(n for n in found if n != PROBE_CHANNEL)
         self._add(Check(label, True, f"answers bulk channel status ({len(ours)} of our "
                                      f"{len(names)} channels exist)"))  # fmt: skip
+        return True
+
+    def _error_tables(self, client: SnowpipeClient, pipes: Sequence[str]) -> None:
+        """The SQL API, then each pipe's error table (module docstring)."""
+        from worker.errors import PipeTableUnknownError, SnowpipeError
+        from worker.snowpipe.errortable import TableLocator, error_rows_statement
+
+        s = client.settings
+        if s.error_table == "off" or not pipes:
+            return
+        sql = client.sql()
+        locator = TableLocator(sql, s.pipe_tables_map())
+        api = _SqlApiCheck(self, s)
+        for name in pipes:
+            label = f"error table of {name}"
+            database, schema, pipe = parse_pipe(name)
+            try:
+                table = locator.table_of(database, schema, pipe)
+            except PipeTableUnknownError as exc:
+                api.answered()
+                self._add(Check(label, True, exc.what, exc.fix, warning=True))
+                continue
+            except SnowpipeError as exc:
+                if api.failed(exc):
+                    return
+                continue
+            try:
+                sql.execute(error_rows_statement(table), [PROBE_CHANNEL])
+            except SnowpipeError as exc:
+                if api.failed(exc):
+                    return
+                self._add(_error_table_warning(label, table.sql(), exc, s.role))
+                continue
+            api.answered()
+            self._add(Check(label, True, f"{table} has error logging on: rows Snowflake rejects "
+                                         "are found and dead-lettered one by one"))  # fmt: skip
 
     def _broker(self, s: Settings) -> None:
         from worker.connectivity import UnreachableError, check_broker, redact_url
@@ -385,6 +439,60 @@ class Doctor:
         if wanted:
             detail += f" (SNOWPIPE_STATE_MIN_REPLICAS={wanted})"
         self._add(Check(name, True, detail))
+
+
+class _SqlApiCheck:
+    """The one "SQL API" line of a doctor run, added before the first error-table line."""
+
+    def __init__(self, doctor: Doctor, settings: Settings) -> None:
+        self._doctor = doctor
+        self._settings = settings
+        self._done = False
+
+    def answered(self) -> None:
+        """The SQL API ran a statement (or answered that the statement failed)."""
+        if self._done:
+            return
+        self._done = True
+        warehouse = self._settings.sql_warehouse
+        where = f"warehouse {warehouse}" if warehouse else "the user's default warehouse"
+        self._doctor._add(Check("SQL API", True, f"runs queries with the key-pair JWT ({where})"))
+
+    def failed(self, exc: BaseException) -> bool:
+        """Report `exc` if the SQL API itself failed (True: stop checking error tables); False
+        when only the statement failed (the caller reports it)."""
+        from worker.errors import SqlNoWarehouseError, SqlStatementError
+
+        if isinstance(exc, SqlStatementError) and not isinstance(exc, SqlNoWarehouseError):
+            self.answered()
+            return False
+        if not self._done:
+            what, fix = _split_hint(token_cause(exc))
+            self._doctor._add(
+                Check("SQL API", False, what,
+                      f"{fix or 'see the message'}; or set SNOWPIPE_ERROR_TABLE=off (rejected "
+                      "rows are then attributed to whole batches)")
+            )  # fmt: skip
+            self._done = True
+        return True
+
+
+def _error_table_warning(label: str, table: str, exc: BaseException, role: str | None) -> Check:
+    """The warning for an error table the SQL API could not read."""
+    from worker.errors import SnowpipeError
+
+    message = exc.message if isinstance(exc, SnowpipeError) else _first_line(exc)
+    code = f"{exc.code}: " if isinstance(exc, SnowpipeError) and exc.code else ""
+    grant = f"GRANT SELECT ERROR TABLE ON TABLE {table} TO ROLE {role or '<role>'}"
+    return Check(
+        label,
+        True,
+        f"cannot read the error table of {table} ({code}{message}); until it can, rows "
+        "Snowflake rejects are attributed to whole batches",
+        f"turn error logging on: ALTER TABLE {table} SET ERROR_LOGGING = TRUE (and, if the "
+        f"role does not own the table, {grant})",
+        warning=True,
+    )
 
 
 def run_doctor(pipes: Iterable[str] = (), settings: Settings | None = None) -> Doctor:

@@ -46,6 +46,11 @@ The tree (the module that raises it, or re-exports it for its callers, in bracke
     │                                   entries [defined in worker.delivery.pump]
     ├── OpenRefused                     internal: an open refused for good (an unknown pipe)
     │                                   [defined in worker.delivery.pump]
+    ├── PipeTableUnknownError (ValueError)  the table a pipe loads cannot be found: name it
+    │                                   in SNOWPIPE_PIPE_TABLES [worker.snowpipe.errortable]
+    ├── ErrorTableUnavailableError      no error table can name the rejected rows (off, no
+    │                                   table, not readable): attribute them coarsely
+    │                                   [worker.rejections]
     └── SnowpipeError                   what Snowflake (or the way to it) answered: status, code,
         │                               message, request_id, op [worker.snowpipe.errors]
         ├── RetryableError              transient: the RetryPolicy retries it with backoff
@@ -79,6 +84,12 @@ The tree (the module that raises it, or re-exports it for its callers, in bracke
             ├── UncommittedDataError    409 ERR_CHANNEL_HAS_UNCOMMITTED_DATA
             ├── RequestRejectedError    any other 4xx
             ├── ProtocolError           a 2xx response the client cannot understand
+            ├── SqlStatementError       422 from the SQL API: the statement failed (code,
+            │   │                       sql_state, statement_handle) [worker.snowpipe.sql]
+            │   ├── SqlObjectNotFoundError  002003 / 42S02: the table or its error table does not
+            │   │                       exist, or the role may not see it
+            │   ├── SqlNoWarehouseError 000606 / 57P03: no warehouse to run the query
+            │   └── SqlUnsupportedError 391911: a statement the SQL API does not run
             └── EncodingError           a row that cannot be sent (also an InvalidBatchError)
                 └── RowTooLargeError    one row alone exceeds the request size cap
 
@@ -120,6 +131,7 @@ __all__ = [
     "DeadLettered",
     "EmptyBatchError",
     "EncodingError",
+    "ErrorTableUnavailableError",
     "ForbiddenError",
     "InvalidBatchError",
     "InvalidJWTError",
@@ -133,6 +145,7 @@ __all__ = [
     "PipeFailoverError",
     "PipeNotFoundError",
     "PipeNotServedError",
+    "PipeTableUnknownError",
     "ProtocolError",
     "RateLimitedError",
     "RequestRejectedError",
@@ -144,6 +157,10 @@ __all__ = [
     "SettingsError",
     "SnowpipeError",
     "SnowpipeWorkerError",
+    "SqlNoWarehouseError",
+    "SqlObjectNotFoundError",
+    "SqlStatementError",
+    "SqlUnsupportedError",
     "StackError",
     "StaleContinuationTokenError",
     "StateStoreUnavailableError",
@@ -513,6 +530,50 @@ class ProtocolError(PermanentError):
     )
 
 
+class SqlStatementError(PermanentError):
+    """422 from Snowflake's SQL API: the statement failed (compilation error, missing object,
+    no privilege, no warehouse). `sql_state` and `statement_handle` are Snowflake's."""
+
+    hint = "the statement failed in Snowflake; see the message (and the statement handle)"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sql_state: str | None = None,
+        statement_handle: str | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(message, **kw)
+        self.sql_state = sql_state
+        self.statement_handle = statement_handle
+
+
+class SqlObjectNotFoundError(SqlStatementError):
+    """002003 / 42S02: the table (or its error table) does not exist, or the role cannot see it."""
+
+    hint = (
+        "check the table name (SNOWPIPE_PIPE_TABLES), that error logging is on "
+        "(ALTER TABLE <table> SET ERROR_LOGGING = TRUE) and that the role owns the table or has "
+        "SELECT ERROR TABLE on it"
+    )
+
+
+class SqlNoWarehouseError(SqlStatementError):
+    """000606 / 57P03: no warehouse is active for the query."""
+
+    hint = (
+        "set SNOWPIPE_SQL_WAREHOUSE to a warehouse the role may use, or give the user a "
+        "default warehouse"
+    )
+
+
+class SqlUnsupportedError(SqlStatementError):
+    """391911: the SQL API does not run this kind of statement."""
+
+    hint = "the SQL API refuses this statement type (USE, PUT, GET, a lone BEGIN, ...)"
+
+
 class EncodingError(PermanentError, InvalidBatchError):
     """Rows that cannot be encoded as NDJSON (not JSON-serialisable)."""
 
@@ -537,6 +598,26 @@ class RowTooLargeError(EncodingError):
         self.row_bytes = row_bytes
         self.limit = limit
 
+
+# --- Error tables ------------------------------------------------------------------------------
+
+
+class ErrorTableUnavailableError(SnowpipeWorkerError):
+    """No error table can name the rows Snowflake rejected (SNOWPIPE_ERROR_TABLE=off, no table
+    known for the pipe, error logging off, no privilege): the message says why, in one line."""
+
+
+class PipeTableUnknownError(SnowpipeWorkerError, ValueError):
+    """The table a pipe loads cannot be found (not a default pipe, and DESCRIBE PIPE did not
+    tell); the message names the pipe (`what`) and the setting that fixes it (`fix`)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}: {fix}")
+        self.what = what
+        self.fix = fix
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what, self.fix))
 
 
 # --- Scrubbing ---------------------------------------------------------------------------------

@@ -260,6 +260,10 @@ class RetryPolicy:
         self.budget = budget
         self._rng = rng
         self._clock = clock
+        # Exposed for callers that wait between calls of their own (SQL API polls) on the same
+        # clock as the policy's backoff.
+        self.sleep = sleep
+        self.clock = clock
         # The template: per-call hooks are swapped in by copy() in call().
         self._template = Retrying(sleep=sleep, reraise=True, retry=_should_retry)
 

@@ -60,6 +60,7 @@ DEFAULT_COALESCE_MAX_BYTES = 16 * 1024 * 1024  # uncompressed NDJSON per append 
 DEFAULT_APPEND_LINGER_SECONDS = 1.0  # like the SDK's max client lag: a batch waits for others
 DEFAULT_STATE_OUTAGE_SECONDS = 300.0  # tasks ride out a state-store outage this long (failover)
 DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
+DEFAULT_SQL_TIMEOUT_SECONDS = 60.0  # a SQL API statement (the error-table query) may run this long
 
 _LOOPBACK_NAMES = {"localhost"}
 
@@ -83,6 +84,10 @@ _FIXES: dict[str, str] = {
     "state_sentinel_master": (
         "set SNOWPIPE_STATE_SENTINEL_MASTER to the name Sentinel monitors the state Redis under "
         "(the NAME of `sentinel monitor NAME HOST PORT QUORUM`)"
+    ),
+    "error_table": "set SNOWPIPE_ERROR_TABLE to auto (read error tables) or off",
+    "pipe_tables": (
+        "list SNOWPIPE_PIPE_TABLES as DB.SCHEMA.PIPE=TABLE (or =DB.SCHEMA.TABLE), comma-separated"
     ),
 }
 
@@ -187,6 +192,15 @@ class Settings(BaseSettings):
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
     # Prometheus metrics on this port of every worker node (0: no metrics endpoint).
     metrics_port: int = Field(0, ge=0, le=65535)
+
+    # --- Rejected rows: error tables through the SQL API (docs/operations.md) ---------------------
+    # auto: find each rejected row in its table's error table (when error logging is on);
+    # off: never query, attribute rejected rows to whole batches.
+    error_table: Literal["auto", "off"] = "auto"
+    sql_warehouse: str | None = None  # the warehouse of the query (default: the user's default)
+    sql_timeout_seconds: float = Field(DEFAULT_SQL_TIMEOUT_SECONDS, gt=0, le=604800)
+    # The tables of pipes that are neither default pipes nor readable with DESCRIBE PIPE.
+    pipe_tables: str = ""
 
     # --- Operations (docs/operations.md) ----------------------------------------------------------
     # The pipes this deployment serves, DB.SCHEMA.PIPE,...: a batch for any other pipe is
@@ -347,6 +361,21 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("pipe_tables")
+    @classmethod
+    def _pipe_table_list(cls, value: str) -> str:
+        pipe_table_map(value)  # ValueError naming the bad entry
+        return value
+
+    @field_validator("sql_warehouse")
+    @classmethod
+    def _no_blank_warehouse(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    def pipe_tables_map(self) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+        """SNOWPIPE_PIPE_TABLES as {(db, schema, pipe): (db, schema, table)}."""
+        return pipe_table_map(self.pipe_tables)
+
     def pipe_names(self) -> list[str]:
         """The pipes of SNOWPIPE_PIPES, as DB.SCHEMA.PIPE strings."""
         return [name.strip() for name in self.pipes.split(",") if name.strip()]
@@ -378,6 +407,51 @@ class Settings(BaseSettings):
         if self.private_key_passphrase is None:
             return None
         return self.private_key_passphrase.get_secret_value().encode()
+
+
+def split_name(text: str, sep: str = ".") -> list[str]:
+    """`text` split at `sep` outside double quotes (`"a.b".C` is two parts), parts stripped.
+
+    Snowflake identifiers in double quotes may hold any character; `""` inside is a quote.
+    ValueError for an unterminated quote.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted  # `""` toggles twice: stays inside, both kept
+            current.append(ch)
+        elif ch == sep and not quoted:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    if quoted:
+        raise ValueError(f"{text!r} has an unterminated double quote")
+    parts.append("".join(current).strip())
+    return parts
+
+
+def pipe_table_map(value: str) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+    """`DB.SCHEMA.PIPE=TABLE,...` (TABLE may be DB.SCHEMA.TABLE) as a map; ValueError naming
+    the bad entry and the expected form."""
+    out: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+    for entry in split_name(value, ","):
+        if not entry:
+            continue
+        sides = split_name(entry, "=")
+        pipe = split_name(sides[0]) if len(sides) == 2 else []
+        table = split_name(sides[1]) if len(sides) == 2 else []
+        if len(pipe) != 3 or len(table) not in (1, 3) or not all(pipe) or not all(table):
+            raise ValueError(
+                f"{entry!r} is not DB.SCHEMA.PIPE=TABLE: {_FIXES['pipe_tables']}"
+            )
+        db, schema, name = pipe
+        out[(db, schema, name)] = (db, schema, table[0]) if len(table) == 1 else (
+            table[0], table[1], table[2]
+        )
+    return out
 
 
 def profile_names() -> list[str]:

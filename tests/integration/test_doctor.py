@@ -64,10 +64,12 @@ def test_every_check_passes_on_a_good_configuration(
     env: dict[str, str], shared_emulator: RunningEmulator
 ) -> None:
     fingerprint = shared_emulator.register_key(ACCOUNT, USER, key_pair("doctor").public_pem)
+    shared_emulator.add_pipe("DB", "PUBLIC", PIPE, error_logging=True)
     result = doctor(env, "--pipe", f"DB.PUBLIC.{PIPE}")
     assert result.returncode == 0, result.stdout + result.stderr
     names = ["settings", "private key", "key fingerprint", "account host", "account URL",
-             "token exchange", f"pipe DB.PUBLIC.{PIPE}", "broker", "state store",
+             "token exchange", f"pipe DB.PUBLIC.{PIPE}", "SQL API",
+             f"error table of DB.PUBLIC.{PIPE}", "broker", "state store",
              "state persistence", "state replication"]  # fmt: skip
     for name in names:
         assert line(result.stdout, name).startswith("✓"), result.stdout
@@ -75,7 +77,7 @@ def test_every_check_passes_on_a_good_configuration(
     assert "RSA_PUBLIC_KEY_FP" in line(result.stdout, "key fingerprint")
     assert "passphrase" in line(result.stdout, "private key").lower()
     assert PASSPHRASE not in result.stdout + result.stderr
-    assert "11 passed, 0 failed" in result.stdout
+    assert "13 passed, 0 failed\n" in result.stdout
 
 
 def test_a_key_snowflake_rejects_a_stopped_broker_and_no_persistence_are_each_a_cross(
@@ -125,6 +127,24 @@ def test_an_unknown_pipe_from_the_pipes_setting(env: dict[str, str]) -> None:
     assert line(out, f"pipe DB.PUBLIC.{PIPE}").startswith("✓")
     unknown = line(out, "pipe DB.PUBLIC.NO_SUCH_PIPE")
     assert unknown.startswith("✗") and "not found" in unknown and "fix:" in unknown, out
+
+
+def test_a_table_without_error_logging_is_a_warning_that_says_how_to_turn_it_on(
+    env: dict[str, str],
+) -> None:
+    result = doctor(env, "--pipe", "DB.PUBLIC.PLAIN-STREAMING")
+    out = result.stdout
+    assert result.returncode == 0, out  # a warning: the pipe works, rejected rows coarsely
+    warning = line(out, "error table of DB.PUBLIC.PLAIN-STREAMING")
+    assert warning.startswith("! "), out
+    assert "attributed to whole batches" in warning
+    assert "fix: turn error logging on: ALTER TABLE DB.PUBLIC.PLAIN SET ERROR_LOGGING = TRUE" in (
+        warning
+    )
+    assert "(1 with a warning)" in out
+    off = doctor({**env, "SNOWPIPE_ERROR_TABLE": "off"}, "--pipe", "DB.PUBLIC.PLAIN-STREAMING")
+    assert "error table" not in off.stdout
+    assert "SQL API" not in off.stdout
 
 
 def test_invalid_settings_are_one_cross_with_the_fix(env: dict[str, str]) -> None:

@@ -65,6 +65,13 @@ class Node:
                 settings, adopt=store.adopt, publish=store.publish
             )
         self.client = client
+        # Rows Snowflake rejects, to the row, from its error tables (None: off, or a client
+        # without the SQL API, as in some tests): the pumps attribute coarsely then.
+        self.exact_row_errors: Any = None
+        if hasattr(client, "sql"):
+            from worker.rejections import ErrorTableAttribution
+
+            self.exact_row_errors = ErrorTableAttribution.from_settings(settings, client)
         policy = RetryPolicy.from_settings(settings)
         self.config = PumpConfig(
             compression=settings.compression,
@@ -143,6 +150,7 @@ class Node:
             config=self.config,
             stats=self.stats,
             dead_letters=self.dead_letters,
+            exact_row_errors=self.exact_row_errors,
         )
         with self._lock:
             self._pumps[lease.ref] = pump

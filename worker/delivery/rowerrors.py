@@ -6,7 +6,7 @@ them. Whoever owns the channel then attributes the window's errors and stores th
 (kind "row_errors") in the same script that drops the held entries:
 
 - exactly, where an `ExactAttribution` is configured (Snowflake's error table names each
-  rejected row with the channel and the offset tokens of its request: worker/rejected.py); a
+  rejected row with the channel and the offset tokens of its request: worker/rejections.py); a
   window it cannot resolve yet (the error table lags) is tried again later, and after
   `EXACT_DEADLINE_SECONDS` falls back to
 - coarsely: the batches of the request that holds `last_error_offset_upper_bound` (when the pump
@@ -31,6 +31,8 @@ from worker.observability import get_logger
 
 # How long a window waits for the error table to name its rows before coarse attribution.
 EXACT_DEADLINE_SECONDS = 120.0
+# How often a window the error table cannot resolve yet is asked about again.
+EXACT_RETRY_SECONDS = 5.0
 
 _log = get_logger("worker.delivery.rowerrors")
 
@@ -104,6 +106,7 @@ class RowErrors:
         self._exact = exact
         self._clock = clock
         self._first_seen: dict[str, float] = {}
+        self._retry_at: dict[str, float] = {}
         # Requests known to this pump, by window field: (first, last) of the request holding the
         # upper bound, noted when the window's commit was confirmed.
         self.requests: dict[str, tuple[int, int]] = {}
@@ -118,12 +121,18 @@ class RowErrors:
     def attribute(self, lease: str) -> bool:
         """Attribute every held window that can be now; whether any is left for later."""
         left = False
+        now = self._clock()
         for window in self._log.held_windows(self._ref):
+            if now < self._retry_at.get(window.field, 0.0):
+                left = True
+                continue
             entries = self._log.held_entries(self._ref, window)
             letters = self._letters(window, entries)
             if letters is None:
+                self._retry_at[window.field] = now + EXACT_RETRY_SECONDS
                 left = True
                 continue
+            self._retry_at.pop(window.field, None)
             self._log.release_held(
                 self._ref, lease, window, entries,
                 [(letter.letter_id, letter.dumps()) for letter in letters],

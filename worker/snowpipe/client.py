@@ -7,6 +7,8 @@
     append_rows    POST   {ingest}/v2/streaming/data/databases/D/schemas/S/pipes/P/channels/C/rows
     channel status POST   {ingest}/v2/streaming/databases/D/schemas/S/pipes/P:bulk-channel-status
     drop_channel   DELETE {ingest}/v2/streaming/databases/D/schemas/S/pipes/P/channels/C
+    sql()          POST   {account}/api/v2/statements (and its polls)          key-pair JWT
+                   the SQL API (worker.snowpipe.sql), on the same HTTP client and policy
 
 The layers of one call (`_call`), top down:
 
@@ -56,6 +58,7 @@ from worker.snowpipe.http import (
     ssl_context,
 )
 from worker.snowpipe.models import ChannelStatus, OffsetTokenForm, OpenChannelResult
+from worker.snowpipe.sql import SqlApi
 from worker.snowpipe.tokens import GRANT_TYPE, SnowflakeTokens, ingest_base_url, parse_hostname
 
 if TYPE_CHECKING:
@@ -118,6 +121,7 @@ class SnowpipeClient:
         self._ingest_auth = GuardAuth(
             self.tokens.scoped, on_failover=self.tokens.forget_ingest_host
         )
+        self._sql: SqlApi | None = None
 
     @classmethod
     def from_settings(
@@ -149,6 +153,25 @@ class SnowpipeClient:
             headers={"Accept": "application/json", "User-Agent": USER_AGENT},
             follow_redirects=False,
         )
+
+    def sql(self) -> SqlApi:
+        """The SQL API of this account: the same HTTP client, RetryPolicy and JWT guard (one
+        per client; SNOWPIPE_SQL_WAREHOUSE, SNOWPIPE_ROLE and SNOWPIPE_SQL_TIMEOUT_SECONDS)."""
+        if self._sql is None:
+            s = self.settings
+            self._sql = SqlApi(
+                self.account_url,
+                http=self._http.get,
+                auth=self._jwt_auth,
+                policy=self.policy,
+                rejected=self.tokens.rejected,
+                warehouse=s.sql_warehouse,
+                role=s.role,
+                timeout_seconds=s.sql_timeout_seconds,
+                sleep=self.policy.sleep,
+                clock=self.policy.clock,
+            )
+        return self._sql
 
     def close(self) -> None:
         """Close this process's HTTP connections (the client can still be used afterwards)."""

@@ -15,6 +15,10 @@ Three small mappings, each used in one place by the client (`SnowpipeClient._cal
   retryable); otherwise the HTTP status does.
 - `error_from_token(exc, ...)`: a `TokenUnavailableError` from a guard becomes the refresh's own
   error (a fresh copy), or a `TokenRefreshError` when the cause is not one of the client's.
+- `error_from_sql_response(status, body, ...)`: an error answer of the SQL API
+  (`worker.snowpipe.sql`). A 422 is a QueryFailureStatus `{"code","message","sqlState",
+  "statementHandle"}`: a `SqlStatementError`, of a subclass when the code is known; any other
+  status is mapped like the Snowpipe endpoints' answers.
 
 The Snowpipe error classes are re-exported here for the client's callers; they are defined, with
 the rest of the tree and its documentation, in `worker.errors`.
@@ -57,6 +61,10 @@ from worker.errors import (
     RowTooLargeError,
     ServerError,
     SnowpipeError,
+    SqlNoWarehouseError,
+    SqlObjectNotFoundError,
+    SqlStatementError,
+    SqlUnsupportedError,
     StaleContinuationTokenError,
     TokenRefreshError,
     TokenUnavailableError,
@@ -90,11 +98,16 @@ __all__ = [
     "RowTooLargeError",
     "ServerError",
     "SnowpipeError",
+    "SqlNoWarehouseError",
+    "SqlObjectNotFoundError",
+    "SqlStatementError",
+    "SqlUnsupportedError",
     "StaleContinuationTokenError",
     "TokenRefreshError",
     "TransportError",
     "UncommittedDataError",
     "error_from_response",
+    "error_from_sql_response",
     "error_from_token",
     "error_from_transport",
     "parse_error_body",
@@ -342,3 +355,69 @@ def error_from_response(
             "committed offset"
         )
     return cls(message, **kwargs)
+
+
+# --- The SQL API ----------------------------------------------------------------------------------
+
+# The SQL API answers a failed statement with 422 and a QueryFailureStatus.
+SQL_FAILURE_STATUS = 422
+SQL_NOT_FOUND_CODES = frozenset({"002003"})
+SQL_NOT_FOUND_STATES = frozenset({"42S02"})
+SQL_NO_WAREHOUSE_CODES = frozenset({"000606"})
+SQL_NO_WAREHOUSE_STATES = frozenset({"57P03"})
+SQL_UNSUPPORTED_CODES = frozenset({"391911"})
+# 400 390186: the role named in the request is not granted to the user.
+SQL_ROLE_NOT_GRANTED_CODES = frozenset({"390186"})
+
+
+def error_from_sql_response(
+    status: int,
+    body: bytes | str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    request_id: str | None = None,
+    op: str | None = None,
+    now: float | None = None,
+) -> SnowpipeError:
+    """The error for an error answer of the SQL API (see the module docstring)."""
+    code, message = parse_error_body(body)
+    if status != SQL_FAILURE_STATUS:
+        if code in SQL_ROLE_NOT_GRANTED_CODES:
+            return ForbiddenError(
+                message,
+                status=status,
+                code=code,
+                request_id=request_id,
+                op=op,
+                hint="grant SNOWPIPE_ROLE to SNOWPIPE_USER, or unset it to use the user's "
+                "default role",
+            )
+        return error_from_response(
+            status, body, headers=headers, request_id=request_id, op=op, now=now
+        )
+    sql_state = handle = None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, Mapping):
+        state_value = data.get("sqlState")
+        sql_state = state_value if isinstance(state_value, str) and state_value else None
+        handle_value = data.get("statementHandle")
+        handle = handle_value if isinstance(handle_value, str) and handle_value else None
+    cls: type[SqlStatementError] = SqlStatementError
+    if code in SQL_NOT_FOUND_CODES or sql_state in SQL_NOT_FOUND_STATES:
+        cls = SqlObjectNotFoundError
+    elif code in SQL_NO_WAREHOUSE_CODES or sql_state in SQL_NO_WAREHOUSE_STATES:
+        cls = SqlNoWarehouseError
+    elif code in SQL_UNSUPPORTED_CODES:
+        cls = SqlUnsupportedError
+    return cls(
+        message,
+        status=status,
+        code=code,
+        request_id=request_id,
+        op=op,
+        sql_state=sql_state,
+        statement_handle=handle,
+    )
