@@ -22,6 +22,7 @@ from celery.signals import (
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from worker import intake, runtime, serialization
+from worker.bootsteps import PumpStep
 from worker.celery_config import (
     INGEST_TASK,
     MALFORMED_TASK,
@@ -29,7 +30,6 @@ from worker.celery_config import (
     build_config,
     declare_dead_letter_queue,
 )
-from worker.delivery.node import PumpStep
 from worker.settings import Settings
 
 __all__ = ["INGEST_TASK", "MALFORMED_TASK", "REFRESH_TASK", "app", "create_app"]

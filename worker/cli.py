@@ -427,7 +427,7 @@ def _dead_letters() -> Any:
 
 
 def _broker_dead_letters() -> Any:
-    from worker.deadletter import BrokerDeadLetters
+    from worker.brokerletters import BrokerDeadLetters
 
     return BrokerDeadLetters(_settings())
 
@@ -561,7 +561,8 @@ def dead_requeue(
     """Publish dead letters again, the broker's dead-letter queue's too (same batch id: nothing
     committed is sent twice). A row_errors letter is sent only with --table-fixed, under its
     letter id as batch id, and only when it holds exactly the rejected rows."""
-    from worker.deadletter import BrokerDeadLetter, DeadLetter, Kind
+    from worker.brokerletters import BrokerDeadLetter
+    from worker.deadletter import DeadLetter, Kind
     from worker.publish import Publisher
 
     kind = _kind(kind)
@@ -698,21 +699,21 @@ def dead_drop(
 @_edge
 def stats() -> None:
     """Counters: batches committed, retries, dead letters (both kinds), token refreshes."""
-    from worker import runtime
     from worker.connectivity import state_client
-    from worker.tokenstore import TokenStore
+    from worker.deadletter import DeadLetters
+    from worker.delivery.stats import counters
+    from worker.tokenstore import TokenStore, identity
 
     s = _settings()
     client = state_client(s)
-    counters = runtime.counters(client)
     table = Table("counter", "value")
-    for name, value in sorted(counters.items()):
+    for name, value in sorted(counters(client).items()):
         table.add_row(name, str(value))
     if s.account and s.user:
-        refreshes = TokenStore(client, runtime.identity(s)).refresh_counts()
+        refreshes = TokenStore(client, identity(s)).refresh_counts()
         for reason, value in sorted(refreshes.items()):
             table.add_row(f"token refreshes ({reason})", str(value))
-    table.add_row("dead letters", str(client.llen("snowpipe:dead")))
+    table.add_row("dead letters", str(DeadLetters(client).count()))
     broker = _broker_dead_letters()
     if broker.enabled:
         table.add_row(f"broker dead-letter queue ({broker.name})", str(broker.count()))

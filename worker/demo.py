@@ -101,9 +101,11 @@ def run_demo(*, rows: int, pipes: int, batch_rows: int, console: Console) -> int
 
 def _drive(stack: Any, *, rows: int, pipes: int, batch_rows: int, console: Console) -> Outcome:
     from worker import runtime
+    from worker.deadletter import DeadLetters
+    from worker.delivery.stats import counters
     from worker.publish import Publisher
     from worker.statestore import state_redis
-    from worker.tokenstore import TokenStore
+    from worker.tokenstore import TokenStore, identity
 
     names = [f"EVENTS_{i}" for i in range(pipes)]
     stack.apply_env()
@@ -154,9 +156,9 @@ def _drive(stack: Any, *, rows: int, pipes: int, batch_rows: int, console: Conso
         pipes=pipes,
         ids=ids,
         emulator=emulator_stats,
-        counters=runtime.counters(client),
-        refreshes=TokenStore(client, runtime.identity(settings)).refresh_counts(),
-        dead=int(client.llen("snowpipe:dead")),
+        counters=counters(client),
+        refreshes=TokenStore(client, identity(settings)).refresh_counts(),
+        dead=DeadLetters(client).count(),
         elapsed=elapsed,
         publish_seconds=publish_seconds,
     )

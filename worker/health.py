@@ -31,7 +31,7 @@ def _check(ok: bool, detail: str) -> dict[str, Any]:
 
 
 def _pump_node(controller: Any) -> Any:
-    from worker.delivery.node import PumpStep
+    from worker.bootsteps import PumpStep
 
     blueprint = getattr(controller, "blueprint", None)
     for step in getattr(blueprint, "order", None) or []:

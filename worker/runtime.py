@@ -8,25 +8,19 @@ it between threads (every part is thread-safe).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import redis
-
 from worker.deadletter import DeadLetters
-from worker.delivery.channels import STATS_KEY, ChannelRef, channel_for
+from worker.delivery.channels import ChannelRef, channel_for
 from worker.delivery.log import ChannelLog
+from worker.delivery.stats import Counters
 from worker.settings import Settings, load_settings
 from worker.statestore import state_redis
-from worker.tokenstore import SharedToken, TokenStore
+from worker.tokenstore import token_hooks
 
 if TYPE_CHECKING:
-    from worker.auth.guard import Token
     from worker.snowpipe.client import SnowpipeClient
 
 _settings: Settings | None = None
@@ -54,101 +48,6 @@ def producer_settings() -> Settings:
             if _producer_settings is None:
                 _producer_settings = load_settings(require_identity=False)
     return _producer_settings
-
-
-def identity(s: Settings) -> str:
-    """The shared-token identity: one token per account, user and role."""
-    return f"{s.account.upper()}.{s.user.upper()}.{(s.role or '').upper()}"
-
-
-def counters(client: redis.Redis) -> dict[str, int]:
-    """The worker's counters (logged, already_logged, rows_committed, dead_letter, ...)."""
-    raw = client.hgetall(STATS_KEY)
-    return {
-        (k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()
-    }
-
-
-class Counters:
-    """Adds to the worker's counters in Redis (best effort: never fails the caller)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self._redis = client
-
-    def count(self, name: str, amount: int = 1) -> None:
-        """Add `amount` to counter `name`."""
-        with contextlib.suppress(redis.RedisError):
-            self._redis.hincrby(STATS_KEY, name, amount)
-
-
-class BufferedCounters(Counters):
-    """Counters kept in memory and written in one round trip by `flush()` (the pumps' hot path
-    counts every append and commit; a Redis call each would cost more than the append)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        super().__init__(client)
-        self._pending: collections.Counter[str] = collections.Counter()
-        self._pending_lock = threading.Lock()
-
-    def count(self, name: str, amount: int = 1) -> None:
-        """Add `amount` to counter `name` (written at the next flush)."""
-        with self._pending_lock:
-            self._pending[name] += amount
-
-    def flush(self) -> None:
-        """Write what was counted since the last flush (kept for the next one if Redis fails)."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, collections.Counter()
-        if not pending:
-            return
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            for name, amount in pending.items():
-                pipe.hincrby(STATS_KEY, name, amount)
-            pipe.execute()
-        except redis.RedisError:
-            with self._pending_lock:
-                self._pending.update(pending)
-
-
-_local = threading.local()
-
-
-@contextmanager
-def beat_refresh() -> Iterator[None]:
-    """Within this block, a token refresh in this thread is counted as beat's."""
-    _local.beat = True
-    try:
-        yield
-    finally:
-        _local.beat = False
-
-
-class TokenHooks:
-    """The TokenGuard's adopt/publish hooks on the shared token store."""
-
-    def __init__(self, store: TokenStore) -> None:
-        self.store = store
-
-    def adopt(self) -> Token | None:
-        """The token another process shared, if any."""
-        from worker.auth.guard import Token
-
-        shared = self.store.load()
-        if shared is None:
-            return None
-        return Token(shared.value, shared.lifetime, shared.expires_at)
-
-    def publish(self, token: Token) -> None:
-        """Share a token this process fetched, and count where the refresh happened."""
-        self.store.save(SharedToken(token.value, token.lifetime, token.expires_at))
-        reason = "beat" if getattr(_local, "beat", False) else "request_path"
-        self.store.count_refresh(reason)
-
-
-def token_hooks(client: redis.Redis, s: Settings) -> TokenHooks:
-    """Adopt/publish hooks for a TokenGuard, sharing tokens through `client`."""
-    return TokenHooks(TokenStore(client, identity(s)))
 
 
 class Runtime:

@@ -172,12 +172,12 @@ def add_snowflake(
             "queried": False,
             "detail": "no Snowflake identity in these settings (" + problems[0] + ")",
         }
-    from worker import runtime
     from worker.snowpipe.client import SnowpipeClient
     from worker.snowpipe.errors import SnowpipeError
+    from worker.tokenstore import token_hooks
 
     # Adopt the workers' shared token if there is one; never publish one (not a worker's refresh).
-    hooks = runtime.token_hooks(client, settings)
+    hooks = token_hooks(client, settings)
     quick = settings.model_copy(update=STATUS_OVERRIDES)
     try:
         sf = SnowpipeClient.from_settings(quick, adopt=hooks.adopt)
@@ -245,13 +245,12 @@ def token(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     if not (settings.account and settings.user):
         detail = "no SNOWPIPE_ACCOUNT/SNOWPIPE_USER in these settings"
         return {"configured": False, "detail": detail}
-    from worker import runtime
-    from worker.tokenstore import TokenStore, advisory_window, guard_margin
+    from worker.tokenstore import TokenStore, advisory_window, guard_margin, identity
 
-    store = TokenStore(client, runtime.identity(settings))
+    store = TokenStore(client, identity(settings))
     out: dict[str, Any] = {
         "configured": True,
-        "identity": runtime.identity(settings),
+        "identity": identity(settings),
         "refreshes": store.refresh_counts(),
     }
     shared = store.load()
@@ -360,7 +359,8 @@ def _unacked_by_nodes(
 
 def dead_letters(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """The state store's dead letters by kind, and the broker's dead-letter queue."""
-    from worker.deadletter import LEGACY_KEY, LETTERS_KEY, BrokerDeadLetters
+    from worker.brokerletters import BrokerDeadLetters
+    from worker.deadletter import LEGACY_KEY, LETTERS_KEY
 
     raw = client.eval(_COUNT_DEAD, 2, LETTERS_KEY, LEGACY_KEY)
     by_kind = {_text(raw[i]): int(raw[i + 1]) for i in range(0, len(raw), 2)}

@@ -74,7 +74,7 @@ from worker.errors import InvalidBatchError, PipeNotServedError
 from worker.identifiers import pipe_label
 from worker.messages import IngestMessage
 from worker.observability import OTHER_PIPE, get_logger, record_dead_letter, record_ingest
-from worker.tokenstore import advisory_window
+from worker.tokenstore import advisory_window, beat_refresh
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
 STATE_RETRY_FIRST_SECONDS = 0.5
@@ -528,7 +528,7 @@ def refresh_tokens(self: Task) -> dict[str, Any]:
         shared = store.load()
         if shared is not None and shared.remaining() > advisory_window(s, shared.lifetime):
             return {"outcome": "fresh", "remaining": round(shared.remaining(), 1)}
-        with runtime.beat_refresh():
+        with beat_refresh():
             token = rt.client.tokens.refresh("beat")
         _log.info("token.beat.refreshed", lifetime=token.lifetime)
         return {"outcome": "refreshed", "lifetime": token.lifetime}

@@ -10,13 +10,17 @@ counters per reason (`refreshes`) let operators and tests see where refreshes ha
 from __future__ import annotations
 
 import secrets
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
 
+from worker.auth.guard import Token
 from worker.delivery.channels import KEY_PREFIX
 
 if TYPE_CHECKING:
@@ -120,3 +124,47 @@ class TokenStore:
         """Refreshes counted so far, by reason."""
         raw = self._redis.hgetall(self.counter_key)
         return {_text(k): int(_text(v)) for k, v in raw.items()}
+
+
+def identity(s: Settings) -> str:
+    """The shared-token identity: one token per account, user and role."""
+    return f"{s.account.upper()}.{s.user.upper()}.{(s.role or '').upper()}"
+
+
+_local = threading.local()
+
+
+@contextmanager
+def beat_refresh() -> Iterator[None]:
+    """Within this block, a token refresh in this thread is counted as beat's."""
+    _local.beat = True
+    try:
+        yield
+    finally:
+        _local.beat = False
+
+
+class TokenHooks:
+    """The TokenGuard's adopt/publish hooks on the shared token store."""
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def adopt(self) -> Token | None:
+        """The token another process shared, if any."""
+
+        shared = self.store.load()
+        if shared is None:
+            return None
+        return Token(shared.value, shared.lifetime, shared.expires_at)
+
+    def publish(self, token: Token) -> None:
+        """Share a token this process fetched, and count where the refresh happened."""
+        self.store.save(SharedToken(token.value, token.lifetime, token.expires_at))
+        reason = "beat" if getattr(_local, "beat", False) else "request_path"
+        self.store.count_refresh(reason)
+
+
+def token_hooks(client: redis.Redis, s: Settings) -> TokenHooks:
+    """Adopt/publish hooks for a TokenGuard, sharing tokens through `client`."""
+    return TokenHooks(TokenStore(client, identity(s)))

@@ -27,9 +27,8 @@ from tests.support.emulator import start_emulator
 from tests.support.keys import key_pair
 from tests.support.redis import claimed_db
 from worker.publish import Publisher
-from worker.runtime import identity
 from worker.settings import load_settings
-from worker.tokenstore import TokenStore
+from worker.tokenstore import TokenStore, identity
 
 PIPES = ["P0", "P1"]
 ROWS = 20

@@ -33,7 +33,7 @@ from tests.support.celery import (
 from tests.support.emulator import start_emulator
 from tests.support.keys import key_pair
 from tests.support.redis import private_redis
-from worker.deadletter import BrokerDeadLetters
+from worker.brokerletters import BrokerDeadLetters
 from worker.publish import Publisher
 from worker.settings import load_settings
 

@@ -25,13 +25,13 @@ import redis
 from tests.support.emulator import RunningEmulator
 from tests.support.keys import key_pair
 from tests.support.redis import RedisDB, claimed_db
-from worker import runtime
 from worker.deadletter import DeadLetters
-from worker.delivery.channels import ChannelRef, channel_key, channel_name
+from worker.delivery.channels import STATS_KEY, ChannelRef, channel_key, channel_name
 from worker.delivery.lease import LeaseTable
 from worker.delivery.log import AppendResult, ChannelLog, Entry, Logged, Piece
 from worker.delivery.node import Node
 from worker.delivery.pump import ChannelPump, CommitPoller, PumpConfig
+from worker.delivery.stats import Counters, counters
 from worker.retry import RetryPolicy
 from worker.settings import Settings, load_settings
 from worker.snowpipe.client import OpenChannelResult, SnowpipeClient
@@ -216,7 +216,7 @@ class Rig:
     pipe: str
     log: ChannelLog = field(init=False)
     dead_letters: DeadLetters = field(init=False)
-    stats: runtime.Counters = field(init=False)
+    stats: Counters = field(init=False)
     pumps: list[ChannelPump] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
     poller: CommitPoller = field(init=False)
@@ -225,7 +225,7 @@ class Rig:
         self.redis = self.db.client
         self.log = ChannelLog(self.redis, dedup_ttl_seconds=self.settings.dedup_ttl_seconds)
         self.dead_letters = DeadLetters(self.redis)
-        self.stats = runtime.Counters(self.redis)
+        self.stats = Counters(self.redis)
         self.poller = CommitPoller(
             self.snowpipe,
             lambda: [p for p in self.pumps if p.alive],
@@ -328,7 +328,7 @@ class Rig:
         return [int(r["row"]["id"]) for r in rows]
 
     def stat(self, name: str) -> int:
-        value = self.redis.hget(runtime.STATS_KEY, name)
+        value = self.redis.hget(STATS_KEY, name)
         return int(value) if value else 0
 
     def entries(self, ref: ChannelRef) -> list[Entry]:
@@ -366,7 +366,7 @@ class Rig:
         return (
             f"every id committed and the logs trimmed: {len(missing)} missing "
             f"(e.g. {missing[:10]}), log depth {depth}, pumps (alive, lost, committed, sent, "
-            f"opens) {pumps}, stats {runtime.counters(self.redis)}"
+            f"opens) {pumps}, stats {counters(self.redis)}"
         )
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from worker.delivery.channels import STATS_KEY, ChannelRef
 from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Piece
 from worker.delivery.node import MAX_TICK_SECONDS, Balancer, target_share
-from worker.runtime import BufferedCounters
+from worker.delivery.stats import BufferedCounters
 
 TTL = 9.0
 

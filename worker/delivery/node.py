@@ -2,10 +2,11 @@
 
 `Node(settings, name)` builds everything the node's main process needs to deliver channel logs:
 the state Redis, the channel logs, the lease table, one SnowpipeClient (one TokenGuard), the
-commit poller and, for every channel it holds a lease on, a `ChannelPump`. `PumpStep` starts it
-as a Celery bootstep in the worker's main process (the same under prefork and threads), after
-the pool, and stops it on shutdown (pumps stop, leases are released, the node unregisters, so
-the other nodes take its channels over at once).
+error-table attribution, the commit poller and, for every channel it holds a lease on, a
+`ChannelPump`. The Celery layer starts it (`worker.bootsteps.PumpStep`, a bootstep in the
+worker's main process, the same under prefork and threads, after the pool) and stops it on
+shutdown (pumps stop, leases are released, the node unregisters, so the other nodes take its
+channels over at once). Nothing here imports Celery or the per-process runtime of tasks.
 
 The `Balancer` thread keeps the node's share of the channels: on every tick (a third of the
 lease TTL, at most 3 s) it registers the node as live, renews its leases (a pump whose lease was
@@ -22,10 +23,9 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import redis
-from celery import bootsteps
 
 from worker.deadletter import DeadLetters
 from worker.delivery.channels import ChannelRef
@@ -33,8 +33,14 @@ from worker.delivery.lease import Lease, LeaseTable
 from worker.delivery.log import ChannelLog, Depth
 from worker.delivery.poller import CommitPoller
 from worker.delivery.pump import ChannelPump, PumpConfig
+from worker.delivery.stats import BufferedCounters
 from worker.observability import get_logger, record_lease_event
+from worker.rejections import ErrorTableAttribution
+from worker.retry import RetryPolicy
 from worker.settings import Settings
+from worker.snowpipe.client import SnowpipeClient
+from worker.statestore import state_redis
+from worker.tokenstore import token_hooks
 
 MAX_TICK_SECONDS = 3.0
 PUMP_STOP_SECONDS = 10.0
@@ -46,21 +52,15 @@ class Node:
     """The node's delivery machinery (see the module docstring)."""
 
     def __init__(self, settings: Settings, name: str, *, client: Any = None) -> None:
-        from worker import runtime
-        from worker.retry import RetryPolicy
-        from worker.statestore import state_redis
-
         self.settings = settings
         self.name = name
         self.redis = state_redis(settings)
         self.log = ChannelLog(self.redis, dedup_ttl_seconds=settings.dedup_ttl_seconds)
         self.leases = LeaseTable(self.redis, name, ttl_seconds=settings.lease_ttl_seconds)
         self.dead_letters = DeadLetters(self.redis)
-        self.stats = runtime.BufferedCounters(self.redis)
+        self.stats = BufferedCounters(self.redis)
         if client is None:
-            from worker.snowpipe.client import SnowpipeClient
-
-            store = runtime.token_hooks(self.redis, settings)
+            store = token_hooks(self.redis, settings)
             client = SnowpipeClient.from_settings(
                 settings, adopt=store.adopt, publish=store.publish
             )
@@ -69,8 +69,6 @@ class Node:
         # without the SQL API, as in some tests): the pumps attribute coarsely then.
         self.exact_row_errors: Any = None
         if hasattr(client, "sql"):
-            from worker.rejections import ErrorTableAttribution
-
             self.exact_row_errors = ErrorTableAttribution.from_settings(settings, client)
         policy = RetryPolicy.from_settings(settings)
         self.config = PumpConfig(
@@ -108,20 +106,14 @@ class Node:
 
     def start(self) -> None:
         """Check the state store, then start balancing and polling."""
-        from worker import metrics
-
         check_persistence(self.redis)
         check_incarnation(self.log)
         self.poller.start()
         self.balancer.start()
-        metrics.watch(self)
         _log.info("node.started", node=self.name, channels_per_pipe=self.settings.channels_per_pipe)
 
     def stop(self) -> None:
         """Stop the pumps, give the leases back, leave (the others take over at once)."""
-        from worker import metrics
-
-        metrics.unwatch(self)
         self.balancer.stop()
         pumps = self.pumps()
         for pump in pumps:
@@ -341,31 +333,3 @@ class Balancer:
             if lease is not None:
                 node.run_pump(lease)
                 count -= 1
-
-
-class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Celery bootstep: runs the node's pumps in the worker's main process."""
-
-    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.node: Node | None = None
-
-    def start(self, parent: Any) -> None:
-        from worker import runtime
-
-        settings = runtime.settings()
-        if not settings.pump_enabled:
-            _log.info("node.pump_disabled", node=parent.hostname)
-            return
-        self.node = Node(settings, parent.hostname)
-        self.node.start()
-
-    def stop(self, parent: Any) -> None:
-        node, self.node = self.node, None
-        if node is not None:
-            node.stop()
-
-    def shutdown(self, parent: Any) -> None:
-        self.stop(parent)
