@@ -49,3 +49,12 @@ def test_what_orjson_refuses_is_decoded_by_kombu(text: str) -> None:
 def test_invalid_json_raises_like_kombu() -> None:
     with pytest.raises(ValueError):
         serialization.loads("{not json")
+
+
+@pytest.mark.parametrize("value", [2**64, 2**70 + 1, -(2**65) - 3, 10**30 + 7])
+def test_integers_beyond_64_bits_keep_every_digit(value: int) -> None:
+    # orjson alone decodes these as floats (2**70 + 1 came back as 1.1805916207174113e+21).
+    text: str = kombu_json.dumps({"rows": [{"id": value}]})  # type: ignore[no-untyped-call]
+    for data in (text, text.encode()):
+        got = serialization.loads(data)["rows"][0]["id"]
+        assert type(got) is int and got == value
