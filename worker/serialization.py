@@ -6,8 +6,8 @@ called for every JSON object (every row), which came to about a tenth of the wor
 batch. orjson returns the same values for every document it accepts; kombu's decoder remains for
 what it handles differently: its tagged values (`{"__type__": ..., "__value__": ...}`: datetime,
 Decimal, UUID, bytes), integers beyond 64 bits (orjson would make them floats: a message with a
-run of 20 digits goes to kombu's decoder), and anything orjson refuses (NaN, lone surrogates). Encoding is kombu's, unchanged, so producers and other consumers see the same
-messages.
+run of 20 digits goes to kombu's decoder), and anything orjson refuses (NaN, lone surrogates).
+Encoding is kombu's, unchanged, so producers and other consumers see the same messages.
 """
 
 from __future__ import annotations
