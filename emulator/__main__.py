@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None,
             timeout_keep_alive=30,
+            # The client's address is the socket's: X-Forwarded-For/-Proto are ignored whatever
+            # FORWARDED_ALLOW_IPS says, so no header can make a remote client look like loopback
+            # (the admin API answers loopback only).
+            proxy_headers=False,
             # A client that leaves a TLS connection open must not hold up a stop (tests restart
             # emulators often); in-flight requests get this long to finish.
             timeout_graceful_shutdown=1,
