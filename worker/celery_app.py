@@ -30,6 +30,7 @@ from worker.celery_config import (
     build_config,
     declare_dead_letter_queue,
 )
+from worker.heartbeat import ConsumerProgress, HeartbeatStep
 from worker.settings import Settings
 
 __all__ = ["INGEST_TASK", "MALFORMED_TASK", "REFRESH_TASK", "app", "create_app"]
@@ -84,8 +85,11 @@ def create_app(settings: Settings | None = None) -> Celery:
 # Messages of this process decode with orjson (the same values as kombu's decoder).
 serialization.install()
 app = create_app()
-# The node's channel pumps run in the worker's main process (worker/delivery/node.py).
+# The node's name, heartbeat file and registration (worker/heartbeat.py), then its channel
+# pumps, in the worker's main process (worker/delivery/node.py).
+app.steps["worker"].add(HeartbeatStep)
 app.steps["worker"].add(PumpStep)
+app.steps["consumer"].add(ConsumerProgress)
 # `celery -A worker inspect snowpipe_health` (registered by importing it).
 import worker.health  # noqa: E402, F401
 
@@ -97,11 +101,35 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
 
     level = loglevel if loglevel is not None else logging.INFO
     configure_logging(level, json=not sys.stderr.isatty())
-    # httpx/httpcore log every request at INFO: quiet them unless the worker runs at DEBUG.
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    # A configuration error that stops the worker is one line (its traceback at DEBUG only).
+    logging.getLogger("celery.worker").addFilter(OneLineFatalErrors(numeric <= logging.DEBUG))
+    from worker import runtime
+
+    runtime.warn_unknown_variables()
+    # httpx/httpcore log every request at INFO: quiet them unless the worker runs at DEBUG.
     quiet = logging.DEBUG if numeric == logging.DEBUG else logging.WARNING
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)
+
+
+class OneLineFatalErrors(logging.Filter):
+    """Celery logs an error that stops the worker ("Unrecoverable error") with its traceback.
+    For the project's configuration errors (a key that does not load, a setting) the message
+    names the problem and the fix: keep that, drop the traceback (kept at --loglevel DEBUG)."""
+
+    def __init__(self, keep_traceback: bool) -> None:
+        super().__init__()
+        self.keep_traceback = keep_traceback
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from worker.errors import KeyPairError, SettingsError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, KeyPairError | SettingsError) and not self.keep_traceback:
+            record.msg, record.args = "worker.cannot_start: %s", (str(error),)
+            record.exc_info = record.exc_text = None
+        return True
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]

@@ -59,17 +59,36 @@ _debug = False
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show tracebacks of errors, and INFO log lines")
+    ] = False,
 ) -> None:
+    import logging
+
+    from worker.observability import configure_logging
+    from worker.settings import unknown_variables
+
     global _debug  # noqa: PLW0603 (one flag per CLI invocation)
     _debug = debug
+    # Log lines (the client's, Celery's) go to standard error: standard output is the report.
+    configure_logging(
+        logging.INFO if debug else logging.WARNING, json=not sys.stderr.isatty(), stream=sys.stderr
+    )
+    if ctx.invoked_subcommand != "doctor":  # doctor lists them among its checks
+        for line in unknown_variables():
+            console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
 
 
 def _edge(command: F) -> F:
-    """Turn an unreachable broker or state store into one line (a traceback with --debug)."""
+    """Turn a broker or state-store failure (unreachable, credentials refused, TLS) into one line
+    naming the setting and the fix; a traceback only with --debug."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import ssl
+
+        import amqp.exceptions
         import kombu.exceptions
         import redis
 
@@ -81,11 +100,18 @@ def _edge(command: F) -> F:
             if _debug:
                 raise
             raise _fail(str(exc), EXIT_UNREACHABLE) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            # The commands check the broker first where it is Redis too: this is the state store.
             if _debug:
                 raise
             raise _fail(str(state_error(_settings(), exc)), EXIT_UNREACHABLE) from None
-        except (kombu.exceptions.OperationalError, ConnectionError) as exc:
+        except (
+            kombu.exceptions.KombuError,
+            amqp.exceptions.AMQPError,
+            ConnectionError,
+            TimeoutError,
+            ssl.SSLError,
+        ) as exc:
             if _debug:
                 raise
             raise _fail(str(broker_error(_settings(), exc)), EXIT_UNREACHABLE) from None
@@ -200,6 +226,7 @@ def publish(
     ] = None,
 ) -> None:
     """Publish NDJSON rows as batches of --batch-rows (see PUBLISH_HELP)."""
+    from worker.connectivity import check_broker
     from worker.ndjson import check_id_prefix
     from worker.publish import InvalidBatchError, Publisher, check_names
 
@@ -213,12 +240,8 @@ def publish(
         raise _fail(str(exc), 2) from None
     if wait:
         _state_reachable(settings)  # unreachable: say so before publishing anything
+    check_broker(settings)  # one line naming the setting, before anything is read
     publisher = Publisher(settings)
-    try:
-        publisher.check_broker()
-    except UnreachableError:
-        publisher.close()
-        raise
     started = time.monotonic()
     try:
         published = _publish_file(
@@ -428,8 +451,12 @@ def _dead_letters() -> Any:
 
 def _broker_dead_letters() -> Any:
     from worker.brokerletters import BrokerDeadLetters
+    from worker.connectivity import check_broker
 
-    return BrokerDeadLetters(_settings())
+    letters = BrokerDeadLetters(_settings())
+    if letters.enabled:
+        check_broker(letters.settings)  # credentials and TLS: one line, before any read
+    return letters
 
 
 def _letter_json(stored: Any) -> dict[str, Any]:
@@ -974,60 +1001,94 @@ def doctor(
     raise typer.Exit(0 if result.ok else 1)
 
 
+def _heartbeat_path(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    from os import environ
+
+    if environ.get("SNOWPIPE_HEARTBEAT_FILE"):
+        return Path(environ["SNOWPIPE_HEARTBEAT_FILE"])
+    configured = _settings().heartbeat_file
+    if configured is None:
+        raise _fail(
+            "no heartbeat file: pass --heartbeat-file, or set SNOWPIPE_HEARTBEAT_FILE (the worker "
+            "writes it only when that is set)",
+            2,
+        )
+    return configured
+
+
+def _probe(liveness: bool, path: Path, max_age: float | None, as_json: bool) -> None:
+    from worker import heartbeat_file
+
+    checks: dict[str, Any] = {}
+    if liveness:
+        verdict = heartbeat_file.liveness(path, max_age)
+    else:
+        verdict, checks = heartbeat_file.readiness(path, max_age)
+    if as_json:
+        doc = {"ok": verdict.ok, "detail": verdict.line, "checks": checks}
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        mark = "[green]✓[/]" if verdict.ok else "[red]✗[/]"
+        out.print(f"{mark} {escape(verdict.line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
 @app.command()
+@_edge
 def health(
+    *,
     node: Annotated[
         str | None, typer.Option(help="only this node, e.g. celery@HOST (default: every node)")
     ] = None,
-    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for answers")] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="seconds to wait for a node that has not answered")
+    ] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="the answers as JSON")] = False,
+    liveness: Annotated[
+        bool,
+        typer.Option("--liveness", help="exec probe: the heartbeat file is fresh (no broker call)"),
+    ] = False,
+    readiness: Annotated[
+        bool,
+        typer.Option("--readiness", help="exec probe: the heartbeat file is fresh and ready"),
+    ] = False,
+    heartbeat_file: Annotated[
+        Path | None,
+        typer.Option(help="the node's heartbeat file (default: SNOWPIPE_HEARTBEAT_FILE)"),
+    ] = None,
+    max_age: Annotated[
+        float | None,
+        typer.Option(min=1, help="--liveness/--readiness: seconds (default: 6 heartbeat periods)"),
+    ] = None,
 ) -> None:
-    """Liveness/readiness probe: exit 0 if the broker and state store answer and every node
-    (or --node) reports its token guard, state store and leases healthy; else 1."""
-    from celery import Celery
+    """Probe worker nodes; exit 0 when healthy, 1 when not.
 
-    from worker.celery_config import build_config
-    from worker.connectivity import UnreachableError, check_broker, state_client
-    from worker.health import ask_nodes
+    With --liveness or --readiness: read the node's heartbeat file (a Kubernetes exec probe; no
+    broker or state-store call). Without: ask this deployment's nodes (or --node) through the
+    broker whether their token guard, state store and leases are healthy."""
+    if liveness and readiness:
+        raise _fail("choose one: --liveness or --readiness", 2)
+    if liveness or readiness:
+        _probe(liveness, _heartbeat_path(heartbeat_file), max_age, as_json)
+    from worker.health import check_deployment
 
-    s = _settings()
-    problems: list[str] = []
-    try:
-        check_broker(s)
-    except UnreachableError as exc:
-        problems.append(str(exc))
-    try:
-        state_client(s).close()
-    except UnreachableError as exc:
-        problems.append(str(exc))
-    answers: dict[str, Any] = {}
-    if not problems:
-        celery_app = Celery("snowpipe-health", set_as_current=False)
-        celery_app.conf.update(build_config(s))
-        try:
-            answers = ask_nodes(celery_app, node=node, timeout=timeout)
-        finally:
-            celery_app.close()
-        if not answers:
-            who = f"node {node}" if node else "no worker node"
-            problems.append(
-                f"{who} answered within {timeout:g} s: start `celery -A worker worker` with the "
-                "same SNOWPIPE_BROKER_URL and SNOWPIPE_QUEUE_NAME, or check --node"
-            )
-    ok = not problems and all(a["ok"] for a in answers.values())
+    result = check_deployment(_settings(), node=node, timeout=timeout)
+    problems, answers = result["problems"], result["nodes"]
+    ok = bool(result["ok"])
     if as_json:
-        sys.stdout.write(orjson.dumps({"ok": ok, "problems": problems, "nodes": answers}).decode())
-        sys.stdout.write("\n")
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
     else:
         for problem in problems:
-            out.print(f"[red]✗[/] {problem}", highlight=False, soft_wrap=True)
+            out.print(f"[red]✗[/] {escape(problem)}", highlight=False, soft_wrap=True)
         for name, answer in sorted(answers.items()):
             mark = "[green]✓[/]" if answer["ok"] else "[red]✗[/]"
-            out.print(f"{mark} {name}", highlight=False)
+            out.print(f"{mark} {escape(name)}", highlight=False)
             for check_name, check in answer["checks"].items():
                 sub = "✓" if check["ok"] else "✗"
-                out.print(f"    {sub} {check_name}: {check['detail']}", highlight=False,
-                          soft_wrap=True)  # fmt: skip
+                out.print(f"    {sub} {escape(check_name)}: {escape(str(check['detail']))}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
     raise typer.Exit(0 if ok else 1)
 
 

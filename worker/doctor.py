@@ -227,11 +227,9 @@ class Doctor:
             self._add(Check("account host", False, f"{host} does not resolve ({exc})", fix_url))
             return False
         self._add(Check("account host", True, f"{host} resolves"))
-        verify: Any = True
-        if s.ca_file is not None:
-            import ssl
+        from worker.tls import client_context
 
-            verify = ssl.create_default_context(cafile=str(s.ca_file))
+        verify = client_context(s.ca_file)
         try:
             with httpx.Client(timeout=HTTP_TIMEOUT_SECONDS, verify=verify) as http:
                 response = http.get(s.account_url + "/")
