@@ -589,6 +589,7 @@ def dead_requeue(
     committed is sent twice). A row_errors letter is sent only with --table-fixed, under its
     letter id as batch id, and only when it holds exactly the rejected rows."""
     from worker.brokerletters import BrokerDeadLetter
+    from worker.connectivity import check_broker
     from worker.deadletter import DeadLetter, Kind
     from worker.publish import Publisher
 
@@ -599,6 +600,7 @@ def dead_requeue(
     row_errors = [x for x in letters if x.kind == "row_errors" and kind in (None, "row_errors")]
     coarse = [x for x in row_errors if not x.exact_rows]
     malformed = sum(1 for x in letters if x.kind == "malformed" and kind in (None, "malformed"))
+    check_broker(_settings())  # requeueing publishes: a broker that refuses us is said first
     publisher = Publisher(_settings())
 
     def republish(letter: DeadLetter | BrokerDeadLetter) -> None:

@@ -343,7 +343,7 @@ class Doctor:
         try:
             check_broker(s)
         except UnreachableError as exc:
-            what, _, fix = str(exc).partition("; ")
+            what, _, fix = str(exc).rpartition("; ")
             self._add(Check("broker", False, what, fix))
             return
         self._add(Check("broker", True, f"{redact_url(s.broker_url)} accepts connections"))
@@ -354,7 +354,7 @@ class Doctor:
         try:
             state_client(s).close()
         except UnreachableError as exc:
-            what, _, fix = str(exc).partition("; ")
+            what, _, fix = str(exc).rpartition("; ")
             self._add(Check("state store", False, what, fix))
             return False
         self._add(Check("state store", True, f"{redact_url(s.state_url)} answers PING"))
