@@ -880,10 +880,15 @@ def status(
 def keygen(
     directory: Annotated[Path, typer.Argument(help="where to write the key pair")],
 ) -> None:
-    """Write a throwaway key pair (snowpipe_key.pem / .pub) for the emulator, if absent."""
-    from worker.devstack import ensure_key
+    """Write a throwaway key pair (snowpipe_key.pem, mode 0600 / .pub) for the emulator, if
+    absent; a symbolic link at either path is refused."""
+    from worker.errors import KeyPairError
+    from worker.keyfiles import ensure_key
 
-    private, public = ensure_key(directory)
+    try:
+        private, public = ensure_key(directory)
+    except KeyPairError as exc:
+        raise _fail(str(exc)) from None
     out.print(f"private key {private}\npublic key  {public}")
 
 
