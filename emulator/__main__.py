@@ -275,9 +275,17 @@ def _require_server() -> None:
 
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
+        # snowpipe-worker is installed from its source tree or a wheel built from it (not PyPI).
+        root = Path(__file__).resolve().parent.parent
+        install = (
+            f"pip install -e '{root}[emulator]'"
+            if (root / "pyproject.toml").is_file()
+            else "pip install '/path/to/snowpipe-worker[emulator]' (the project's source tree or "
+            "its wheel; it is not on PyPI)"
+        )
         sys.stderr.write(
             f"snowpipe-emulator needs the [emulator] extra ({', '.join(missing)} not installed): "
-            "pip install 'snowpipe-worker[emulator]'\n"
+            f"{install}\n"
         )
         raise SystemExit(2)
 

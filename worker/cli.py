@@ -8,7 +8,8 @@
     snowpipe-worker stats
     snowpipe-worker status [--json] [--no-snowflake]     # channels, queues, token, dead letters
     snowpipe-worker doctor [--pipe DB.SCHEMA.PIPE ...]   # every check, one line each; exit 0/1
-    snowpipe-worker health [--node NAME]                 # liveness/readiness probe; exit 0/1
+    snowpipe-worker health [--node NAME]                 # the nodes' health, asked; exit 0/1
+    snowpipe-worker health --liveness|--readiness        # a node's heartbeat file; exit 0/1
     snowpipe-worker run      # the first run: local stack + 50k sample rows, verified, then exit
     snowpipe-worker up       # the local stack, kept running until Ctrl-C
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from worker.ndjson import PublishedBatch
     from worker.waiting import WaitResult
 
+# Help is rich markup: a tag-like "[local]" must be written "\\[local]" or it vanishes.
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
 )
@@ -726,8 +728,11 @@ def dead_drop(
 
 @app.command()
 @_edge
-def stats() -> None:
-    """Counters: batches committed, retries, dead letters (both kinds), token refreshes."""
+def stats(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """Counters: batches committed, retries, dead letters (both kinds), token refreshes. A table
+    on a terminal; tab-separated lines when piped; --json for one document."""
     from worker.connectivity import state_client
     from worker.deadletter import DeadLetters
     from worker.delivery.stats import counters
@@ -735,18 +740,37 @@ def stats() -> None:
 
     s = _settings()
     client = state_client(s)
-    table = Table("counter", "value")
-    for name, value in sorted(counters(client).items()):
-        table.add_row(name, str(value))
+    counted = counters(client)
+    refreshes: dict[str, int] = {}
     if s.account and s.user:
         refreshes = TokenStore(client, identity(s)).refresh_counts()
-        for reason, value in sorted(refreshes.items()):
-            table.add_row(f"token refreshes ({reason})", str(value))
-    table.add_row("dead letters", str(DeadLetters(client).count()))
+    dead = DeadLetters(client).count()
     broker = _broker_dead_letters()
-    if broker.enabled:
-        table.add_row(f"broker dead-letter queue ({broker.name})", str(broker.count()))
-    out.print(table)
+    in_broker = broker.count() if broker.enabled else None
+    if as_json:
+        doc = {
+            "counters": dict(sorted(counted.items())),
+            "token_refreshes": dict(sorted(refreshes.items())),
+            "dead_letters": dead,
+            "broker_dead_letters": (
+                {"queue": broker.name, "messages": in_broker} if in_broker is not None else None
+            ),
+        }
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    rows = [[name, str(value)] for name, value in sorted(counted.items())]
+    rows += [[f"token refreshes ({reason})", str(n)] for reason, n in sorted(refreshes.items())]
+    rows.append(["dead letters", str(dead)])
+    if in_broker is not None:
+        rows.append([f"broker dead-letter queue ({broker.name})", str(in_broker)])
+    if out.is_terminal:
+        table = Table("counter", "value")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    sys.stdout.write("".join(f"{name}\t{value}\n" for name, value in rows))
+    sys.stdout.flush()
 
 
 def _cell(value: Any) -> str:
@@ -831,6 +855,49 @@ def _status_sections(doc: dict[str, Any]) -> list[tuple[str, list[str], list[lis
     ]
 
 
+def _numeric(cell: str) -> bool:
+    return cell.replace(".", "", 1).lstrip("-").isdigit() or cell == "-"
+
+
+# A text column of a terminal table folds down to this many characters (ids, pipe names).
+MIN_TEXT_WIDTH = 12
+
+
+def _table(title: str, header: list[str], rows: list[list[str]], width: int) -> Table | None:
+    """A terminal table whose numbers (16-digit offsets) stay whole on one line and whose text
+    folds; None when even that is wider than `width` (the caller prints plain rows instead)."""
+    numeric = [
+        all(_numeric(row[n]) for row in rows) and any(row[n] != "-" for row in rows)
+        for n in range(len(header))
+    ]
+    # Numbers never wrap, so their headers go one word per line to keep the columns narrow.
+    titles = [name.replace(" ", "\n") if numeric[n] else name for n, name in enumerate(header)]
+    needed = 1
+    for n, name in enumerate(titles):
+        longest = max([len(word) for word in name.split()] + [len(row[n]) for row in rows])
+        needed += 3 + (longest if numeric[n] else min(MIN_TEXT_WIDTH, longest))
+    if needed > width:
+        return None
+    table = Table(*titles, title=title, title_justify="left")
+    for n, column in enumerate(table.columns):
+        if numeric[n]:
+            column.no_wrap = True
+            column.justify = "right"
+        else:
+            column.overflow = "fold"  # whole ids, never an ellipsis
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _plain(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """One `[section]` line, a header line, then tab-separated whole values."""
+    sys.stdout.write(f"[{title}]\n" + "\t".join(header) + "\n")
+    for row in rows:
+        sys.stdout.write("\t".join(row) + "\n")
+    sys.stdout.flush()
+
+
 @app.command()
 @_edge
 def status(
@@ -859,21 +926,13 @@ def status(
         return
     optional = ("snowflake", "invalid channel keys")  # shown only when they have rows
     sections = [s for s in _status_sections(doc) if s[0] not in optional or s[2]]
-    if out.is_terminal:
-        for title, header, rows in sections:
-            table = Table(*header, title=title, title_justify="left")
-            for column in table.columns:
-                column.overflow = "fold"  # whole offsets and ids, never an ellipsis
-            for row in rows:
-                table.add_row(*row)
-            out.print(table)
-        return
-    # Not a terminal: one `[section]` line, a header line, then tab-separated whole values.
     for title, header, rows in sections:
-        sys.stdout.write(f"[{title}]\n" + "\t".join(header) + "\n")
-        for row in rows:
-            sys.stdout.write("\t".join(row) + "\n")
-    sys.stdout.flush()
+        # A terminal gets tables; a pipe, or a terminal too narrow for whole numbers, plain rows.
+        table = _table(title, header, rows, out.width) if out.is_terminal else None
+        if table is not None:
+            out.print(table)
+        else:
+            _plain(title, header, rows)
 
 
 @app.command()
@@ -921,7 +980,7 @@ def up(
     emulator_port: Annotated[int, typer.Option(help="port of the emulator")] = 8087,
 ) -> None:
     """Start the local stack (embedded broker, emulator, worker, beat) and keep it running;
-    Ctrl-C, SIGTERM or SIGHUP stop every part. Needs the [local] extra."""
+    Ctrl-C, SIGTERM or SIGHUP stop every part. Needs the \\[local] extra."""
     _require_extra("local", "snowpipe-worker up")
     from worker.devstack import LocalStack, StackError
 
@@ -973,7 +1032,7 @@ def run(
     batch_rows: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_ROWS,
 ) -> None:
     """The first run: start the local stack, publish sample rows, verify each committed once.
-    Needs the [local] extra."""
+    Needs the \\[local] extra."""
     _require_extra("local", "snowpipe-worker run")
     from worker.demo import run_demo
 
@@ -989,8 +1048,13 @@ def doctor(
 ) -> None:
     """Check the configuration end to end: settings, key, account, token, pipes, broker, state
     store. One line per check; exit 0 only if every check passes."""
+    import logging
+
     from worker.doctor import run_doctor
 
+    if not _debug:
+        # Every failure is a check line below; the client's own warnings would repeat them.
+        logging.getLogger().setLevel(logging.ERROR)
     result = run_doctor(pipe or ())
     styles = {"✓": "green", "!": "yellow", "✗": "red"}
     for check in result.results:

@@ -14,8 +14,8 @@ names the row and the fix, instead of becoming a dead letter later:
   or `.`), the same check the worker applies to every message. A bad name raises
   `InvalidNameError` (an `InvalidBatchError`) naming the rule and the fix.
 
-The batch id (a UUID unless given) is the dedup key of the whole pipeline: publishing the same
-batch id twice commits its rows once.
+The batch id (32 hex digits, a random UUID's, unless given) is the dedup key of the whole
+pipeline: publishing the same batch id twice commits its rows once.
 """
 
 from __future__ import annotations
