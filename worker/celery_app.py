@@ -115,21 +115,40 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
 
 class OneLineFatalErrors(logging.Filter):
     """Celery logs an error that stops the worker ("Unrecoverable error") with its traceback.
-    For the project's configuration errors (a key that does not load, a setting) the message
-    names the problem and the fix: keep that, drop the traceback (kept at --loglevel DEBUG)."""
+    For a configuration error (a key that does not load, a setting, a broker that refuses the
+    credentials or the certificate) one line names the problem and the fix: the traceback is
+    dropped (kept at --loglevel DEBUG)."""
 
     def __init__(self, keep_traceback: bool) -> None:
         super().__init__()
         self.keep_traceback = keep_traceback
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from worker.errors import KeyPairError, SettingsError
-
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, KeyPairError | SettingsError) and not self.keep_traceback:
-            record.msg, record.args = "worker.cannot_start: %s", (str(error),)
-            record.exc_info = record.exc_text = None
+        if error is not None and not self.keep_traceback:
+            message = _configuration_error(error)
+            if message is not None:
+                record.msg, record.args = "worker.cannot_start: %s", (message,)
+                record.exc_info = record.exc_text = None
         return True
+
+
+def _configuration_error(error: BaseException) -> str | None:
+    """The one line for an error that stops the worker and is fixed in its configuration."""
+    import redis
+
+    from worker.connectivity import broker_error, diagnose, state_error
+    from worker.errors import KeyPairError, SettingsError
+
+    if isinstance(error, KeyPairError | SettingsError):
+        return str(error)
+    problem, _ = diagnose(error)
+    if problem == "unreachable":
+        return None
+    settings = runtime.settings()
+    if isinstance(error, redis.RedisError) and not settings.broker_is_redis:
+        return str(state_error(settings, error))
+    return str(broker_error(settings, error))
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]

@@ -44,8 +44,9 @@ CONSUMER_STALL_SECONDS = 60.0
 # Redis call: 10 s socket timeout, retried; measured 20-40 s per call on a frozen server, two
 # calls before the tick gives up), so twice that is a stuck balancer, not a slow state store.
 BALANCER_STALL_SECONDS = 180.0
-# sysexits.h EX_CONFIG: a configuration error, not a crash (supervisors may not restart it).
-EXIT_DUPLICATE_NAME = 78
+# sysexits.h EX_CONFIG: a configuration error (a duplicate node name, a state store that refuses
+# the credentials), not a crash.
+EXIT_CONFIG = 78
 JOIN_SECONDS = 5.0
 
 _log = get_logger("worker.heartbeat")
@@ -121,6 +122,12 @@ class ConsumerProgress(bootsteps.StartStopStep):  # type: ignore[misc]
                 timer.cancel()
 
 
+def runtime_settings() -> Any:
+    from worker import runtime
+
+    return runtime.settings()
+
+
 def _pump_node(parent: Any) -> Any:
     from worker.health import _pump_node as find
 
@@ -161,9 +168,15 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self._threads.append(thread)
 
     def _claim(self) -> None:
+        from worker.connectivity import diagnose, state_error
+
         try:
             claim = self.registry.claim(self.name)
         except redis.RedisError as exc:
+            if diagnose(exc)[0] != "unreachable":  # credentials, permission, TLS: not an outage
+                _log.critical("worker.cannot_start",
+                              detail=str(state_error(runtime_settings(), exc)))  # fmt: skip
+                raise SystemExit(EXIT_CONFIG) from None
             # Nothing to compare with: start (the pumps ride the outage out), register later.
             _log.warning("node.name_unchecked", node=self.name, detail=f"the state store did "
                          f"not answer ({type(exc).__name__}); a node of the same name is not "
@@ -177,7 +190,7 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 "node a name of its own with -n (e.g. -n ingest1@%h, or -n $POD_NAME@%h), or "
                 "stop the other one",
             )
-            raise SystemExit(EXIT_DUPLICATE_NAME)
+            raise SystemExit(EXIT_CONFIG)
         self._claimed = True
 
     def stop(self, parent: Any) -> None:

@@ -177,3 +177,41 @@ def test_a_worker_whose_key_does_not_load_exits_with_one_line(
     fatal = [ln for ln in log.splitlines() if "worker.cannot_start" in ln]
     assert len(fatal) == 1, log
     assert "cannot decrypt" in fatal[0] and "SNOWPIPE_PRIVATE_KEY_PASSPHRASE" in fatal[0]
+
+
+@pytest.mark.rabbitmq
+def test_a_worker_whose_broker_refuses_the_credentials_exits_with_one_line(
+    emulator: RunningEmulator, db: RedisDB, tmp_path: Path
+) -> None:
+    env = worker_env(emulator, f"amqp://guest:{WRONG}@127.0.0.1:5672//",
+                     key_pair("w").write_private(tmp_path / "k.pem"),
+                     queue=unique_queue("badmq"), state_url=db.url)  # fmt: skip
+    log = _worker_fails(env)
+    fatal = [ln for ln in log.splitlines() if "worker.cannot_start" in ln]
+    assert len(fatal) == 1, log
+    assert "(SNOWPIPE_BROKER_URL) refused the credentials (ACCESS_REFUSED" in fatal[0]
+
+
+def test_a_worker_whose_state_store_refuses_the_credentials_exits_with_one_line(
+    emulator: RunningEmulator, locked: PrivateRedis, db: RedisDB, tmp_path: Path
+) -> None:
+    state = locked.url(0, password=WRONG)
+    env = worker_env(emulator, db.url, key_pair("w").write_private(tmp_path / "k.pem"),
+                     queue=unique_queue("badstate"), state_url=state)  # fmt: skip
+    log = _worker_fails(env, code=78)
+    fatal = [ln for ln in log.splitlines() if "worker.cannot_start" in ln]
+    assert len(fatal) == 1, log
+    assert "(SNOWPIPE_STATE_URL) refused the credentials" in fatal[0]
+
+
+def _worker_fails(env: dict[str, str], *, code: int | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "threads",
+         "--concurrency", "2", "--hostname", "refused@test", "--without-gossip",
+         "--without-mingle"],
+        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 if code is None else result.returncode == code, log
+    assert "Traceback" not in log and PASSWORD not in log and WRONG not in log, log
+    return log
