@@ -71,10 +71,15 @@ def test_doctor_names_the_profile_and_the_url_that_was_set(db: RedisDB, tmp_path
 
 def test_stats_is_tab_separated_or_json_when_piped(db: RedisDB) -> None:
     db.client.hset("snowpipe:stats", mapping={"logged": 3, "rows_committed": 30})
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "SNOWPIPE_BROKER_URL": db.url}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "SNOWPIPE_BROKER_URL": db.url,
+           "SNOWPIPE_QUEUE_NAM": "typo"}  # fmt: skip
     plain = run(env, "stats")
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.splitlines() == ["logged\t3", "rows_committed\t30", "dead letters\t0"]
+    assert plain.stderr.splitlines() == [
+        "warning: SNOWPIPE_QUEUE_NAM is not a setting and is ignored (did you mean "
+        "SNOWPIPE_QUEUE_NAME?)"
+    ]
     doc = orjson.loads(run(env, "stats", "--json").stdout)
     assert doc == {"counters": {"logged": 3, "rows_committed": 30}, "token_refreshes": {},
                    "dead_letters": 0, "broker_dead_letters": None}  # fmt: skip
