@@ -57,3 +57,22 @@ def test_a_symlink_planted_at_the_key_path_is_refused_and_its_target_untouched(
     (dangling / "snowpipe_key.pem").symlink_to(tmp_path / "nowhere.pem")
     assert keygen(dangling).returncode == 1
     assert not (tmp_path / "nowhere.pem").exists()
+
+
+def test_keygen_from_several_processes_at_once_makes_one_matching_pair(tmp_path: Path) -> None:
+    # The Procfile's lines each run keygen as they start, all at the same moment.
+    from cryptography.hazmat.primitives import serialization
+
+    args = [sys.executable, "-c", "from worker.cli import main; main()", "keygen", str(tmp_path)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)}
+    processes = [subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for _ in range(4)]  # fmt: skip
+    for process in processes:
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+    key = serialization.load_pem_private_key((tmp_path / "snowpipe_key.pem").read_bytes(), None)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert (tmp_path / "snowpipe_key.pub").read_bytes() == spki
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snowpipe_key.pem", "snowpipe_key.pub"]
