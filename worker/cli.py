@@ -228,7 +228,6 @@ def publish(
     ] = None,
 ) -> None:
     """Publish NDJSON rows as batches of --batch-rows (see PUBLISH_HELP)."""
-    from worker.connectivity import check_broker
     from worker.ndjson import check_id_prefix
     from worker.publish import InvalidBatchError, Publisher, check_names
 
@@ -242,8 +241,12 @@ def publish(
         raise _fail(str(exc), 2) from None
     if wait:
         _state_reachable(settings)  # unreachable: say so before publishing anything
-    check_broker(settings)  # one line naming the setting, before anything is read
-    publisher = Publisher(settings)
+    publisher = Publisher(settings)  # BrokerUnavailableError (one line) if it refuses us
+    try:
+        publisher.check_broker()
+    except UnreachableError:
+        publisher.close()
+        raise
     started = time.monotonic()
     try:
         published = _publish_file(
