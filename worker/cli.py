@@ -37,12 +37,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.connectivity import UnreachableError
+# Only the error tree at import: a probe (`health --liveness`) loads no broker or Redis client.
 from worker.errors import NdjsonError as NdjsonError  # noqa: PLC0414 (re-exported)
-from worker.settings import Settings, SettingsError
+from worker.errors import SettingsError, UnreachableError
 
 if TYPE_CHECKING:
     from worker.ndjson import PublishedBatch
+    from worker.settings import Settings
     from worker.waiting import WaitResult
 
 # Help is rich markup: a tag-like "[local]" must be written "\\[local]" or it vanishes.
