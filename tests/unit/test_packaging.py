@@ -143,4 +143,5 @@ def test_make_run_and_up_install_the_local_extra_not_the_dev_tools(tmp_path: Pat
             cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
         installs = [line for line in plan.splitlines() if "pip install" in line and " -e " in line]
-        assert installs == [f"{tmp_path / 'venv'}/bin/python -m pip install --quiet -e '.[local]'"]
+        python = tmp_path / "venv" / "bin" / "python"
+        assert installs == [f"{python} -m pip install --quiet -c constraints.txt -e '.[local]'"]
