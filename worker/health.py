@@ -30,7 +30,9 @@ def _check(ok: bool, detail: str) -> dict[str, Any]:
     return {"ok": ok, "detail": detail}
 
 
-def _pump_node(controller: Any) -> Any:
+def pump_node(controller: Any) -> Any:
+    """The node's pump side (worker/delivery/node.py) from the worker's bootsteps; None when
+    its pumps are off or not started yet."""
     from worker.bootsteps import PumpStep
 
     blueprint = getattr(controller, "blueprint", None)
@@ -100,7 +102,7 @@ def node_health(controller: Any) -> dict[str, Any]:
     from worker import runtime
     from worker.statestore import state_redis
 
-    node = _pump_node(controller)
+    node = pump_node(controller)
     if node is not None:
         checks = node_checks(node, node.redis)
     else:

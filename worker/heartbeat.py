@@ -129,9 +129,9 @@ def runtime_settings() -> Any:
 
 
 def _pump_node(parent: Any) -> Any:
-    from worker.health import _pump_node as find
+    from worker.health import pump_node
 
-    return find(parent)
+    return pump_node(parent)
 
 
 class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
