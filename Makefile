@@ -6,18 +6,19 @@ STAMP  := $(VENV)/.installed-stamp
 # `make run` and `make up` need only the [local] extra (no test or lint tools).
 LOCAL_STAMP := $(VENV)/.local-stamp
 
-.PHONY: install lint typecheck test test-fast run up bench clean
+.PHONY: install lint typecheck test test-fast run up bench clean constraints
 
-$(STAMP): pyproject.toml
+# The dependencies at the versions of constraints.txt: the tests run on what the image installs.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-$(LOCAL_STAMP): pyproject.toml
+$(LOCAL_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[local]'
 	touch $(LOCAL_STAMP)
 
 install: $(STAMP)
@@ -44,6 +45,10 @@ run: $(LOCAL_STAMP)
 # The same local stack (embedded broker, emulator, worker, beat), kept running until Ctrl-C.
 up: $(LOCAL_STAMP)
 	$(BIN)/snowpipe-worker up
+
+# After changing a dependency (or upgrading one in .venv): pin what .venv now has.
+constraints: install
+	$(BIN)/python -m tests.support.constraints > constraints.txt
 
 bench: install
 	$(BIN)/python bench/guard.py

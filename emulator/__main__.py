@@ -275,9 +275,17 @@ def _require_server() -> None:
 
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
+        # snowpipe-worker is installed from its source tree or a wheel built from it (not PyPI).
+        root = Path(__file__).resolve().parent.parent
+        install = (
+            f"pip install -e '{root}[emulator]'"
+            if (root / "pyproject.toml").is_file()
+            else "pip install '/path/to/snowpipe-worker[emulator]' (the project's source tree or "
+            "its wheel; it is not on PyPI)"
+        )
         sys.stderr.write(
             f"snowpipe-emulator needs the [emulator] extra ({', '.join(missing)} not installed): "
-            "pip install 'snowpipe-worker[emulator]'\n"
+            f"{install}\n"
         )
         raise SystemExit(2)
 
@@ -335,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None,
             timeout_keep_alive=30,
+            # The client's address is the socket's: X-Forwarded-For/-Proto are ignored whatever
+            # FORWARDED_ALLOW_IPS says, so no header can make a remote client look like loopback
+            # (the admin API answers loopback only).
+            proxy_headers=False,
             # A client that leaves a TLS connection open must not hold up a stop (tests restart
             # emulators often); in-flight requests get this long to finish.
             timeout_graceful_shutdown=1,

@@ -15,7 +15,11 @@ _log = get_logger("worker.bootsteps")
 class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Celery bootstep: runs the node's pumps in the worker's main process."""
 
-    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
+    # The heartbeat starts first: it refuses a duplicate node name before any lease is taken.
+    requires: ClassVar[set[str]] = {
+        "celery.worker.components:Pool",
+        "worker.heartbeat:HeartbeatStep",
+    }
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)

@@ -30,6 +30,7 @@ from worker.celery_config import (
     build_config,
     declare_dead_letter_queue,
 )
+from worker.heartbeat import ConsumerProgress, HeartbeatStep
 from worker.settings import Settings
 
 __all__ = ["INGEST_TASK", "MALFORMED_TASK", "REFRESH_TASK", "app", "create_app"]
@@ -84,8 +85,11 @@ def create_app(settings: Settings | None = None) -> Celery:
 # Messages of this process decode with orjson (the same values as kombu's decoder).
 serialization.install()
 app = create_app()
-# The node's channel pumps run in the worker's main process (worker/delivery/node.py).
+# The node's name, heartbeat file and registration (worker/heartbeat.py), then its channel
+# pumps, in the worker's main process (worker/delivery/node.py).
+app.steps["worker"].add(HeartbeatStep)
 app.steps["worker"].add(PumpStep)
+app.steps["consumer"].add(ConsumerProgress)
 # `celery -A worker inspect snowpipe_health` (registered by importing it).
 import worker.health  # noqa: E402, F401
 
@@ -97,11 +101,54 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
 
     level = loglevel if loglevel is not None else logging.INFO
     configure_logging(level, json=not sys.stderr.isatty())
-    # httpx/httpcore log every request at INFO: quiet them unless the worker runs at DEBUG.
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    # A configuration error that stops the worker is one line (its traceback at DEBUG only).
+    logging.getLogger("celery.worker").addFilter(OneLineFatalErrors(numeric <= logging.DEBUG))
+    from worker import runtime
+
+    runtime.warn_unknown_variables()
+    # httpx/httpcore log every request at INFO: quiet them unless the worker runs at DEBUG.
     quiet = logging.DEBUG if numeric == logging.DEBUG else logging.WARNING
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)
+
+
+class OneLineFatalErrors(logging.Filter):
+    """Celery logs an error that stops the worker ("Unrecoverable error") with its traceback.
+    For a configuration error (a key that does not load, a setting, a broker that refuses the
+    credentials or the certificate) one line names the problem and the fix: the traceback is
+    dropped (kept at --loglevel DEBUG)."""
+
+    def __init__(self, keep_traceback: bool) -> None:
+        super().__init__()
+        self.keep_traceback = keep_traceback
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and not self.keep_traceback:
+            message = _configuration_error(error)
+            if message is not None:
+                record.msg, record.args = "worker.cannot_start: %s", (message,)
+                record.exc_info = record.exc_text = None
+        return True
+
+
+def _configuration_error(error: BaseException) -> str | None:
+    """The one line for an error that stops the worker and is fixed in its configuration."""
+    import redis
+
+    from worker.connectivity import broker_error, diagnose, state_error
+    from worker.errors import KeyPairError, SettingsError
+
+    if isinstance(error, KeyPairError | SettingsError):
+        return str(error)
+    problem, _ = diagnose(error)
+    if problem == "unreachable":
+        return None
+    settings = runtime.settings()
+    if isinstance(error, redis.RedisError) and not settings.broker_is_redis:
+        return str(state_error(settings, error))
+    return str(broker_error(settings, error))
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]

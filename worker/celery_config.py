@@ -11,7 +11,8 @@ publishers (docs/delivery.md explains what each one guards against):
 - a hard time limit requeues instead of acknowledging (`task_acks_on_timeout=False`); the task
   itself never raises (it dead-letters or re-publishes explicitly);
 - running tasks are cancelled on broker connection loss instead of running twice;
-- RabbitMQ: quorum queues with a declared dead-letter exchange and queue, publisher confirms.
+- RabbitMQ: quorum queues with a declared dead-letter exchange and queue, publisher confirms;
+- remote control scoped to the deployment (its queue name), TLS checked (worker/tls.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from kombu import entity
 
 from worker.settings import Settings
+from worker.tls import broker_ssl_options
 
 # kombu ships no annotations for these: use them as Any rather than sprinkle ignores.
 Exchange: Any = entity.Exchange
@@ -122,6 +124,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.5,
             "interval_max": 5,
         },
+        # Remote control (`snowpipe-worker health`, `status`, `celery inspect`, Flower) on
+        # exchanges of this deployment's own (`<queue>.pidbox`): a broadcast reaches only the
+        # nodes of this queue name, not another deployment's on the same vhost or database.
+        "control_exchange": settings.queue_name,
         "task_queues": _queues(settings),
         "task_default_queue": settings.queue_name,
         "task_routes": {
@@ -160,6 +166,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         }
     else:
         config["broker_transport_options"] = {"confirm_publish": True}
+    tls = broker_ssl_options(settings.broker_url, settings.ca_file)
+    if tls is not None:
+        # rediss:// and amqps://: the certificate and the host name are checked (worker/tls.py).
+        config["broker_use_ssl"] = tls
     return config
 
 

@@ -8,7 +8,8 @@
     snowpipe-worker stats
     snowpipe-worker status [--json] [--no-snowflake]     # channels, queues, token, dead letters
     snowpipe-worker doctor [--pipe DB.SCHEMA.PIPE ...]   # every check, one line each; exit 0/1
-    snowpipe-worker health [--node NAME]                 # liveness/readiness probe; exit 0/1
+    snowpipe-worker health [--node NAME]                 # the nodes' health, asked; exit 0/1
+    snowpipe-worker health --liveness|--readiness        # a node's heartbeat file; exit 0/1
     snowpipe-worker run      # the first run: local stack + 50k sample rows, verified, then exit
     snowpipe-worker up       # the local stack, kept running until Ctrl-C
 
@@ -36,14 +37,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.connectivity import UnreachableError
+# Only the error tree at import: a probe (`health --liveness`) loads no broker or Redis client.
 from worker.errors import NdjsonError as NdjsonError  # noqa: PLC0414 (re-exported)
-from worker.settings import Settings, SettingsError
+from worker.errors import SettingsError, UnreachableError
 
 if TYPE_CHECKING:
     from worker.ndjson import PublishedBatch
+    from worker.settings import Settings
     from worker.waiting import WaitResult
 
+# Help is rich markup: a tag-like "[local]" must be written "\\[local]" or it vanishes.
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
 )
@@ -59,17 +62,36 @@ _debug = False
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show tracebacks of errors, and INFO log lines")
+    ] = False,
 ) -> None:
+    import logging
+
+    from worker.observability import configure_logging
+    from worker.settings import unknown_variables
+
     global _debug  # noqa: PLW0603 (one flag per CLI invocation)
     _debug = debug
+    # Log lines (the client's, Celery's) go to standard error: standard output is the report.
+    configure_logging(
+        logging.INFO if debug else logging.WARNING, json=not sys.stderr.isatty(), stream=sys.stderr
+    )
+    if ctx.invoked_subcommand != "doctor":  # doctor lists them among its checks
+        for line in unknown_variables():
+            console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
 
 
 def _edge(command: F) -> F:
-    """Turn an unreachable broker or state store into one line (a traceback with --debug)."""
+    """Turn a broker or state-store failure (unreachable, credentials refused, TLS) into one line
+    naming the setting and the fix; a traceback only with --debug."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import ssl
+
+        import amqp.exceptions
         import kombu.exceptions
         import redis
 
@@ -81,11 +103,18 @@ def _edge(command: F) -> F:
             if _debug:
                 raise
             raise _fail(str(exc), EXIT_UNREACHABLE) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            # The commands check the broker first where it is Redis too: this is the state store.
             if _debug:
                 raise
             raise _fail(str(state_error(_settings(), exc)), EXIT_UNREACHABLE) from None
-        except (kombu.exceptions.OperationalError, ConnectionError) as exc:
+        except (
+            kombu.exceptions.KombuError,
+            amqp.exceptions.AMQPError,
+            ConnectionError,
+            TimeoutError,
+            ssl.SSLError,
+        ) as exc:
             if _debug:
                 raise
             raise _fail(str(broker_error(_settings(), exc)), EXIT_UNREACHABLE) from None
@@ -213,7 +242,7 @@ def publish(
         raise _fail(str(exc), 2) from None
     if wait:
         _state_reachable(settings)  # unreachable: say so before publishing anything
-    publisher = Publisher(settings)
+    publisher = Publisher(settings)  # BrokerUnavailableError (one line) if it refuses us
     try:
         publisher.check_broker()
     except UnreachableError:
@@ -428,8 +457,12 @@ def _dead_letters() -> Any:
 
 def _broker_dead_letters() -> Any:
     from worker.brokerletters import BrokerDeadLetters
+    from worker.connectivity import check_broker
 
-    return BrokerDeadLetters(_settings())
+    letters = BrokerDeadLetters(_settings())
+    if letters.enabled:
+        check_broker(letters.settings)  # credentials and TLS: one line, before any read
+    return letters
 
 
 def _letter_json(stored: Any) -> dict[str, Any]:
@@ -562,6 +595,7 @@ def dead_requeue(
     committed is sent twice). A row_errors letter is sent only with --table-fixed, under its
     letter id as batch id, and only when it holds exactly the rejected rows."""
     from worker.brokerletters import BrokerDeadLetter
+    from worker.connectivity import check_broker
     from worker.deadletter import DeadLetter, Kind
     from worker.publish import Publisher
 
@@ -572,6 +606,7 @@ def dead_requeue(
     row_errors = [x for x in letters if x.kind == "row_errors" and kind in (None, "row_errors")]
     coarse = [x for x in row_errors if not x.exact_rows]
     malformed = sum(1 for x in letters if x.kind == "malformed" and kind in (None, "malformed"))
+    check_broker(_settings())  # requeueing publishes: a broker that refuses us is said first
     publisher = Publisher(_settings())
 
     def republish(letter: DeadLetter | BrokerDeadLetter) -> None:
@@ -697,8 +732,11 @@ def dead_drop(
 
 @app.command()
 @_edge
-def stats() -> None:
-    """Counters: batches committed, retries, dead letters (both kinds), token refreshes."""
+def stats(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """Counters: batches committed, retries, dead letters (both kinds), token refreshes. A table
+    on a terminal; tab-separated lines when piped; --json for one document."""
     from worker.connectivity import state_client
     from worker.deadletter import DeadLetters
     from worker.delivery.stats import counters
@@ -706,18 +744,37 @@ def stats() -> None:
 
     s = _settings()
     client = state_client(s)
-    table = Table("counter", "value")
-    for name, value in sorted(counters(client).items()):
-        table.add_row(name, str(value))
+    counted = counters(client)
+    refreshes: dict[str, int] = {}
     if s.account and s.user:
         refreshes = TokenStore(client, identity(s)).refresh_counts()
-        for reason, value in sorted(refreshes.items()):
-            table.add_row(f"token refreshes ({reason})", str(value))
-    table.add_row("dead letters", str(DeadLetters(client).count()))
+    dead = DeadLetters(client).count()
     broker = _broker_dead_letters()
-    if broker.enabled:
-        table.add_row(f"broker dead-letter queue ({broker.name})", str(broker.count()))
-    out.print(table)
+    in_broker = broker.count() if broker.enabled else None
+    if as_json:
+        doc = {
+            "counters": dict(sorted(counted.items())),
+            "token_refreshes": dict(sorted(refreshes.items())),
+            "dead_letters": dead,
+            "broker_dead_letters": (
+                {"queue": broker.name, "messages": in_broker} if in_broker is not None else None
+            ),
+        }
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    rows = [[name, str(value)] for name, value in sorted(counted.items())]
+    rows += [[f"token refreshes ({reason})", str(n)] for reason, n in sorted(refreshes.items())]
+    rows.append(["dead letters", str(dead)])
+    if in_broker is not None:
+        rows.append([f"broker dead-letter queue ({broker.name})", str(in_broker)])
+    if out.is_terminal:
+        table = Table("counter", "value")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    sys.stdout.write("".join(f"{name}\t{value}\n" for name, value in rows))
+    sys.stdout.flush()
 
 
 def _cell(value: Any) -> str:
@@ -802,6 +859,49 @@ def _status_sections(doc: dict[str, Any]) -> list[tuple[str, list[str], list[lis
     ]
 
 
+def _numeric(cell: str) -> bool:
+    return cell.replace(".", "", 1).lstrip("-").isdigit() or cell == "-"
+
+
+# A text column of a terminal table folds down to this many characters (ids, pipe names).
+MIN_TEXT_WIDTH = 12
+
+
+def _table(title: str, header: list[str], rows: list[list[str]], width: int) -> Table | None:
+    """A terminal table whose numbers (16-digit offsets) stay whole on one line and whose text
+    folds; None when even that is wider than `width` (the caller prints plain rows instead)."""
+    numeric = [
+        all(_numeric(row[n]) for row in rows) and any(row[n] != "-" for row in rows)
+        for n in range(len(header))
+    ]
+    # Numbers never wrap, so their headers go one word per line to keep the columns narrow.
+    titles = [name.replace(" ", "\n") if numeric[n] else name for n, name in enumerate(header)]
+    needed = 1
+    for n, name in enumerate(titles):
+        longest = max([len(word) for word in name.split()] + [len(row[n]) for row in rows])
+        needed += 3 + (longest if numeric[n] else min(MIN_TEXT_WIDTH, longest))
+    if needed > width:
+        return None
+    table = Table(*titles, title=title, title_justify="left")
+    for n, column in enumerate(table.columns):
+        if numeric[n]:
+            column.no_wrap = True
+            column.justify = "right"
+        else:
+            column.overflow = "fold"  # whole ids, never an ellipsis
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _plain(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """One `[section]` line, a header line, then tab-separated whole values."""
+    sys.stdout.write(f"[{title}]\n" + "\t".join(header) + "\n")
+    for row in rows:
+        sys.stdout.write("\t".join(row) + "\n")
+    sys.stdout.flush()
+
+
 @app.command()
 @_edge
 def status(
@@ -830,31 +930,28 @@ def status(
         return
     optional = ("snowflake", "invalid channel keys")  # shown only when they have rows
     sections = [s for s in _status_sections(doc) if s[0] not in optional or s[2]]
-    if out.is_terminal:
-        for title, header, rows in sections:
-            table = Table(*header, title=title, title_justify="left")
-            for column in table.columns:
-                column.overflow = "fold"  # whole offsets and ids, never an ellipsis
-            for row in rows:
-                table.add_row(*row)
-            out.print(table)
-        return
-    # Not a terminal: one `[section]` line, a header line, then tab-separated whole values.
     for title, header, rows in sections:
-        sys.stdout.write(f"[{title}]\n" + "\t".join(header) + "\n")
-        for row in rows:
-            sys.stdout.write("\t".join(row) + "\n")
-    sys.stdout.flush()
+        # A terminal gets tables; a pipe, or a terminal too narrow for whole numbers, plain rows.
+        table = _table(title, header, rows, out.width) if out.is_terminal else None
+        if table is not None:
+            out.print(table)
+        else:
+            _plain(title, header, rows)
 
 
 @app.command()
 def keygen(
     directory: Annotated[Path, typer.Argument(help="where to write the key pair")],
 ) -> None:
-    """Write a throwaway key pair (snowpipe_key.pem / .pub) for the emulator, if absent."""
-    from worker.devstack import ensure_key
+    """Write a throwaway key pair (snowpipe_key.pem, mode 0600 / .pub) for the emulator, if
+    absent; a symbolic link at either path is refused."""
+    from worker.errors import KeyPairError
+    from worker.keyfiles import ensure_key
 
-    private, public = ensure_key(directory)
+    try:
+        private, public = ensure_key(directory)
+    except KeyPairError as exc:
+        raise _fail(str(exc)) from None
     out.print(f"private key {private}\npublic key  {public}")
 
 
@@ -887,7 +984,7 @@ def up(
     emulator_port: Annotated[int, typer.Option(help="port of the emulator")] = 8087,
 ) -> None:
     """Start the local stack (embedded broker, emulator, worker, beat) and keep it running;
-    Ctrl-C, SIGTERM or SIGHUP stop every part. Needs the [local] extra."""
+    Ctrl-C, SIGTERM or SIGHUP stop every part. Needs the \\[local] extra."""
     _require_extra("local", "snowpipe-worker up")
     from worker.devstack import LocalStack, StackError
 
@@ -939,7 +1036,7 @@ def run(
     batch_rows: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_ROWS,
 ) -> None:
     """The first run: start the local stack, publish sample rows, verify each committed once.
-    Needs the [local] extra."""
+    Needs the \\[local] extra."""
     _require_extra("local", "snowpipe-worker run")
     from worker.demo import run_demo
 
@@ -955,8 +1052,13 @@ def doctor(
 ) -> None:
     """Check the configuration end to end: settings, key, account, token, pipes, broker, state
     store. One line per check; exit 0 only if every check passes."""
+    import logging
+
     from worker.doctor import run_doctor
 
+    if not _debug:
+        # Every failure is a check line below; the client's own warnings would repeat them.
+        logging.getLogger().setLevel(logging.ERROR)
     result = run_doctor(pipe or ())
     styles = {"✓": "green", "!": "yellow", "✗": "red"}
     for check in result.results:
@@ -974,60 +1076,94 @@ def doctor(
     raise typer.Exit(0 if result.ok else 1)
 
 
+def _heartbeat_path(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    from os import environ
+
+    if environ.get("SNOWPIPE_HEARTBEAT_FILE"):
+        return Path(environ["SNOWPIPE_HEARTBEAT_FILE"])
+    configured = _settings().heartbeat_file
+    if configured is None:
+        raise _fail(
+            "no heartbeat file: pass --heartbeat-file, or set SNOWPIPE_HEARTBEAT_FILE (the worker "
+            "writes it only when that is set)",
+            2,
+        )
+    return configured
+
+
+def _probe(liveness: bool, path: Path, max_age: float | None, as_json: bool) -> None:
+    from worker import heartbeat_file
+
+    checks: dict[str, Any] = {}
+    if liveness:
+        verdict = heartbeat_file.liveness(path, max_age)
+    else:
+        verdict, checks = heartbeat_file.readiness(path, max_age)
+    if as_json:
+        doc = {"ok": verdict.ok, "detail": verdict.line, "checks": checks}
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        mark = "[green]✓[/]" if verdict.ok else "[red]✗[/]"
+        out.print(f"{mark} {escape(verdict.line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
 @app.command()
+@_edge
 def health(
+    *,
     node: Annotated[
         str | None, typer.Option(help="only this node, e.g. celery@HOST (default: every node)")
     ] = None,
-    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for answers")] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="seconds to wait for a node that has not answered")
+    ] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="the answers as JSON")] = False,
+    liveness: Annotated[
+        bool,
+        typer.Option("--liveness", help="exec probe: the heartbeat file is fresh (no broker call)"),
+    ] = False,
+    readiness: Annotated[
+        bool,
+        typer.Option("--readiness", help="exec probe: the heartbeat file is fresh and ready"),
+    ] = False,
+    heartbeat_file: Annotated[
+        Path | None,
+        typer.Option(help="the node's heartbeat file (default: SNOWPIPE_HEARTBEAT_FILE)"),
+    ] = None,
+    max_age: Annotated[
+        float | None,
+        typer.Option(min=1, help="--liveness/--readiness: seconds (default: 6 heartbeat periods)"),
+    ] = None,
 ) -> None:
-    """Liveness/readiness probe: exit 0 if the broker and state store answer and every node
-    (or --node) reports its token guard, state store and leases healthy; else 1."""
-    from celery import Celery
+    """Probe worker nodes; exit 0 when healthy, 1 when not.
 
-    from worker.celery_config import build_config
-    from worker.connectivity import UnreachableError, check_broker, state_client
-    from worker.health import ask_nodes
+    With --liveness or --readiness: read the node's heartbeat file (a Kubernetes exec probe; no
+    broker or state-store call). Without: ask this deployment's nodes (or --node) through the
+    broker whether their token guard, state store and leases are healthy."""
+    if liveness and readiness:
+        raise _fail("choose one: --liveness or --readiness", 2)
+    if liveness or readiness:
+        _probe(liveness, _heartbeat_path(heartbeat_file), max_age, as_json)
+    from worker.health import check_deployment
 
-    s = _settings()
-    problems: list[str] = []
-    try:
-        check_broker(s)
-    except UnreachableError as exc:
-        problems.append(str(exc))
-    try:
-        state_client(s).close()
-    except UnreachableError as exc:
-        problems.append(str(exc))
-    answers: dict[str, Any] = {}
-    if not problems:
-        celery_app = Celery("snowpipe-health", set_as_current=False)
-        celery_app.conf.update(build_config(s))
-        try:
-            answers = ask_nodes(celery_app, node=node, timeout=timeout)
-        finally:
-            celery_app.close()
-        if not answers:
-            who = f"node {node}" if node else "no worker node"
-            problems.append(
-                f"{who} answered within {timeout:g} s: start `celery -A worker worker` with the "
-                "same SNOWPIPE_BROKER_URL and SNOWPIPE_QUEUE_NAME, or check --node"
-            )
-    ok = not problems and all(a["ok"] for a in answers.values())
+    result = check_deployment(_settings(), node=node, timeout=timeout)
+    problems, answers = result["problems"], result["nodes"]
+    ok = bool(result["ok"])
     if as_json:
-        sys.stdout.write(orjson.dumps({"ok": ok, "problems": problems, "nodes": answers}).decode())
-        sys.stdout.write("\n")
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
     else:
         for problem in problems:
-            out.print(f"[red]✗[/] {problem}", highlight=False, soft_wrap=True)
+            out.print(f"[red]✗[/] {escape(problem)}", highlight=False, soft_wrap=True)
         for name, answer in sorted(answers.items()):
             mark = "[green]✓[/]" if answer["ok"] else "[red]✗[/]"
-            out.print(f"{mark} {name}", highlight=False)
+            out.print(f"{mark} {escape(name)}", highlight=False)
             for check_name, check in answer["checks"].items():
                 sub = "✓" if check["ok"] else "✗"
-                out.print(f"    {sub} {check_name}: {check['detail']}", highlight=False,
-                          soft_wrap=True)  # fmt: skip
+                out.print(f"    {sub} {escape(check_name)}: {escape(str(check['detail']))}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
     raise typer.Exit(0 if ok else 1)
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,44 +34,11 @@ START_TIMEOUT = 60.0
 
 
 def ensure_key(directory: Path = LOCAL_DIR) -> tuple[Path, Path]:
-    """A throwaway RSA key pair under `directory` (created once): (private PEM, public PEM).
+    """A throwaway RSA key pair under `directory` (created once, 0600, links refused):
+    (private PEM, public PEM). See worker/keyfiles.py."""
+    from worker import keyfiles
 
-    Safe to run from several processes at once (the Procfile's lines each run `keygen` before
-    they start): the private key is written to a file of this process (mode 0600 from the start)
-    and linked into place, which only the first process manages; the public key is then derived
-    from whichever private key is in place, so the two always match.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    directory.mkdir(parents=True, exist_ok=True)
-    private, public = directory / "snowpipe_key.pem", directory / "snowpipe_key.pub"
-    if not private.exists():
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        mine = directory / f".{private.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-        try:
-            os.link(mine, private)  # atomic; FileExistsError if another process was first
-        except FileExistsError:
-            pass
-        finally:
-            mine.unlink()
-    if not public.exists():
-        loaded = serialization.load_pem_private_key(private.read_bytes(), password=None)
-        spki = loaded.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        mine = directory / f".{public.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        mine.write_bytes(spki)
-        os.replace(mine, public)  # the same bytes from every process that gets here
-    return private, public
+    return keyfiles.ensure_key(directory)
 
 
 @dataclass

@@ -108,6 +108,19 @@ def _split_hint(exc: BaseException) -> tuple[str, str]:
     return _first_line(exc), ""
 
 
+def _encryption(s: Settings) -> str:
+    """What the passphrase did: decrypted the key, or nothing (the key is not encrypted)."""
+    from worker.auth.keypair import KeyPairError, load_private_key
+
+    if not s.passphrase():
+        return ""
+    try:
+        load_private_key(s.private_key_pem(), None)
+    except KeyPairError:
+        return " (decrypted with SNOWPIPE_PRIVATE_KEY_PASSPHRASE)"
+    return " (not encrypted: SNOWPIPE_PRIVATE_KEY_PASSPHRASE is set but not needed)"
+
+
 def parse_pipe(name: str) -> tuple[str, str, str]:
     """`DB.SCHEMA.PIPE` as its three parts (ValueError naming the expected form)."""
     parts = [part.strip() for part in name.split(".")]
@@ -164,7 +177,7 @@ class Doctor:
 
     @property
     def ok(self) -> bool:
-        """True when every check that ran passed."""
+        """True when every check that ran passed (warnings pass)."""
         return all(check.ok for check in self.results)
 
     # --- The checks -------------------------------------------------------------------------------
@@ -173,14 +186,21 @@ class Doctor:
         if self.settings is not None:
             self._add(Check("settings", True, "loaded"))
             return self.settings
+        from worker.settings import profile_path, unknown_variables
+
+        for line in unknown_variables():
+            name, _, hint = line.partition(" is not a setting and is ignored ")
+            self._add(Check("environment", True, f"{name} is not a setting: it is ignored",
+                            f"rename or remove it {hint}", warning=True))  # fmt: skip
         try:
             s = load_settings()
+            profile = profile_path()
         except SettingsError as exc:
             problems = str(exc).removeprefix("invalid configuration:").strip()
             self._add(Check("settings", False, "invalid configuration", problems))
             return None
         self.settings = s
-        source = f"profile {s.toml_path}" if s.toml_path else "the environment"
+        source = f"profile {profile} and the environment" if profile else "the environment"
         self._add(Check("settings", True, f"loaded from {source}"))
         return s
 
@@ -199,8 +219,7 @@ class Doctor:
             self._add(Check("private key", False, f"cannot read {source}: {exc.strerror}",
                             "point SNOWPIPE_PRIVATE_KEY_PATH at a readable PEM file"))  # fmt: skip
             return None
-        encrypted = " (decrypted with SNOWPIPE_PRIVATE_KEY_PASSPHRASE)" if s.passphrase() else ""
-        self._add(Check("private key", True, f"RSA key loaded from {source}{encrypted}"))
+        self._add(Check("private key", True, f"RSA key loaded from {source}{_encryption(s)}"))
         self._add(
             Check(
                 "key fingerprint",
@@ -217,21 +236,25 @@ class Doctor:
         parts = urlsplit(s.account_url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        fix_url = (
-            "check SNOWPIPE_ACCOUNT (the account identifier, e.g. myorg-myaccount) or set "
-            "SNOWPIPE_ACCOUNT_URL to https://<account>.snowflakecomputing.com"
-        )
+        if "account_url" in s.model_fields_set:  # set, not derived from SNOWPIPE_ACCOUNT
+            fix_url = (
+                f"check SNOWPIPE_ACCOUNT_URL ({s.account_url}): the host and port of the "
+                "Snowflake account (or of the emulator, running), reachable from here"
+            )
+        else:
+            fix_url = (
+                "check SNOWPIPE_ACCOUNT (the account identifier, e.g. myorg-myaccount) or set "
+                "SNOWPIPE_ACCOUNT_URL to https://<account>.snowflakecomputing.com"
+            )
         try:
             socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             self._add(Check("account host", False, f"{host} does not resolve ({exc})", fix_url))
             return False
         self._add(Check("account host", True, f"{host} resolves"))
-        verify: Any = True
-        if s.ca_file is not None:
-            import ssl
+        from worker.tls import client_context
 
-            verify = ssl.create_default_context(cafile=str(s.ca_file))
+        verify = client_context(s.ca_file)
         try:
             with httpx.Client(timeout=HTTP_TIMEOUT_SECONDS, verify=verify) as http:
                 response = http.get(s.account_url + "/")
@@ -345,7 +368,7 @@ class Doctor:
         try:
             check_broker(s)
         except UnreachableError as exc:
-            what, _, fix = str(exc).partition("; ")
+            what, _, fix = str(exc).rpartition("; ")
             self._add(Check("broker", False, what, fix))
             return
         self._add(Check("broker", True, f"{redact_url(s.broker_url)} accepts connections"))
@@ -356,7 +379,7 @@ class Doctor:
         try:
             state_client(s).close()
         except UnreachableError as exc:
-            what, _, fix = str(exc).partition("; ")
+            what, _, fix = str(exc).rpartition("; ")
             self._add(Check("state store", False, what, fix))
             return False
         self._add(Check("state store", True, f"{redact_url(s.state_url)} answers PING"))

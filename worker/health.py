@@ -30,7 +30,9 @@ def _check(ok: bool, detail: str) -> dict[str, Any]:
     return {"ok": ok, "detail": detail}
 
 
-def _pump_node(controller: Any) -> Any:
+def pump_node(controller: Any) -> Any:
+    """The node's pump side (worker/delivery/node.py) from the worker's bootsteps; None when
+    its pumps are off or not started yet."""
     from worker.bootsteps import PumpStep
 
     blueprint = getattr(controller, "blueprint", None)
@@ -40,21 +42,19 @@ def _pump_node(controller: Any) -> Any:
     return None
 
 
-def node_health(controller: Any) -> dict[str, Any]:
-    """The health answer of this node (see the module docstring)."""
-    from worker import doctor, runtime
+def node_checks(node: Any, client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """The checks of a node that need no broker: token guard, state store, leases, start-up.
+
+    `node` is the node's pump side (worker/delivery/node.py), None when its pumps are off;
+    `client` a client of the state store.
+    """
+    from worker import doctor
     from worker.delivery.channels import NODES_KEY
-    from worker.statestore import state_redis
 
     checks: dict[str, dict[str, Any]] = {}
-    node = _pump_node(controller)
-    checks["broker"] = _check(True, "answered this request")
     if node is None:
-        settings = runtime.settings()
-        client = state_redis(settings)
         checks["pumps"] = _check(True, "not running on this node (SNOWPIPE_PUMP_ENABLED=false)")
     else:
-        client = node.redis
         guards = [node.client.tokens.jwt, node.client.tokens.scoped]
         escalated = [g.name for g in guards if not g.healthy]
         checks["token guard"] = _check(
@@ -94,6 +94,25 @@ def node_health(controller: Any) -> dict[str, Any]:
         not fatal,
         "; ".join(f"{c.name}: {c.detail}" for c in failed) if failed else "passed (or not run)",
     )
+    return checks
+
+
+def node_health(controller: Any) -> dict[str, Any]:
+    """The health answer of this node (see the module docstring)."""
+    from worker import runtime
+    from worker.statestore import state_redis
+
+    node = pump_node(controller)
+    if node is not None:
+        checks = node_checks(node, node.redis)
+    else:
+        settings = runtime.settings()
+        client = state_redis(settings)
+        try:
+            checks = node_checks(None, client)
+        finally:
+            client.close()
+    checks = {"broker": _check(True, "answered this request"), **checks}
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
 
 
@@ -104,15 +123,17 @@ def snowpipe_health(state: Any, **_: Any) -> dict[str, Any]:
 
 
 def ask_nodes(
-    app: Any, *, node: str | None = None, timeout: float = 5.0
+    app: Any, *, nodes: list[str] | None = None, timeout: float = 5.0
 ) -> dict[str, dict[str, Any]]:
-    """The health answers of the running nodes (or of `node`), by node name."""
+    """The health answers of `nodes` (default: every node on this deployment's control
+    exchange), by node name. With `nodes` it returns as soon as each has answered; without, once
+    no answer came for `timeout` seconds."""
     replies = app.control.broadcast(
         HEALTH_COMMAND,
         reply=True,
         timeout=timeout,
-        destination=[node] if node else None,
-        limit=1 if node else None,
+        destination=list(nodes) if nodes else None,
+        limit=len(nodes) if nodes else None,
     )
     answers: dict[str, dict[str, Any]] = {}
     for reply in replies or []:
@@ -122,3 +143,61 @@ def ask_nodes(
             else:
                 answers[name] = {"ok": False, "checks": {"reply": _check(False, repr(answer))}}
     return answers
+
+
+def check_deployment(settings: Any, *, node: str | None, timeout: float) -> dict[str, Any]:
+    """`snowpipe-worker health` without a heartbeat file: the broker, the state store, then the
+    health of this deployment's nodes (the ones registered in its state store, or `node`).
+
+    `{"ok": bool, "problems": [line, ...], "nodes": {name: answer}, "missing": [name, ...]}`.
+    """
+    from celery import Celery
+
+    from worker.celery_config import build_config
+    from worker.connectivity import UnreachableError, check_broker, state_client
+    from worker.registry import WorkerRegistry
+
+    problems: list[str] = []
+    registered: list[str] = []
+    try:
+        check_broker(settings)
+    except UnreachableError as exc:
+        problems.append(str(exc))
+    try:
+        client = state_client(settings)
+    except UnreachableError as exc:
+        problems.append(str(exc))
+    else:
+        try:
+            registered = WorkerRegistry(client, period_seconds=settings.heartbeat_seconds).live()
+        finally:
+            client.close()
+    answers: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    if not problems:
+        wanted = [node] if node else registered
+        app = Celery("snowpipe-health", set_as_current=False)
+        app.conf.update(build_config(settings))
+        try:
+            answers = ask_nodes(app, nodes=wanted, timeout=timeout)
+        finally:
+            app.close()
+        missing = [name for name in wanted if name not in answers]
+        for name in missing:
+            unknown = ""
+            if name not in registered:
+                unknown = " (no live node of that name is registered in the state store"
+                unknown += f"; registered: {', '.join(registered)})" if registered else ")"
+            problems.append(
+                f"node {name} did not answer within {timeout:g} s{unknown}: is it running with "
+                "this SNOWPIPE_BROKER_URL and SNOWPIPE_QUEUE_NAME, and remote control on?"
+            )
+        if not wanted and not answers:
+            problems.append(
+                f"no worker node of this deployment (queue {settings.queue_name}) answered "
+                f"within {timeout:g} s, and none is registered in the state store: start "
+                "`celery -A worker worker` with the same SNOWPIPE_BROKER_URL and "
+                "SNOWPIPE_QUEUE_NAME"
+            )
+    ok = not problems and all(a["ok"] for a in answers.values())
+    return {"ok": ok, "problems": problems, "nodes": answers, "missing": missing}

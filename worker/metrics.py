@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-BIND_ADDRESS = "0.0.0.0"  # noqa: S104 (an exporter: scraped from outside the host)
 _PREFORK_POOLS = ("prefork", "processes")
 _FILE_PID = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 
@@ -338,18 +337,21 @@ def start(settings: Settings, *, nodename: str, pool: Any) -> int | None:
         registry.register(NodeCollector())
         process_budget(settings)  # publishes its level: the gauge is never a meaningless 0
         try:
-            server, thread = start_http_server(port, addr=BIND_ADDRESS, registry=registry)
+            server, thread = start_http_server(port, addr=settings.metrics_host, registry=registry)
         except OSError as exc:
             _log.error(
                 "metrics.port_unavailable",
                 port=port,
-                detail=f"cannot serve metrics on port {port} ({exc}): choose a free port in "
-                "SNOWPIPE_METRICS_PORT, or 0 for no metrics endpoint",
+                host=settings.metrics_host,
+                detail=f"cannot serve metrics on {settings.metrics_host} port {port} ({exc}): "
+                "choose a free port in SNOWPIPE_METRICS_PORT (0 for no metrics endpoint), or an "
+                "address of this host in SNOWPIPE_METRICS_HOST",
             )
             return None
         _endpoint.server, _endpoint.thread, _endpoint.pid = server, thread, os.getpid()
         bound = int(server.server_port)
-        _log.info("metrics.serving", port=bound, mode=mode, directory=str(_endpoint.path or ""))
+        _log.info("metrics.serving", host=settings.metrics_host, port=bound, mode=mode,
+                  directory=str(_endpoint.path or ""))  # fmt: skip
         return bound
 
 

@@ -14,8 +14,8 @@ names the row and the fix, instead of becoming a dead letter later:
   or `.`), the same check the worker applies to every message. A bad name raises
   `InvalidNameError` (an `InvalidBatchError`) naming the rule and the fix.
 
-The batch id (a UUID unless given) is the dedup key of the whole pipeline: publishing the same
-batch id twice commits its rows once.
+The batch id (32 hex digits, a random UUID's, unless given) is the dedup key of the whole
+pipeline: publishing the same batch id twice commits its rows once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import amqp.exceptions
 import kombu.exceptions
+import redis
 
 from worker import runtime
 from worker.connectivity import broker_error, check_broker
@@ -76,12 +78,15 @@ class Publisher:
         # A publishing app of its own: no task bodies needed, only the queues and routes.
         self.app = Celery("snowpipe-publisher", set_as_current=False)
         self.app.conf.update(build_config(settings))
-        # What kombu raises when the broker is down or did not confirm (OperationalError,
-        # redis/amqp connection errors, OSError): the caller gets BrokerUnavailableError.
+        # What kombu raises when the broker is down, refused the credentials or did not confirm
+        # (OperationalError, redis/amqp errors, TLS, OSError): the caller gets
+        # BrokerUnavailableError, whose message says which (worker/connectivity.py).
         self._broker_errors: tuple[type[BaseException], ...] = (
             kombu.exceptions.OperationalError,
             kombu.exceptions.KombuError,
             *self.app.connection_for_write().connection_errors,
+            amqp.exceptions.AMQPError,  # ACCESS_REFUSED is a channel error, not a connection one
+            redis.RedisError,  # NOAUTH from a Redis broker is a ResponseError
             OSError,
         )
         try:
@@ -157,6 +162,7 @@ def default_publisher() -> Publisher:
     if _default is None:
         with _default_lock:
             if _default is None:
+                runtime.warn_unknown_variables()
                 _default = Publisher(runtime.producer_settings())
     return _default
 

@@ -50,6 +50,23 @@ def producer_settings() -> Settings:
     return _producer_settings
 
 
+_warned_unknown = False
+
+
+def warn_unknown_variables() -> None:
+    """Log each `SNOWPIPE_*` variable that is no setting, once per process tree (the worker and
+    beat at start, a producer at its first publish): a misspelt name would be ignored silently."""
+    global _warned_unknown  # noqa: PLW0603 (once per process, inherited by forks)
+    if _warned_unknown:
+        return
+    _warned_unknown = True
+    from worker.observability import get_logger
+    from worker.settings import unknown_variables
+
+    for line in unknown_variables():
+        get_logger("worker.settings").warning("settings.unknown_variable", detail=line)
+
+
 class Runtime:
     """The per-process objects of tasks (created on first use; see the module docstring)."""
 

@@ -18,7 +18,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -62,6 +62,11 @@ DEFAULT_STATE_OUTAGE_SECONDS = 300.0  # tasks ride out a state-store outage this
 DEFAULT_DEDUP_TTL_SECONDS = 7 * 24 * 3600  # how long a batch id is remembered (redelivery horizon)
 DEFAULT_SQL_TIMEOUT_SECONDS = 60.0  # a SQL API statement (the error-table query) may run this long
 
+# The metrics endpoint listens on loopback unless SNOWPIPE_METRICS_HOST opens it.
+DEFAULT_METRICS_HOST = "127.0.0.1"
+# The heartbeat file's period; a probe allows several missed periods (docs/operations.md).
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+
 _LOOPBACK_NAMES = {"localhost"}
 
 # What to tell a user about a setting that failed validation.
@@ -89,6 +94,9 @@ _FIXES: dict[str, str] = {
     "pipe_tables": (
         "list SNOWPIPE_PIPE_TABLES as DB.SCHEMA.PIPE=TABLE (or =DB.SCHEMA.TABLE), comma-separated"
     ),
+    "metrics_host": "set SNOWPIPE_METRICS_HOST to an address of this host, e.g. 127.0.0.1 or "
+    "0.0.0.0",
+    "heartbeat_file": "point SNOWPIPE_HEARTBEAT_FILE at a path in a writable directory",
 }
 
 
@@ -190,8 +198,10 @@ class Settings(BaseSettings):
     state_outage_seconds: float = Field(DEFAULT_STATE_OUTAGE_SECONDS, gt=0)
     pump_enabled: bool = True  # False: this node only takes batches off the queue
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
-    # Prometheus metrics on this port of every worker node (0: no metrics endpoint).
+    # Prometheus metrics on this port of every worker node (0: no metrics endpoint), bound to
+    # this address: loopback unless an operator opens it (0.0.0.0, or the pod's address).
     metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = DEFAULT_METRICS_HOST
 
     # --- Rejected rows: error tables through the SQL API (docs/operations.md) ---------------------
     # auto: find each rejected row in its table's error table (when error logging is on);
@@ -208,6 +218,10 @@ class Settings(BaseSettings):
     # the worker's start-up checks probe them.
     pipes: str = ""
     startup_checks: bool = True  # the worker runs doctor's checks at start and logs failures
+    # The node's heartbeat file (liveness and readiness probes; docs/operations.md): touched
+    # every heartbeat_seconds while the node's consumer and pump balancer make progress.
+    heartbeat_file: Path | None = None
+    heartbeat_seconds: float = Field(DEFAULT_HEARTBEAT_SECONDS, ge=1, le=60)
 
     @classmethod
     def settings_customise_sources(
@@ -223,6 +237,26 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+    @field_validator("heartbeat_file")
+    @classmethod
+    def _writable_dir(cls, value: Path | None) -> Path | None:
+        if value is None or not str(value):
+            return None
+        value = value.expanduser()
+        if not value.parent.is_dir() or not os.access(value.parent, os.W_OK):
+            raise ValueError(f"{value.parent} is not a writable directory")
+        return value
 
     @field_validator("account", "user")
     @classmethod
@@ -266,11 +300,13 @@ class Settings(BaseSettings):
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(
-                f"SNOWPIPE_ACCOUNT_URL {url!r} is not an http(s) URL: {_FIXES['account_url']}"
+                f"SNOWPIPE_ACCOUNT_URL {redact_url(url)!r} is not an http(s) URL: "
+                f"{_FIXES['account_url']}"
             )
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise ValueError(
-                f"SNOWPIPE_ACCOUNT_URL {url!r} uses http:// for a host that is not loopback; "
+                f"SNOWPIPE_ACCOUNT_URL {redact_url(url)!r} uses http:// for a host that is not "
+                "loopback; "
                 "use https:// (plain http is accepted only for 127.0.0.1, ::1 and localhost)"
             )
         object.__setattr__(self, "account_url", url.rstrip("/"))
@@ -280,6 +316,13 @@ class Settings(BaseSettings):
         if broker not in ("redis", "rediss", "amqp", "amqps", "pyamqp"):
             raise ValueError(
                 f"SNOWPIPE_BROKER_URL scheme {broker!r} is not supported: {_FIXES['broker_url']}"
+            )
+        query = {key.lower() for key, _ in parse_qsl(urlsplit(self.broker_url).query)}
+        if "password" in query:
+            raise ValueError(
+                "SNOWPIPE_BROKER_URL carries its password as a query parameter, which kombu "
+                "cannot read: put it in the URL's user info instead (redis://:PASSWORD@HOST:PORT/DB"
+                " or amqp://USER:PASSWORD@HOST:PORT/VHOST)"
             )
         state = self.state_url
         if not state:
@@ -516,3 +559,30 @@ def load_settings(*, require_identity: bool = True, **overrides: Any) -> Setting
             f"(no profile chosen: SNOWPIPE_CONFIG may name one of {names}, or a .toml path)"
         )
     raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems)) from None
+
+
+# Variables with the prefix that are read, but are not fields of Settings.
+NOT_FIELDS = frozenset({ENV_PREFIX + "CONFIG"})
+
+
+def setting_variables() -> list[str]:
+    """Every `SNOWPIPE_*` variable the worker reads, sorted."""
+    return sorted({env_name(name) for name in Settings.model_fields} | NOT_FIELDS)
+
+
+def unknown_variables(environ: Any = None) -> list[str]:
+    """One line per `SNOWPIPE_*` variable in the environment that is no setting (a misspelt one
+    is silently ignored otherwise), naming the closest setting when there is one."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = setting_variables()
+    lines = []
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "see docs/configuration.md"
+        lines.append(f"{name} is not a setting and is ignored ({hint})")
+    return lines

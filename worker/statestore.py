@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -59,6 +60,7 @@ from redis.sentinel import (
 
 from worker.redisurl import parse_sentinel_url, redact_url
 from worker.settings import Settings
+from worker.tls import redis_ssl_kwargs
 
 REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -77,9 +79,13 @@ _TIMEOUTS: dict[str, Any] = {
 }
 
 
-def redis_client(url: str, *, password: str | None = None) -> redis.Redis:
-    """A client of the Redis at `url` (`redis://`, `rediss://`) with the explicit timeouts."""
-    kwargs = dict(_TIMEOUTS)
+def redis_client(
+    url: str, *, password: str | None = None, ca_file: Path | None = None
+) -> redis.Redis:
+    """A client of the Redis at `url` (`redis://`, `rediss://`) with the explicit timeouts; for
+    `rediss://` the server's certificate and host name are checked, `ca_file`
+    (SNOWPIPE_CA_FILE) trusted besides the system's CAs (worker/tls.py)."""
+    kwargs = {**_TIMEOUTS, **redis_ssl_kwargs(url, ca_file)}
     if password is not None:
         kwargs["password"] = password
     return StateRedis.from_url(url, **kwargs)
@@ -92,7 +98,7 @@ def state_redis(settings: Settings) -> redis.Redis:
         settings.state_password.get_secret_value() if settings.state_password is not None else None
     )
     if not settings.state_is_sentinel:
-        return redis_client(url, password=password)
+        return redis_client(url, password=password, ca_file=settings.ca_file)
     parsed = parse_sentinel_url(url)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": SENTINEL_SOCKET_TIMEOUT_SECONDS,

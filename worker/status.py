@@ -278,7 +278,7 @@ def redis_queues(settings: Settings, names: list[str]) -> list[dict[str, Any]]:
     """Redis broker: messages waiting (every priority list) and unacknowledged, per queue."""
     from worker.statestore import redis_client
 
-    client = redis_client(settings.broker_url)
+    client = redis_client(settings.broker_url, ca_file=settings.ca_file)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names:

@@ -127,8 +127,12 @@ class TokenStore:
 
 
 def identity(s: Settings) -> str:
-    """The shared-token identity: one token per account, user and role."""
-    return f"{s.account.upper()}.{s.user.upper()}.{(s.role or '').upper()}"
+    """The shared-token identity: one token per account, user and role (`ACCOUNT.USER`, or
+    `ACCOUNT.USER.ROLE` with a role)."""
+    parts = [s.account.upper(), s.user.upper()]
+    if s.role:
+        parts.append(s.role.upper())
+    return ".".join(parts)
 
 
 _local = threading.local()

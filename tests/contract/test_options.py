@@ -167,3 +167,15 @@ def test_stdout_carries_exactly_the_one_start_line() -> None:
         assert emu.process.stdout is not None
         assert emu.process.stdout.read() == ""
         assert "unknown pipe" in emu.stderr()
+
+
+def test_forwarded_headers_are_ignored_even_when_uvicorn_is_told_to_trust_them() -> None:
+    # With FORWARDED_ALLOW_IPS=* uvicorn would take the client's address from X-Forwarded-For:
+    # a request claiming 127.0.0.1 would pass the admin API's loopback check from anywhere, and
+    # one from loopback claiming another address is refused. The emulator uses the socket's.
+    with start_emulator(env={"FORWARDED_ALLOW_IPS": "*"}) as emu:
+        response = emu.admin.get(
+            "/_emulator/pipes",
+            headers={"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"},
+        )
+        assert response.status_code == 200, response.text

@@ -118,6 +118,7 @@ class PrivateRedis:
         *,
         appendfsync: str = "always",
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -126,13 +127,17 @@ class PrivateRedis:
         # (taken with SAVE): what a restore from an older backup looks like.
         self.appendonly = True
         self.extra_args = extra_args  # e.g. ("--replicaof", "127.0.0.1", "6400")
+        self.password = password  # `requirepass`: clients must AUTH with it
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "redis-server.log"
 
-    def url(self, db: int = 0) -> str:
-        return f"redis://{REDIS_HOST}:{self.port}/{db}"
+    def url(self, db: int = 0, *, password: str | None = None) -> str:
+        """The server's URL; with `password` (e.g. a wrong one) in its user info."""
+        auth = f":{password}@" if password is not None else ""
+        return f"redis://{auth}{REDIS_HOST}:{self.port}/{db}"
 
     def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
+        kwargs.setdefault("password", self.password)
         return redis.Redis(host=REDIS_HOST, port=self.port, db=db, **kwargs)
 
     def start(self) -> None:
@@ -147,6 +152,8 @@ class PrivateRedis:
             "--logfile", str(self.log_path), "--auto-aof-rewrite-percentage", "0",
             *self.extra_args,
         ]  # fmt: skip
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.START_TIMEOUT
         while not self.answers():
@@ -209,9 +216,12 @@ def private_redis(
     *,
     appendfsync: str = "always",
     extra_args: tuple[str, ...] = (),
+    password: str | None = None,
 ) -> Iterator[PrivateRedis]:
     """A started PrivateRedis for the block; stopped afterwards (its data dir stays in tmp)."""
-    server = PrivateRedis(data_dir, port, appendfsync=appendfsync, extra_args=extra_args)
+    server = PrivateRedis(
+        data_dir, port, appendfsync=appendfsync, extra_args=extra_args, password=password
+    )
     server.start()
     try:
         yield server

@@ -12,11 +12,12 @@ import worker
 ROOT = Path(worker.__file__).parent
 
 # Each module of the lower layers, and the worker modules (prefixes) it may import.
-BOTTOM = ("worker.errors", "worker.identifiers", "worker.redisurl")
+BOTTOM = ("worker.errors", "worker.identifiers", "worker.redisurl", "worker.tls")
 ALLOWED = {
     "worker.errors": (),
     "worker.identifiers": ("worker.errors",),
     "worker.redisurl": (),
+    "worker.tls": (),
     "worker.settings": BOTTOM,
     "worker.observability": BOTTOM,
     "worker.messages": BOTTOM,

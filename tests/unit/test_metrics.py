@@ -182,3 +182,23 @@ def test_the_metrics_directory_is_emptied_at_start(
     path, owned = metrics.multiprocess_dir("node@host")
     assert (path, owned) == (stale, True)
     assert list(path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("host", "bound"), [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])
+def test_the_endpoint_listens_on_loopback_unless_metrics_host_opens_it(
+    host: str | None, bound: str
+) -> None:
+    from tests.support.redis import free_port
+
+    port = free_port()
+    options = f"metrics_port={port}" + (f", metrics_host={host!r}" if host else "")
+    code = (
+        "from worker import metrics; from worker.settings import load_settings; "
+        f"s = load_settings(require_identity=False, {options}); "
+        "metrics.start(s, nodename='n', pool=None); "
+        "print(metrics._endpoint.server.server_address[0]); metrics.stop()"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False, env=env)  # fmt: skip
+    assert result.stdout.splitlines()[-1] == bound, result.stdout + result.stderr

@@ -95,8 +95,11 @@ def test_missing_extra_names_the_extra_the_modules_and_the_install_line(
     monkeypatch.setattr(extras, "missing_modules", lambda extra: ["fakeredis", "lupa"])
     assert extras.missing_extra("local", "snowpipe-worker run") == (
         "snowpipe-worker run needs the [local] extra (fakeredis, lupa not installed): "
-        "pip install 'snowpipe-worker[local]'"
+        f"pip install -e '{REPO}[local]'"  # this checkout: snowpipe-worker is not on PyPI
     )
+    wheel_install = extras.install_line("local", root=REPO / "worker")  # no pyproject.toml there
+    assert wheel_install.startswith("pip install '/path/to/snowpipe-worker[local]'")
+    assert "not on PyPI" in wheel_install
 
 
 @pytest.mark.parametrize("command", ["run", "up"])
@@ -114,7 +117,7 @@ def test_run_and_up_without_the_local_extra_stop_before_starting_anything(
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [
         f"error: snowpipe-worker {command} needs the [local] extra (fakeredis not installed): "
-        "pip install 'snowpipe-worker[local]'"
+        f"pip install -e '{REPO}[local]'"
     ]
 
 
@@ -129,7 +132,7 @@ def test_emulator_without_its_extra_says_which_to_install(
     assert info.value.code == 2
     assert capsys.readouterr().err == (
         "snowpipe-emulator needs the [emulator] extra (no_such_module_for_this_test not "
-        "installed): pip install 'snowpipe-worker[emulator]'\n"
+        f"installed): pip install -e '{REPO}[emulator]'\n"
     )
 
 
@@ -140,4 +143,5 @@ def test_make_run_and_up_install_the_local_extra_not_the_dev_tools(tmp_path: Pat
             cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
         installs = [line for line in plan.splitlines() if "pip install" in line and " -e " in line]
-        assert installs == [f"{tmp_path / 'venv'}/bin/python -m pip install --quiet -e '.[local]'"]
+        python = tmp_path / "venv" / "bin" / "python"
+        assert installs == [f"{python} -m pip install --quiet -c constraints.txt -e '.[local]'"]

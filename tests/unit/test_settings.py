@@ -182,3 +182,49 @@ def test_celery_start_with_bad_settings_prints_the_fix_without_a_traceback(
     assert result.returncode == 2
     assert "SNOWPIPE_ACCOUNT: is required" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_url_in_a_settings_error_shows_no_password(key_file: Path) -> None:
+    with pytest.raises(SettingsError) as info:
+        minimal(key_file, state_url="http://loader:topsecret@host/0")
+    assert "topsecret" not in problems(info)
+    assert "http://loader:***@host/0" in problems(info)
+    with pytest.raises(SettingsError) as info:
+        minimal(key_file, account_url="ftp://u:topsecret@host")
+    assert "topsecret" not in problems(info)
+
+
+def test_a_broker_password_in_the_query_string_is_refused_with_the_form_kombu_reads(
+    key_file: Path,
+) -> None:
+    # kombu's URL parser fails with a TypeError on ?password=: name the fix instead.
+    with pytest.raises(SettingsError) as info:
+        minimal(key_file, broker_url="redis://127.0.0.1:6379/0?password=topsecret")
+    assert "redis://:PASSWORD@HOST:PORT/DB" in problems(info)
+    assert "topsecret" not in problems(info)
+
+
+def test_a_misspelt_variable_is_named_with_the_closest_setting() -> None:
+    env = {"SNOWPIPE_BROKR_URL": "redis://x", "SNOWPIPE_CONFIG": "local", "SNOWPIPE_ZZZ": "1",
+           "SNOWPIPE_QUEUE_NAME": "q", "HOME": "/root"}  # fmt: skip
+    from worker.settings import unknown_variables
+
+    assert unknown_variables(env) == [
+        "SNOWPIPE_BROKR_URL is not a setting and is ignored (did you mean SNOWPIPE_BROKER_URL?)",
+        "SNOWPIPE_ZZZ is not a setting and is ignored (see docs/configuration.md)",
+    ]
+
+
+def test_the_metrics_endpoint_listens_on_loopback_unless_opened(key_file: Path) -> None:
+    assert minimal(key_file).metrics_host == "127.0.0.1"
+    assert minimal(key_file, metrics_host="0.0.0.0").metrics_host == "0.0.0.0"
+    with pytest.raises(SettingsError, match=r"SNOWPIPE_METRICS_HOST: 'metrics\.example' is not an"):
+        minimal(key_file, metrics_host="metrics.example")
+
+
+def test_the_heartbeat_file_must_be_in_a_writable_directory(
+    key_file: Path, tmp_path: Path
+) -> None:
+    assert minimal(key_file, heartbeat_file=tmp_path / "hb").heartbeat_file == tmp_path / "hb"
+    with pytest.raises(SettingsError, match=r"SNOWPIPE_HEARTBEAT_FILE: .* is not a writable dir"):
+        minimal(key_file, heartbeat_file=tmp_path / "missing" / "hb")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -259,6 +260,8 @@ class Balancer:
         self.tick_seconds = min(MAX_TICK_SECONDS, node.settings.lease_ttl_seconds / 3)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the loop last went round (monotonic): the heartbeat's proof that it is not stuck.
+        self.progress = time.monotonic()
 
     def start(self) -> None:
         """Balance in a thread of its own (first tick at once)."""
@@ -277,6 +280,7 @@ class Balancer:
                 self.tick()
             except Exception as exc:  # noqa: BLE001 (the next tick tries again)
                 _log.warning("lease.tick.failed", error=type(exc).__name__, detail=str(exc))
+            self.progress = time.monotonic()
             self._stop.wait(self.tick_seconds)
 
     def tick(self) -> None:

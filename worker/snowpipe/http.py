@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Final
 import httpx
 
 from worker.observability import get_logger
+from worker.tls import client_context
 
 if TYPE_CHECKING:
     from worker.auth.guard import TokenGuard
@@ -118,14 +119,15 @@ _ssl_lock = threading.Lock()
 
 
 def ssl_context(ca_file: Path | None) -> ssl.SSLContext:
-    """One SSL context per CA file per process tree (building one costs ~20 ms)."""
+    """One SSL context per CA file per process tree (building one costs ~20 ms): the system's
+    CAs plus `ca_file`, host names checked (worker/tls.py)."""
     key = str(ca_file) if ca_file is not None else None
     ctx = _ssl_contexts.get(key)
     if ctx is None:
         with _ssl_lock:
             ctx = _ssl_contexts.get(key)
             if ctx is None:
-                ctx = _ssl_contexts[key] = ssl.create_default_context(cafile=key)
+                ctx = _ssl_contexts[key] = client_context(key)
     return ctx
 
 
