@@ -47,7 +47,12 @@ from worker.errors import ProtocolError, SnowpipeError, TokenUnavailableError
 from worker.observability import get_logger
 from worker.retry import RetryPolicy
 from worker.snowpipe.encoding import EncodedRows
-from worker.snowpipe.errors import error_from_response, error_from_token, error_from_transport
+from worker.snowpipe.errors import (
+    error_from_response,
+    error_from_token,
+    error_from_transport,
+    json_object,
+)
 from worker.snowpipe.http import (
     AUTH_STATUSES,
     OP_EXTENSION,
@@ -400,21 +405,7 @@ class SnowpipeClient:
             headers=headers,
             idempotent=idempotent,
         )
-        try:
-            data = orjson.loads(response.content) if response.content else {}
-        except orjson.JSONDecodeError:
-            raise ProtocolError(
-                f"{op} answered HTTP {response.status_code} with a body that is not JSON",
-                op=op,
-                status=response.status_code,
-            ) from None
-        if not isinstance(data, dict):
-            raise ProtocolError(
-                f"{op} answered HTTP {response.status_code} with JSON that is not an object",
-                op=op,
-                status=response.status_code,
-            )
-        return data
+        return json_object(response, op=op, what=op)
 
     def _call(
         self,

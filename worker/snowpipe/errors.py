@@ -312,6 +312,26 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
+def json_object(response: httpx.Response, *, op: str, what: str) -> dict[str, Any]:
+    """The JSON object a 2xx `response` carries ({} for an empty body); ProtocolError, naming
+    `what` answered, for a body that is not JSON or not an object."""
+    try:
+        data = orjson.loads(response.content) if response.content else {}
+    except orjson.JSONDecodeError:
+        raise ProtocolError(
+            f"{what} answered HTTP {response.status_code} with a body that is not JSON",
+            op=op,
+            status=response.status_code,
+        ) from None
+    if not isinstance(data, dict):
+        raise ProtocolError(
+            f"{what} answered HTTP {response.status_code} with JSON that is not an object",
+            op=op,
+            status=response.status_code,
+        )
+    return data
+
+
 def error_from_response(
     status: int,
     body: bytes | str,

@@ -49,7 +49,12 @@ from worker.errors import (
     TokenUnavailableError,
 )
 from worker.observability import get_logger
-from worker.snowpipe.errors import error_from_sql_response, error_from_token, error_from_transport
+from worker.snowpipe.errors import (
+    error_from_sql_response,
+    error_from_token,
+    error_from_transport,
+    json_object,
+)
 from worker.snowpipe.http import OP_EXTENSION, TOKEN_TYPE_HEADER, GuardAuth
 
 if TYPE_CHECKING:
@@ -305,20 +310,7 @@ class _Answer:
 
     @classmethod
     def parse(cls, response: httpx.Response, op: str) -> _Answer:
-        try:
-            body = orjson.loads(response.content) if response.content else {}
-        except orjson.JSONDecodeError:
-            raise ProtocolError(
-                f"the SQL API answered HTTP {response.status_code} with a body that is not JSON",
-                op=op,
-                status=response.status_code,
-            ) from None
-        if not isinstance(body, dict):
-            raise ProtocolError(
-                f"the SQL API answered HTTP {response.status_code} with JSON that is not an object",
-                op=op,
-                status=response.status_code,
-            )
+        body = json_object(response, op=op, what="the SQL API")
         handle = body.get("statementHandle")
         handle = handle if isinstance(handle, str) else ""
         status_url = body.get("statementStatusUrl")
