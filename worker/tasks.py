@@ -290,7 +290,12 @@ def _dead_letter(
     """Store the batch as a dead letter (None), or, while the state store is out, put it back
     in the queue (the summary of `_retry_later`)."""
     _log.error("ingest.dead_letter", batch_id=batch.batch_id, pipe=batch.pipe, reason=reason)
-    letter = DeadLetter.of(batch, reason, task_id=task.request.id)
+    # A requeue dead-lettered again (its channel's gate still closed) keeps the letter id it
+    # requeues: the batch's dedup record still names that letter, so requeuing this one logs
+    # it. Under a fresh id its requeue would be answered "already dead-lettered" and dropped.
+    letter = DeadLetter.of(
+        batch, reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
+    )
     try:
         rt.dead_letters.add(letter)
     except redis.RedisError as exc:
