@@ -25,7 +25,13 @@ from worker.deadletter import DeadLetters
 from worker.delivery import pump as pump_module
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import LeaseTable
-from worker.delivery.log import ChannelLog, ChannelRefused, Logged, Piece
+from worker.delivery.log import (
+    ChannelLog,
+    ChannelRefused,
+    Logged,
+    Piece,
+    StateNotReplicatedError,
+)
 from worker.delivery.offsets import recent_latency
 from worker.delivery.poller import CommitPoller
 from worker.delivery.pump import ChannelPump, OpenRefused, PumpConfig, RequestRefused
@@ -340,6 +346,40 @@ def test_a_refused_request_is_split_until_the_batch_at_fault_is_dead_lettered(
     sent = [(int(a[1] or 0), a[3]) for a in rig.snowflake.appends]
     assert sent == [(good.first, 1), (good.first, 1), (after.first, 1)]
     assert rig.stats.counts["dead_letter"] == 1
+
+
+def test_held_row_errors_are_attributed_when_the_refused_batchs_dead_letter_missed_its_replicas(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: without `_held_left` set before the refusal
+    # is handled in `_open`, the window waits for the next open, which may never come.
+    rig.pump._open()
+    one = rig.batch("b1", 1)
+    assert rig.send()
+    rig.snowflake.status.rows_error_count = 1
+    rig.snowflake.status.last_error_offset_upper_bound = str(one.last)
+    rig.snowflake.commit(one.last)  # the status is not polled: the next open sees it
+    rig.batch("bad", 2)
+    rig.snowflake.refuse_rows_with = b'"batch":"bad"'
+    with pytest.raises(RequestRefused) as refused:
+        rig.send()
+    rig.pump._refused_request(refused.value, pump_module._log)
+    real = rig.log.dead_letter
+
+    def dead_letter_then_miss_the_replicas(*args: Any, **kwargs: Any) -> int:
+        real(*args, **kwargs)
+        raise StateNotReplicatedError("a dead letter reached 0 of 1 replicas")
+
+    monkeypatch.setattr(rig.log, "dead_letter", dead_letter_then_miss_the_replicas)
+    with pytest.raises(StateNotReplicatedError):
+        rig.pump._open()  # the settle held b1's window; the refusal's WAIT failed
+    assert rig.pump.opened
+    rig.pump._unreplicated = True  # what run() does with the error
+    rig.pump.step()
+    assert [(s.letter.batch_id, s.letter.kind) for s in rig.dead.entries()] == [
+        ("bad", "failed"), ("b1", "row_errors"),
+    ]  # fmt: skip
+    assert rig.log.held_windows(A) == []
 
 
 def test_a_refused_open_dead_letters_only_what_no_pump_ever_sent(rig: Rig) -> None:

@@ -415,6 +415,9 @@ class ChannelPump:
             committed=committed,
             lease=self.lease.generation,
         )
+        # Held windows are attributed on a later turn if dead-lettering the refusal raises and
+        # leaves the channel open (its WAIT missed the replicas: run() keeps the session).
+        self._held_left = True
         refusal = self.offsets.refusal
         if refusal is not None:
             self.refusals.dead_letter_refused(self.lease.value, refusal)
