@@ -348,6 +348,31 @@ def test_a_refused_request_is_split_until_the_batch_at_fault_is_dead_lettered(
     assert rig.stats.counts["dead_letter"] == 1
 
 
+def test_with_replicas_a_new_session_waits_for_them_before_sending_under_the_stored_mark(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: without the barrier after the open, b1 goes
+    # out under the stored mark with no WAIT; a failover to a replica without b1 (its task was
+    # never acknowledged) then has the retried task log and commit it a second time.
+    rig: Rig = make_rig(replicas=1)
+    one = rig.batch("b1", 1)
+    # An earlier pump raised the mark past b1 and died before its WAIT returned.
+    rig.log.mark_sent(A, rig.pump.lease.value, one.last)
+    waited: list[tuple[int, int]] = []
+    real = rig.log.mark_sent
+
+    def mark_sent(ref: ChannelRef, lease: str, offset: int, **kw: Any) -> int:
+        waited.append((offset, kw.get("replicas", 0)))
+        return real(ref, lease, offset)  # fakeredis has no WAIT: taken as acknowledged
+
+    monkeypatch.setattr(rig.log, "mark_sent", mark_sent)
+    rig.pump._open()
+    rig.pump.step()  # the barrier first, then it reads and sends
+    assert rig.send()
+    assert waited and waited[0] == (one.last, 1)
+    assert [a[1] for a in rig.snowflake.appends] == [str(one.first)]
+
+
 def test_held_row_errors_are_attributed_when_the_refused_batchs_dead_letter_missed_its_replicas(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

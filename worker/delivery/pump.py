@@ -398,6 +398,11 @@ class ChannelPump:
             self._metrics.log_forgot()
         self.incarnation = settled.incarnation
         self._sent_mark = settled.sent_mark
+        # With replicas, the stored mark may be a write no replica holds yet (the pump that
+        # raised it died, or its WAIT timed out), and so may the entries under it: WAIT once
+        # (the barrier in `step`) before sending anything under it.
+        if self._config.replicas:
+            self._unreplicated = True
         self._errors_seen = status.rows_error_count
         with self._status_lock:
             self._status = None
