@@ -31,6 +31,7 @@ from worker.delivery.log import (
     Logged,
     Piece,
     StateNotReplicatedError,
+    StoreChanged,
 )
 from worker.delivery.offsets import recent_latency
 from worker.delivery.poller import CommitPoller
@@ -425,6 +426,24 @@ def test_a_refused_open_dead_letters_only_what_no_pump_ever_sent(rig: Rig) -> No
     # New batches for the channel are refused with the reason until an open succeeds.
     result = rig.log.append(A, "b3", [Piece(1, b'{"id":5}\n')])
     assert isinstance(result, ChannelRefused) and "no such pipe" in result.reason
+
+
+def test_an_open_that_straddles_a_store_restart_is_not_settled_but_opened_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: a settle that ignores the incarnation seen
+    # before the lease check takes a committed offset from an open that another pump's later
+    # open superseded (a store that came back older handed this pump its old lease back); new
+    # offsets then sit under what that pump still appends and commits, and are trimmed unsent.
+    rig.batch("b1", 1)
+    real = rig.log.incarnation
+    monkeypatch.setattr(rig.log, "incarnation", lambda: "an-older-run:replid")
+    with pytest.raises(StoreChanged):
+        rig.pump._open()  # the lease check saw the old incarnation; the settle the new one
+    assert not rig.pump.opened
+    monkeypatch.setattr(rig.log, "incarnation", real)
+    rig.pump._open()
+    assert rig.pump.opened and rig.snowflake.opens == 2
 
 
 def test_a_pump_whose_lease_was_taken_stops_without_opening(

@@ -242,8 +242,11 @@ return {1, record}
 
 # KEYS: lease, next, log, bytes, committed, errors, held, heldinfo, settled, refused, sent,
 # markinc.
-# ARGV: lease value, committed offset, error count, error upper bound, error message.
-# Returns {status, incarnation, floor raised, trimmed, held, sent mark}; status -1: lease lost.
+# ARGV: lease value, committed offset, error count, error upper bound, error message, the
+# incarnation the pump saw before its lease check ("": not checked).
+# Returns {status, incarnation, floor raised, trimmed, held, sent mark}; status -1: lease lost,
+# -2: the store changed since the lease check (a store that came back older can hold a lease
+# value whose pump opened before another pump's later open: its committed offset is stale).
 _SETTLE = (
     _DECIMAL
     + _INCARNATION
@@ -252,6 +255,7 @@ _SETTLE = (
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, '', 0, 0, 0, '0'} end
 local inc = incarnation()
+if ARGV[6] ~= '' and ARGV[6] ~= inc then return {-2, inc, 0, 0, 0, '0'} end
 local c = dec(ARGV[2])
 local last = dec(redis.call('GET', KEYS[2]) or '0')
 local raised = 0
@@ -671,10 +675,13 @@ class ChannelLog:
     def settle(
         self, ref: ChannelRef, lease: str, committed: int, *, errors: int = 0,
         upper_bound: str | None = None, message: str | None = None,
+        checked_in: str | None = None,
     ) -> Settled:  # fmt: skip
         """After an open: raise the offset counter to Snowflake's committed offset, confirm it
         (trim, or hold what row errors touched), and mark the channel settled (see the module
-        docstring). LeaseLost if the lease is not `lease`'s."""
+        docstring). LeaseLost if the lease is not `lease`'s; StoreChanged if the store's
+        incarnation is no longer `checked_in`, the one seen before the lease check that
+        preceded the open (the open may predate another pump's: open again)."""
         keys = [
             channel_key(kind, ref)
             for kind in (
@@ -682,10 +689,11 @@ class ChannelLog:
                 "settled", "refused", "sent", "markinc",
             )
         ]  # fmt: skip
-        args: list[Any] = [lease, committed, errors, upper_bound or "", _one_line(message)]
+        args: list[Any] = [
+            lease, committed, errors, upper_bound or "", _one_line(message), checked_in or "",
+        ]  # fmt: skip
         status, inc, raised, trimmed, held, sent = self._settle(keys=keys, args=args)
-        if int(status) < 0:
-            raise LeaseLost(str(ref))
+        _check_session(int(status), ref)
         return Settled(_text(inc), bool(int(raised)), int(trimmed), int(held), _int(sent))
 
     def trim(
