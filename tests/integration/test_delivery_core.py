@@ -455,6 +455,36 @@ def test_a_requeue_dead_lettered_again_by_a_closed_gate_keeps_its_letter_id(
     assert isinstance(result, Logged), result
 
 
+def test_with_min_replicas_a_task_acknowledges_its_dead_letter_only_once_replicas_hold_it(
+    emu: RunningEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: without the WAIT after the letter, the task
+    # acknowledges a batch whose only copy (the letter) a failover can take back. Here the
+    # store has no replica: the letter never reaches one, so the batch goes back in the queue.
+    from worker import runtime
+
+    overrides = {"state_min_replicas": 1, "state_replica_timeout_ms": 50,
+                 "state_outage_seconds": 0.5}  # fmt: skip
+    with delivery_rig(emu, **overrides) as rig:
+        monkeypatch.setattr(runtime, "_settings", rig.settings)
+        monkeypatch.setattr(runtime, "_runtime", None)
+        from worker import tasks
+
+        rt = runtime.current()
+        # The log's own WAIT would fail first on a store without replicas: answer as the gate.
+        monkeypatch.setattr(rt.log, "append", lambda *a, **kw: ChannelRefused("no such pipe"))
+        republished: list[dict[str, Any]] = []
+        monkeypatch.setattr(
+            tasks.ingest_batch, "apply_async", lambda kwargs, task_id: republished.append(kwargs)
+        )
+        result = tasks.ingest_batch(
+            batch_id="x0", database=DATABASE, schema=SCHEMA, pipe=rig.pipe,
+            rows=[{"id": 1, "name": "row-1"}],
+        )  # fmt: skip
+        assert result["outcome"] == "retry_later", result
+        assert [kw["batch_id"] for kw in republished] == ["x0"]
+
+
 # --- Coalescing -----------------------------------------------------------------------------------
 
 
