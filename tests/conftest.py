@@ -64,3 +64,22 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         or item.get_closest_marker("rabbitmq") is not None
     ):
         item.add_marker(pytest.mark.xdist_group("serial"))
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """The model check's figures (tests/model/conftest.py's `model_report`) in a section of
+    their own: read from the call reports, which xdist's workers send to the controller."""
+    lines = [
+        (report.nodeid, str(value))
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if isinstance(report, pytest.TestReport) and report.when == "call"
+        for name, value in report.user_properties
+        if name == "model_report"
+    ]
+    if lines:
+        terminalreporter.section("delivery model check")
+        for _, line in sorted(lines, key=lambda item: item[0]):
+            terminalreporter.write_line(line)

@@ -45,6 +45,14 @@ DEAD_KEY = LETTERS_KEY
 Kind = Literal["failed", "row_errors", "malformed"]
 
 
+# Store one letter: its JSON by id, and its place in the order (kept when it is replaced).
+_ADD = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1])
+return 1
+"""
+
+
 def new_letter_id(batch_id: str) -> str:
     """A fresh letter id for a batch (the task's letters; the pump derives its own)."""
     return f"{batch_id}#{secrets.token_hex(6)}"
@@ -158,6 +166,7 @@ class DeadLetters:
         self.key = key
         self.order_key = f"{key}:order"
         self._migrated = False
+        self._add: Any = None  # the letter-writing script, registered when first needed
 
     def _migrate(self) -> None:
         """Move letters of the list kept before letter ids into the hash (once per process)."""
@@ -183,6 +192,19 @@ class DeadLetters:
             letter = replace(letter, letter_id=new_letter_id(letter.batch_id))
         self._store(letter)
         return letter
+
+    def add_replicated(self, letter: DeadLetter, replicas: int, timeout_ms: int) -> int:
+        """Store `letter` (it must have its id) by one script, then WAIT on the same connection
+        (SNOWPIPE_STATE_MIN_REPLICAS): how many replicas acknowledged it within `timeout_ms`.
+        Fewer than `replicas`: a failover could take the letter back."""
+        if self._add is None:
+            self._add = self._redis.register_script(_ADD)
+        pipe = self._redis.pipeline(transaction=False)
+        args: list[Any] = [letter.letter_id, letter.dumps(), int(letter.failed_at * 1000)]
+        self._add(keys=[self.key, self.order_key], args=args, client=pipe)
+        pipe.wait(replicas, timeout_ms)
+        _, acked = pipe.execute()
+        return int(acked)
 
     def count(self) -> int:
         """How many dead letters are stored."""

@@ -290,12 +290,34 @@ def _dead_letter(
     """Store the batch as a dead letter (None), or, while the state store is out, put it back
     in the queue (the summary of `_retry_later`)."""
     _log.error("ingest.dead_letter", batch_id=batch.batch_id, pipe=batch.pipe, reason=reason)
-    letter = DeadLetter.of(batch, reason, task_id=task.request.id)
+    # A requeue dead-lettered again (its channel's gate still closed) keeps the letter id it
+    # requeues: the batch's dedup record still names that letter, so requeuing this one logs
+    # it. Under a fresh id its requeue would be answered "already dead-lettered" and dropped.
+    letter = DeadLetter.of(
+        batch, reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
+    )
+    s = rt.settings
+
+    def add() -> None:
+        # With replicas, acknowledged only once they hold the letter (a failover would lose it
+        # and the batch with it): StateNotReplicatedError is ridden out like an outage.
+        if not s.state_min_replicas:
+            rt.dead_letters.add(letter)
+            return
+        acked = rt.dead_letters.add_replicated(
+            letter, s.state_min_replicas, s.state_replica_timeout_ms
+        )
+        if acked < s.state_min_replicas:
+            raise StateNotReplicatedError(
+                f"a dead letter reached {acked} of {s.state_min_replicas} replicas in "
+                f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
+            )
+
     try:
-        rt.dead_letters.add(letter)
+        add()
     except redis.RedisError as exc:
         # The state store is out: keep the batch (held, then back in the queue), never drop it.
-        ridden = _ride_out(task, batch, exc, lambda: rt.dead_letters.add(letter))
+        ridden = _ride_out(task, batch, exc, add)
         if isinstance(ridden, dict):
             return ridden  # back in the queue: its dead letter waits for the state store
     rt.count("dead_letter")

@@ -33,7 +33,7 @@ from tests.support.delivery import (
 )
 from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
-from worker.delivery.channels import batch_key
+from worker.delivery.channels import batch_key, channel_key
 from worker.delivery.lease import LeaseTable
 from worker.delivery.log import (
     ChannelRefused,
@@ -415,6 +415,74 @@ def test_unknown_pipe_dead_letters_what_was_never_sent_and_other_channels_keep_f
     # task dead-letters them at once).
     refused = rig.log.append(bad, "x2", [Piece(1, ndjson([1]))])
     assert isinstance(refused, ChannelRefused) and "NOPE" in refused.reason
+
+
+def test_a_requeue_dead_lettered_again_by_a_closed_gate_keeps_its_letter_id(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: with the task's letter given a fresh id, the
+    # batch's record still names the pump's letter, so requeuing the task's letter is answered
+    # InDeadLetters and its rows are dropped.
+    from worker import runtime
+
+    # No waiting on the refused channel: the gate stays closed past any wait here.
+    settings = rig.settings.model_copy(update={"backpressure_wait_seconds": 0.0})
+    monkeypatch.setattr(runtime, "_settings", settings)
+    monkeypatch.setattr(runtime, "_runtime", None)
+    from worker import tasks
+
+    bad = rig.ref("NOPE")
+    rig.log_batch(bad, "x0", ids_of(100))
+    pump = rig.start_pump(bad)
+    wait_until(lambda: rig.dead_letters.count() == 1, timeout=10, what=lambda: "dead letter")
+    [first] = list(rig.dead_letters.entries())
+    # `dead-letters requeue` while the pipe is still missing: published, the letter removed;
+    # the gate stays closed past the requeue's wait, so the task dead-letters it again.
+    monkeypatch.setattr(tasks, "REQUEUE_REFUSED_WAIT_SECONDS", 0.0)
+    assert rig.dead_letters.remove(first)
+    with pytest.raises(tasks.DeadLettered):
+        tasks.ingest_batch(
+            batch_id="x0", database=DATABASE, schema=SCHEMA, pipe="NOPE",
+            rows=first.letter.rows, requeue_of=first.letter.letter_id,
+        )  # fmt: skip
+    [again] = list(rig.dead_letters.entries())
+    assert again.letter.letter_id == first.letter.letter_id
+    # Once the pipe is there (the gate open again), requeuing that letter logs the batch.
+    pump.stop()
+    rig.redis.delete(channel_key("refused", bad))
+    pieces = [Piece(len(again.letter.rows), ndjson(r["id"] for r in again.letter.rows))]
+    result = rig.append(bad, "x0", pieces, requeue_of=again.letter.letter_id)
+    assert isinstance(result, Logged), result
+
+
+def test_with_min_replicas_a_task_acknowledges_its_dead_letter_only_once_replicas_hold_it(
+    emu: RunningEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: without the WAIT after the letter, the task
+    # acknowledges a batch whose only copy (the letter) a failover can take back. Here the
+    # store has no replica: the letter never reaches one, so the batch goes back in the queue.
+    from worker import runtime
+
+    overrides = {"state_min_replicas": 1, "state_replica_timeout_ms": 50,
+                 "state_outage_seconds": 0.5}  # fmt: skip
+    with delivery_rig(emu, **overrides) as rig:
+        monkeypatch.setattr(runtime, "_settings", rig.settings)
+        monkeypatch.setattr(runtime, "_runtime", None)
+        from worker import tasks
+
+        rt = runtime.current()
+        # The log's own WAIT would fail first on a store without replicas: answer as the gate.
+        monkeypatch.setattr(rt.log, "append", lambda *a, **kw: ChannelRefused("no such pipe"))
+        republished: list[dict[str, Any]] = []
+        monkeypatch.setattr(
+            tasks.ingest_batch, "apply_async", lambda kwargs, task_id: republished.append(kwargs)
+        )
+        result = tasks.ingest_batch(
+            batch_id="x0", database=DATABASE, schema=SCHEMA, pipe=rig.pipe,
+            rows=[{"id": 1, "name": "row-1"}],
+        )  # fmt: skip
+        assert result["outcome"] == "retry_later", result
+        assert [kw["batch_id"] for kw in republished] == ["x0"]
 
 
 # --- Coalescing -----------------------------------------------------------------------------------

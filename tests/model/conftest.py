@@ -1,5 +1,10 @@
-"""Model-check figures (states, transitions, counterexamples) in a terminal summary section, so
-they show without `-s`."""
+"""Model-check figures (states, transitions, seconds, counterexamples) for the terminal summary.
+
+`model_report(line)` prints the line (visible with -s) and attaches it to the test's report
+(`user_properties`), which pytest-xdist sends from its workers to the controller; the summary
+section itself is written by tests/conftest.py (`pytest_terminal_summary`), which the
+controller loads, so the figures show in `make test` (two xdist workers) as in a plain run.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,17 @@ from collections.abc import Callable
 
 import pytest
 
-_REPORT = pytest.StashKey[list[str]]()
+REPORT_PROPERTY = "model_report"
 
 Report = Callable[[str], None]
 
 
 @pytest.fixture
 def model_report(request: pytest.FixtureRequest) -> Report:
-    """Call with a line: printed now (visible with -s) and repeated in the terminal summary."""
-    lines = request.config.stash.setdefault(_REPORT, [])
+    """Call with a line: printed now and repeated in the terminal summary."""
 
     def report(line: str) -> None:
         print(line)
-        lines.append(line)
+        request.node.user_properties.append((REPORT_PROPERTY, line))
 
     return report
-
-
-def pytest_terminal_summary(
-    terminalreporter: pytest.TerminalReporter, config: pytest.Config
-) -> None:
-    lines = config.stash.get(_REPORT, [])
-    if lines:
-        terminalreporter.section("delivery model check")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -411,7 +411,9 @@ def wait_until(
 
 def mark_settled(log: ChannelLog, ref: ChannelRef) -> None:
     """Mark `ref` settled in the store's current incarnation unless it is (see Rig.mark_settled)."""
-    log.redis.set(channel_key("settled", ref), log.incarnation(), nx=True)
+    incarnation = log.incarnation()
+    log.redis.set(channel_key("settled", ref), incarnation, nx=True)
+    log.redis.set(channel_key("markinc", ref), incarnation, nx=True)
 
 
 def lease_key(ref: ChannelRef) -> str:

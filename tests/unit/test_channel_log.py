@@ -264,6 +264,26 @@ def test_the_sent_mark_only_rises_and_guards_dead_letters_without_a_settle(
     assert two.first == second.offset
 
 
+def test_after_the_store_came_back_older_a_refused_open_trusts_no_sent_mark_until_a_settle(
+    log: ChannelLog, lease: Lease, fredis: fakeredis.FakeRedis
+) -> None:
+    # Found by the model check. Checked to fail: without the markinc check of DEAD_LETTER's
+    # "unsent" mode, the entry is dead-lettered although its append went out (the write that
+    # raised the mark over it was lost) and may commit: the letter's requeue commits it again.
+    one = logged(log.append(A, "b1", [piece(1)]))
+    log.settle(A, lease.value, 0)
+    # The store comes back older: the mark over b1 is lost, the appends were sent anyway.
+    fredis.set("snowpipe:markinc:" + A.key, "an-older-run:replid")
+    log.refuse(A, lease.value, "no such pipe", 60)
+    with pytest.raises(MaybeSent):
+        log.dead_letter(A, lease.value, log.read(A, 0, 10), "L1", b"{}", settled=False)
+    # Once an open succeeds (the settle), the mark is complete again.
+    log.settle(A, lease.value, 0)
+    log.refuse(A, lease.value, "no such pipe", 60)
+    assert log.dead_letter(A, lease.value, log.read(A, 0, 10), "L1", b"{}", settled=False) == 1
+    assert one.first > log.sent_mark(A)
+
+
 def test_errors_that_rose_hold_the_entries_committed_since_the_last_confirmation(
     log: ChannelLog, lease: Lease
 ) -> None:

@@ -25,7 +25,14 @@ from worker.deadletter import DeadLetters
 from worker.delivery import pump as pump_module
 from worker.delivery.channels import ChannelRef
 from worker.delivery.lease import LeaseTable
-from worker.delivery.log import ChannelLog, ChannelRefused, Logged, Piece
+from worker.delivery.log import (
+    ChannelLog,
+    ChannelRefused,
+    Logged,
+    Piece,
+    StateNotReplicatedError,
+    StoreChanged,
+)
 from worker.delivery.offsets import recent_latency
 from worker.delivery.poller import CommitPoller
 from worker.delivery.pump import ChannelPump, OpenRefused, PumpConfig, RequestRefused
@@ -342,6 +349,65 @@ def test_a_refused_request_is_split_until_the_batch_at_fault_is_dead_lettered(
     assert rig.stats.counts["dead_letter"] == 1
 
 
+def test_with_replicas_a_new_session_waits_for_them_before_sending_under_the_stored_mark(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: without the barrier after the open, b1 goes
+    # out under the stored mark with no WAIT; a failover to a replica without b1 (its task was
+    # never acknowledged) then has the retried task log and commit it a second time.
+    rig: Rig = make_rig(replicas=1)
+    one = rig.batch("b1", 1)
+    # An earlier pump raised the mark past b1 and died before its WAIT returned.
+    rig.log.mark_sent(A, rig.pump.lease.value, one.last)
+    waited: list[tuple[int, int]] = []
+    real = rig.log.mark_sent
+
+    def mark_sent(ref: ChannelRef, lease: str, offset: int, **kw: Any) -> int:
+        waited.append((offset, kw.get("replicas", 0)))
+        return real(ref, lease, offset)  # fakeredis has no WAIT: taken as acknowledged
+
+    monkeypatch.setattr(rig.log, "mark_sent", mark_sent)
+    rig.pump._open()
+    rig.pump.step()  # the barrier first, then it reads and sends
+    assert rig.send()
+    assert waited and waited[0] == (one.last, 1)
+    assert [a[1] for a in rig.snowflake.appends] == [str(one.first)]
+
+
+def test_held_row_errors_are_attributed_when_the_refused_batchs_dead_letter_missed_its_replicas(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: without `_held_left` set before the refusal
+    # is handled in `_open`, the window waits for the next open, which may never come.
+    rig.pump._open()
+    one = rig.batch("b1", 1)
+    assert rig.send()
+    rig.snowflake.status.rows_error_count = 1
+    rig.snowflake.status.last_error_offset_upper_bound = str(one.last)
+    rig.snowflake.commit(one.last)  # the status is not polled: the next open sees it
+    rig.batch("bad", 2)
+    rig.snowflake.refuse_rows_with = b'"batch":"bad"'
+    with pytest.raises(RequestRefused) as refused:
+        rig.send()
+    rig.pump._refused_request(refused.value, pump_module._log)
+    real = rig.log.dead_letter
+
+    def dead_letter_then_miss_the_replicas(*args: Any, **kwargs: Any) -> int:
+        real(*args, **kwargs)
+        raise StateNotReplicatedError("a dead letter reached 0 of 1 replicas")
+
+    monkeypatch.setattr(rig.log, "dead_letter", dead_letter_then_miss_the_replicas)
+    with pytest.raises(StateNotReplicatedError):
+        rig.pump._open()  # the settle held b1's window; the refusal's WAIT failed
+    assert rig.pump.opened
+    rig.pump._unreplicated = True  # what run() does with the error
+    rig.pump.step()
+    assert [(s.letter.batch_id, s.letter.kind) for s in rig.dead.entries()] == [
+        ("bad", "failed"), ("b1", "row_errors"),
+    ]  # fmt: skip
+    assert rig.log.held_windows(A) == []
+
+
 def test_a_refused_open_dead_letters_only_what_no_pump_ever_sent(rig: Rig) -> None:
     rig.pump._open()
     sent = rig.batch("sent", 1)
@@ -360,6 +426,24 @@ def test_a_refused_open_dead_letters_only_what_no_pump_ever_sent(rig: Rig) -> No
     # New batches for the channel are refused with the reason until an open succeeds.
     result = rig.log.append(A, "b3", [Piece(1, b'{"id":5}\n')])
     assert isinstance(result, ChannelRefused) and "no such pipe" in result.reason
+
+
+def test_an_open_that_straddles_a_store_restart_is_not_settled_but_opened_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the model check. Checked to fail: a settle that ignores the incarnation seen
+    # before the lease check takes a committed offset from an open that another pump's later
+    # open superseded (a store that came back older handed this pump its old lease back); new
+    # offsets then sit under what that pump still appends and commits, and are trimmed unsent.
+    rig.batch("b1", 1)
+    real = rig.log.incarnation
+    monkeypatch.setattr(rig.log, "incarnation", lambda: "an-older-run:replid")
+    with pytest.raises(StoreChanged):
+        rig.pump._open()  # the lease check saw the old incarnation; the settle the new one
+    assert not rig.pump.opened
+    monkeypatch.setattr(rig.log, "incarnation", real)
+    rig.pump._open()
+    assert rig.pump.opened and rig.snowflake.opens == 2
 
 
 def test_a_pump_whose_lease_was_taken_stops_without_opening(

@@ -17,6 +17,8 @@ Keys (prefix `snowpipe:`, channel key `database|schema|pipe|channel`):
     committed:{chan} Snowflake's committed offset at the last confirmation (decimal string)
     errors:{chan}    Snowflake's rows_error_count at the last confirmation
     sent:{chan}      the highest offset any pump may have put in an append request
+    markinc:{chan}   the incarnation of the last settle (a refused open keeps it): from that
+                     settle on, the sent mark covers every append, unless the store changed
     held:{chan}      a stream of committed entries held until their row errors are attributed
     heldinfo:{chan}  a hash: one field per held window (see `HeldWindow`)
     refused:{chan}   why Snowflake refuses to open the channel (expires; set by the pump)
@@ -238,9 +240,13 @@ return {1, record}
 """
 )
 
-# KEYS: lease, next, log, bytes, committed, errors, held, heldinfo, settled, refused, sent.
-# ARGV: lease value, committed offset, error count, error upper bound, error message.
-# Returns {status, incarnation, floor raised, trimmed, held, sent mark}; status -1: lease lost.
+# KEYS: lease, next, log, bytes, committed, errors, held, heldinfo, settled, refused, sent,
+# markinc.
+# ARGV: lease value, committed offset, error count, error upper bound, error message, the
+# incarnation the pump saw before its lease check ("": not checked).
+# Returns {status, incarnation, floor raised, trimmed, held, sent mark}; status -1: lease lost,
+# -2: the store changed since the lease check (a store that came back older can hold a lease
+# value whose pump opened before another pump's later open: its committed offset is stale).
 _SETTLE = (
     _DECIMAL
     + _INCARNATION
@@ -249,6 +255,7 @@ _SETTLE = (
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, '', 0, 0, 0, '0'} end
 local inc = incarnation()
+if ARGV[6] ~= '' and ARGV[6] ~= inc then return {-2, inc, 0, 0, 0, '0'} end
 local c = dec(ARGV[2])
 local last = dec(redis.call('GET', KEYS[2]) or '0')
 local raised = 0
@@ -259,6 +266,7 @@ end
 local r = confirm(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], c,
                   tonumber(ARGV[3]), ARGV[4], ARGV[5])
 redis.call('SET', KEYS[9], inc)
+redis.call('SET', KEYS[12], inc)
 redis.call('DEL', KEYS[10])
 return {1, inc, raised, r[1], r[2], redis.call('GET', KEYS[11]) or '0'}
 """
@@ -294,11 +302,13 @@ return mark
 """
 )
 
-# KEYS: lease, settled, log, bytes, sent, letters, order, batch.
+# KEYS: lease, settled, log, bytes, sent, letters, order, batch, markinc.
 # ARGV: lease value, mode, letter id, letter JSON, now ms, chan key, then the entry ids.
 # Mode "settled": the pump settled the channel in this incarnation (so nothing it removes can
 # still commit: the open discarded what was in flight). Mode "unsent": no settle (the open is
-# refused); every entry removed must lie above the sent mark (no pump ever sent it).
+# refused); every entry removed must lie above the sent mark (no pump ever sent it), and the
+# mark must be complete: the channel was settled in this incarnation (a store that came back
+# older may have lost the write that raised it, while the appends it covered went out).
 # Returns how many entries were removed (0: none left, nothing stored); -1 lease lost, -2 store
 # changed, -3 an entry may have been sent.
 _DEAD_LETTER = (
@@ -310,6 +320,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if ARGV[2] == 'settled' then
   if redis.call('GET', KEYS[2]) ~= incarnation() then return -2 end
 else
+  if redis.call('GET', KEYS[9]) ~= incarnation() then return -3 end
   local sent = dec(redis.call('GET', KEYS[5]) or '0')
   for i = 7, #ARGV do
     if dec_cmp(offset_of(ARGV[i]), sent) <= 0 then return -3 end
@@ -521,7 +532,8 @@ class StateNotReplicatedError(SnowpipeWorkerError, redis.RedisError):
 
 
 class MaybeSent(SnowpipeWorkerError):
-    """An entry to dead-letter without a settle lies at or below the sent mark: it may still be
+    """An entry to dead-letter without a settle lies at or below the sent mark, or the mark may
+    be incomplete (no settle since the store restarted or failed over): it may still be
     committed, so it stays in the log until an open succeeds."""
 _warned_keys: set[str] = set()
 
@@ -663,21 +675,25 @@ class ChannelLog:
     def settle(
         self, ref: ChannelRef, lease: str, committed: int, *, errors: int = 0,
         upper_bound: str | None = None, message: str | None = None,
+        checked_in: str | None = None,
     ) -> Settled:  # fmt: skip
         """After an open: raise the offset counter to Snowflake's committed offset, confirm it
         (trim, or hold what row errors touched), and mark the channel settled (see the module
-        docstring). LeaseLost if the lease is not `lease`'s."""
+        docstring). LeaseLost if the lease is not `lease`'s; StoreChanged if the store's
+        incarnation is no longer `checked_in`, the one seen before the lease check that
+        preceded the open (the open may predate another pump's: open again)."""
         keys = [
             channel_key(kind, ref)
             for kind in (
                 "lease", "next", "log", "bytes", "committed", "errors", "held", "heldinfo",
-                "settled", "refused", "sent",
+                "settled", "refused", "sent", "markinc",
             )
         ]  # fmt: skip
-        args: list[Any] = [lease, committed, errors, upper_bound or "", _one_line(message)]
+        args: list[Any] = [
+            lease, committed, errors, upper_bound or "", _one_line(message), checked_in or "",
+        ]  # fmt: skip
         status, inc, raised, trimmed, held, sent = self._settle(keys=keys, args=args)
-        if int(status) < 0:
-            raise LeaseLost(str(ref))
+        _check_session(int(status), ref)
         return Settled(_text(inc), bool(int(raised)), int(trimmed), int(held), _int(sent))
 
     def trim(
@@ -753,7 +769,8 @@ class ChannelLog:
         `replicas`, StateNotReplicatedError unless that many replicas acknowledged it. The
         batch's dedup record is marked with the letter id, so a late copy of the original is not
         logged again but the letter's requeue is. `settled`: the pump settled the channel in
-        this incarnation; otherwise each entry must lie above the sent mark (MaybeSent).
+        this incarnation; otherwise each entry must lie above the sent mark, and the channel
+        must have been settled in this incarnation (MaybeSent).
         """
         if not entries:
             return 0
@@ -769,6 +786,7 @@ class ChannelLog:
             LETTERS_KEY,
             ORDER_KEY,
             batch_key(entries[0].batch_id),
+            channel_key("markinc", ref),
         ]
         args: list[Any] = [
             lease, "settled" if settled else "unsent", letter_id, letter, now_ms, ref.key,

@@ -7,7 +7,8 @@ channel's lease. Its loop:
    discards whatever an older writer left in flight and returns Snowflake's committed offset C
    and error count; settle the channel (`ChannelLog.settle`: the offset counter raised to C,
    the entries at or below C trimmed, the channel marked settled in the state store's current
-   incarnation, which lets tasks log on it); dead-letter a batch Snowflake refused
+   incarnation, which lets tasks log on it; refused if the store restarted or failed over since
+   the lease check: open again); dead-letter a batch Snowflake refused
    (worker/delivery/refusals.py) and attribute held row errors (worker/delivery/rowerrors.py);
    resume sending after C;
 2. read the log after what was sent and append it in order, as `ChannelOffsets` decides
@@ -367,7 +368,11 @@ class ChannelPump:
         """Open (or reopen) the channel, settle it, and resume from Snowflake's committed
         offset."""
         # Check right before the open: a pump that lost its lease must not reopen (it would
-        # stale the new owner's continuation token, and the two would reopen each other).
+        # stale the new owner's continuation token, and the two would reopen each other). The
+        # settle is refused if the store changed since (StoreChanged: open again): a store that
+        # came back older can hand back a lease this pump lost while it opened, after another
+        # pump's later open; its committed offset would be stale.
+        checked_in = self._log.incarnation()
         if not self._leases.holds(self.lease):
             raise LeaseLost(str(self.ref))
         self.opened = False
@@ -381,6 +386,7 @@ class ChannelPump:
         settled = self._log.settle(
             self.ref, self.lease.value, committed, errors=status.rows_error_count,
             upper_bound=status.last_error_offset_upper_bound, message=status.last_error_message,
+            checked_in=checked_in,
         )  # fmt: skip
         if settled.raised:
             # Snowflake counts offsets as committed that this log never issued: the state store
@@ -398,6 +404,11 @@ class ChannelPump:
             self._metrics.log_forgot()
         self.incarnation = settled.incarnation
         self._sent_mark = settled.sent_mark
+        # With replicas, the stored mark may be a write no replica holds yet (the pump that
+        # raised it died, or its WAIT timed out), and so may the entries under it: WAIT once
+        # (the barrier in `step`) before sending anything under it.
+        if self._config.replicas:
+            self._unreplicated = True
         self._errors_seen = status.rows_error_count
         with self._status_lock:
             self._status = None
@@ -415,6 +426,9 @@ class ChannelPump:
             committed=committed,
             lease=self.lease.generation,
         )
+        # Held windows are attributed on a later turn if dead-lettering the refusal raises and
+        # leaves the channel open (its WAIT missed the replicas: run() keeps the session).
+        self._held_left = True
         refusal = self.offsets.refusal
         if refusal is not None:
             self.refusals.dead_letter_refused(self.lease.value, refusal)
