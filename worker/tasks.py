@@ -296,22 +296,9 @@ def _dead_letter(
     letter = DeadLetter.of(
         batch, reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
     )
-    s = rt.settings
 
     def add() -> None:
-        # With replicas, acknowledged only once they hold the letter (a failover would lose it
-        # and the batch with it): StateNotReplicatedError is ridden out like an outage.
-        if not s.state_min_replicas:
-            rt.dead_letters.add(letter)
-            return
-        acked = rt.dead_letters.add_replicated(
-            letter, s.state_min_replicas, s.state_replica_timeout_ms
-        )
-        if acked < s.state_min_replicas:
-            raise StateNotReplicatedError(
-                f"a dead letter reached {acked} of {s.state_min_replicas} replicas in "
-                f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
-            )
+        _add_letter(rt, letter)
 
     try:
         add()
@@ -323,6 +310,22 @@ def _dead_letter(
     rt.count("dead_letter")
     record_dead_letter("failed")
     return None
+
+
+def _add_letter(rt: runtime.Runtime, letter: DeadLetter) -> None:
+    """Store a letter the task is about to acknowledge its message for. With replicas, only once
+    they hold it (a failover would take it back, and the message's only copy with it):
+    StateNotReplicatedError, a RedisError, is ridden out like an outage."""
+    s = rt.settings
+    if not s.state_min_replicas:
+        rt.dead_letters.add(letter)
+        return
+    acked = rt.dead_letters.add_replicated(letter, s.state_min_replicas, s.state_replica_timeout_ms)
+    if acked < s.state_min_replicas:
+        raise StateNotReplicatedError(
+            f"a dead letter reached {acked} of {s.state_min_replicas} replicas in "
+            f"{s.state_replica_timeout_ms} ms (SNOWPIPE_STATE_MIN_REPLICAS)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,9 +492,9 @@ def _store_malformed(letter: DeadLetter) -> None:
     requeue = f"the state store is unreachable: malformed message {letter.letter_id} goes back to "
     try:
         try:
-            rt.dead_letters.add(letter)
+            _add_letter(rt, letter)
         except redis.RedisError as exc:
-            if not _hold(lambda: rt.dead_letters.add(letter), exc, letter.letter_id):
+            if not _hold(lambda: _add_letter(rt, letter), exc, letter.letter_id):
                 raise Reject(requeue + "its queue", requeue=True) from exc
     except SoftTimeLimitExceeded as exc:
         raise Reject(requeue + "its queue (soft time limit)", requeue=True) from exc

@@ -309,7 +309,16 @@ class ChannelPump:
             except RequestRefused as exc:
                 self._refused_request(exc, log)
             except OpenRefused as exc:
-                self._refused_open(exc.cause, log)
+                try:
+                    self._refused_open(exc.cause, log)
+                except LeaseLost:
+                    self.lost = True
+                    log.info("lease.lost", node=self._leases.node)
+                    return
+                except Exception as inner:  # noqa: BLE001 (the store failed meanwhile)
+                    log.warning("channel.refused.failed", error=type(inner).__name__,
+                                detail=str(inner))  # fmt: skip
+                    self._pause(self._backoff(inner))
             except StateNotReplicatedError as exc:
                 # Nothing goes out until a WAIT succeeds (`_replicated`): what the write covers
                 # could be taken back by a failover.
