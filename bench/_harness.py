@@ -82,6 +82,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cpu_seconds_with_reaped(pid: int) -> float:
+    """User + system CPU seconds of a process plus those of its children it has reaped (a
+    prefork pool child that was replaced); 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def group_cpu(pid: int) -> float:
+    """CPU seconds of a whole process tree since it started: the process (with its reaped
+    children) and every live descendant (with theirs)."""
+    return cpu_seconds_with_reaped(pid) + sum(cpu_seconds_with_reaped(d) for d in descendants(pid))
+
+
 def descendants(pid: int) -> list[int]:
     """Every descendant of a process (prefork children and theirs), from /proc."""
     out: list[int] = []
@@ -307,8 +323,18 @@ class Rig:
             self.publisher = Publisher(self.settings())
         return self.publisher
 
-    def start_node(self, *, app: str, name: str, concurrency: int) -> CeleryProcess:
-        node = launch_node(self.env, self.workdir, app=app, name=name, concurrency=concurrency)
+    def start_node(
+        self,
+        *,
+        app: str,
+        name: str,
+        concurrency: int,
+        pool: str = "threads",
+        env: dict[str, str] | None = None,
+    ) -> CeleryProcess:
+        node = launch_node(
+            env or self.env, self.workdir, app=app, name=name, concurrency=concurrency, pool=pool
+        )
         self.nodes.append(node)
         return node
 
@@ -432,6 +458,48 @@ class CommitSampler:
         if t_lo is None or t_hi is None or t_hi[0] <= t_lo[0]:
             return None
         return (t_hi[1] - t_lo[1]) / (t_hi[0] - t_lo[0])
+
+
+class CountSampler:
+    """A thread sampling a count (`read()`, e.g. tasks done or rows committed) every `interval`
+    seconds: (wall-clock time, count) pairs."""
+
+    def __init__(self, read: Callable[[], int], interval: float = 0.1) -> None:
+        self._read = read
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.samples.append((time.time(), int(self._read())))
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> CountSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def latest(self) -> int:
+        return self.samples[-1][1] if self.samples else 0
+
+    def reached(self, count: float) -> float | None:
+        """Wall-clock time of the first sample at or above `count`."""
+        return next((t for t, n in self.samples if n >= count), None)
+
+    def steady_rate(self, total: int, lo: float = 0.1, hi: float = 0.9) -> float | None:
+        """Count/s between the first samples at lo and at hi of `total` (the expected final count;
+        None when hi was not reached)."""
+        a = next((s for s in self.samples if s[1] >= lo * total), None)
+        z = next((s for s in self.samples if s[1] >= hi * total), None)
+        if a is None or z is None or z[0] <= a[0]:
+            return None
+        return (z[1] - a[1]) / (z[0] - a[0])
 
 
 @dataclass

@@ -51,6 +51,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -64,12 +66,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
+import orjson
+
 from bench._harness import (
+    DATABASE,
+    SCHEMA,
     CommitSampler,
+    CountSampler,
     CpuMeter,
     Rig,
     batch_rows,
     emulator_errors,
+    group_cpu,
     make_rows,
     percentile,
     pipes,
@@ -82,7 +91,10 @@ from bench._harness import (
 )
 from tests.support.keys import key_pair
 
-PHASES = ("ceiling", "ours", "latency", "backlog", "naive", "nodes")
+PHASES = (
+    "drain-noop", "drain-6s", "drain-1s", "drain-1000",
+    "ceiling", "ours", "latency", "backlog", "naive", "nodes",
+)  # fmt: skip
 NOOP_DONE_KEY = "bench:noop:done"  # bench/noop_app.py
 NAIVE_DONE_KEY, NAIVE_FAILED_KEY = "bench:naive:done", "bench:naive:failed"  # bench/naive_app.py
 LEASE_PREFIX = "snowpipe:lease:"
@@ -101,12 +113,14 @@ GOAL_TAKEOVER_EXTRA_S = 5.0
 QUICK = {
     "ceiling_batches": 600, "ours_batches": 400, "latency_seconds": 8.0,
     "backlog_batches": 2000, "naive_rounds": 1, "nodes": "2", "timeout": 45.0,
-    "settle_timeout": 25.0,
+    "settle_timeout": 25.0, "drain_batches": 1500, "drain_1000_batches": 300,
+    "drain_timeout": 120.0,
 }  # fmt: skip
 FULL = {
     "ceiling_batches": 3000, "ours_batches": 5000, "latency_seconds": 30.0,
     "backlog_batches": 6000, "naive_rounds": 3, "nodes": "2,4", "timeout": 120.0,
-    "settle_timeout": 40.0,
+    "settle_timeout": 40.0, "drain_batches": 6000, "drain_1000_batches": 2000,
+    "drain_timeout": 600.0,
 }  # fmt: skip
 
 
@@ -150,6 +164,24 @@ class Bench:
     results: dict[str, Any] = field(default_factory=dict)
     goals: list[Goal] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def drain_phases(self) -> list[str]:
+        return [p for p in self.args.only if p.startswith("drain-")]
+
+    @property
+    def profile_dir(self) -> Path:
+        return Path(self.args.profile_dir) if self.args.profile_dir else self.workdir
+
+    def phase(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run one phase; an exception is reported and recorded as a failure, not raised."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 (one phase failing must not stop the others)
+            traceback.print_exc()
+            self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"  PHASE {name} FAILED: {exc}")
+            return None
 
     @property
     def cores(self) -> int:
@@ -801,15 +833,384 @@ def run_nodes(b: Bench, k: int) -> dict[str, Any]:
     return res
 
 
+# -- drain ---------------------------------------------------------------------------------------
+
+DRAIN_PHASES = ("drain-noop", "drain-6s", "drain-1s", "drain-1000")
+GOAL_DRAIN_SHARE = 0.85
+GOAL_DRAIN_CPU_RATIO = 1.25
+GOAL_DRAIN_DELAY_RATIO = 0.95
+GOAL_DRAIN_MB_PER_S = 40.0
+GOAL_DRAIN_CPU_PER_MB_MS = 25.0
+MB = 1_000_000
+TIMES = "\N{MULTIPLICATION SIGN}"
+MB_DEFINITION = (
+    "MB = 1e6 bytes of the rows' compact JSON (sum of len(orjson.dumps(row)) + 1 newline)"
+)
+
+
+def row_json_bytes(rows: list[dict[str, Any]]) -> int:
+    """Bytes of the rows as compact JSON lines (orjson, one newline each)."""
+    return sum(len(orjson.dumps(row)) + 1 for row in rows)
+
+
+def find_pyspy() -> str | None:
+    """py-spy on PATH or next to this interpreter (.venv/bin)."""
+    here = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(here) if here.exists() else None)
+
+
+class PySpy:
+    """`py-spy record` of a process tree (GIL holders only, idle threads not sampled) into a
+    collapsed-stack file (`--format raw`: open it in speedscope.app or feed it to
+    flamegraph.pl); stopped with SIGINT."""
+
+    def __init__(self, exe: str, pid: int, out: Path, rate: int = 100) -> None:
+        self.out = out
+        cmd = [
+            exe, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
+            "--rate", str(rate), "--gil", "--subprocesses", "--nonblocking",
+        ]  # fmt: skip
+        self._log = out.with_suffix(".log").open("wb")
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+    def top(self, n: int = 20) -> tuple[int, list[tuple[str, int, int]]]:
+        """(samples, [(function (file), own samples, total samples)]) by own samples."""
+        own: Counter[str] = Counter()
+        incl: Counter[str] = Counter()
+        samples = 0
+        if not self.out.exists():
+            return 0, []
+        for line in self.out.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            k = int(count)
+            samples += k
+            frames = [frame_name(f) for f in stack.split(";")]
+            own[frames[-1]] += k
+            for f in set(frames):
+                incl[f] += k
+        return samples, [(f, c, incl[f]) for f, c in own.most_common(n)]
+
+
+def frame_name(frame: str) -> str:
+    """`func (path/to/file.py:123)` -> `func (file.py)`: one entry per function."""
+    name, _, where = frame.partition(" (")
+    if not where:
+        return frame
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if len(parts) >= 2 else path
+    return f"{name} ({short})"
+
+
+def run_drain(
+    b: Bench, phase: str, *, app: str, delay: float, n: int, rows: int, profile: bool = False
+) -> dict[str, Any]:
+    """Fill the queue with `n` batches (no worker running), then start one node and time its
+    drain: steady rate between 10 % and 90 % done, node start -> last commit (or last task), and
+    the CPU of the node's process tree from its start to then."""
+    a = b.args
+    noop = app == "bench.noop_app"
+    total_rows = n * rows
+    pipe_names = pipes(a.pipes)
+    header(
+        f"{phase}: {'plain Celery no-op task' if noop else 'the worker'}, {n:,} batches x "
+        f"{rows} rows over {a.pipes} pipes queued first, then one node ({a.pool} x "
+        f"{a.concurrency})" + ("" if noop else f", commit delay {delay:g} s, rate limit 10/s")
+        + (", PROFILED with py-spy" if profile else "")
+    )  # fmt: skip
+    source = LazyBatches(n, rows)
+    tag = phase.replace("-", "_")
+    with b.rig(tag, delay) as r:
+        pub = r.get_publisher()
+        # 1. Fill the queue: every batch published before any worker runs.
+        data_bytes = 0
+        t_fill = time.time()
+        for bi in range(n):
+            batch = source[bi]
+            data_bytes += row_json_bytes(batch)
+            pub.publish(batch, database=DATABASE, schema=SCHEMA,
+                        pipe=pipe_names[bi % len(pipe_names)], batch_id=f"b{bi}")  # fmt: skip
+        fill_s = time.time() - t_fill
+        queued = int(r.db.client.llen(r.queue)) if a.broker == "redis" else None
+        print(
+            f"  queued {n:,} batches ({data_bytes / MB:.1f} MB of row JSON) in {fill_s:.1f} s"
+            + (f"; {queued:,} messages in the Redis list" if queued is not None else "")
+        )
+        # 2. Start one node and sample its progress.
+        if noop:
+            target = n
+
+            def progress() -> int:
+                return int(r.db.client.get(NOOP_DONE_KEY) or 0)
+        else:
+            target = total_rows
+            http = httpx.Client(base_url=r.emu.url, timeout=5.0)
+
+            def progress() -> int:
+                return int(http.get("/_emulator/stats").json()["rows_committed"])
+
+        spy: PySpy | None = None
+        meter = CpuMeter([], r.emu, r.db.client).start()
+        with CountSampler(progress, 0.05 if noop else 0.1) as sampler:
+            t_start = time.time()
+            node = r.start_node(app=app, name=tag, concurrency=a.concurrency, pool=a.pool)
+            meter.workers.append(node)
+            t_ready = time.time()
+            cpu_ready = group_cpu(node.pid)
+            if profile:
+                exe = find_pyspy()
+                if exe is None:
+                    raise RuntimeError("py-spy not found (.venv/bin/pip install py-spy)")
+                spy = PySpy(exe, node.pid, b.profile_dir / f"{phase}.pyspy.txt")
+            complete = wait_for(lambda: sampler.latest() >= target, a.drain_timeout + delay)
+            cpu_end = group_cpu(node.pid)
+            t_seen = time.time()
+            meter.stop()
+            if spy is not None:
+                spy.stop()
+            if noop:
+                time.sleep(1.0)  # a task run twice would show as a count above n
+        if not noop:
+            http.close()
+        # 3. Read back.
+        if noop:
+            done = progress()
+            once = done == n
+            check_text = f"{done:,} task runs for {n:,} messages -> " + (
+                "exactly once" if once else f"NOT EXACTLY ONCE ({done - n:+,})"
+            )
+            last = sampler.reached(n) if complete else None
+            done_rows = done * rows
+        else:
+            wait_for(lambda: r.emu.stats()["batches_pending"] == 0, delay + 5.0)
+            stats = r.emu.stats()
+            check = read_back(r.emu, pipe_names, range(total_rows))
+            once = check.exactly_once
+            check_text = (
+                f"read back {check.rows:,} rows: {check.duplicates} duplicates, {check.missing} "
+                f"missing, {check.unexpected} unexpected -> {verdict(check, complete)}"
+            )
+            last = check.last_commit() if complete else None
+            done_rows = stats["rows_committed"]
+        if not complete:
+            tail_on_failure(r, "timed out")
+    drain_s = (last or t_seen) - t_start
+    steady = sampler.steady_rate(target)  # tasks/s (no-op) or rows/s
+    steady_batches = steady if noop else (steady / rows if steady else None)
+    bytes_per_row = data_bytes / total_rows
+    mb = done_rows * bytes_per_row / MB
+    res: dict[str, Any] = {
+        "phase": phase,
+        "app": app,
+        "commit_delay_s": None if noop else delay,
+        "batches": n,
+        "rows_per_batch": rows,
+        "pool": a.pool,
+        "concurrency": a.concurrency,
+        "complete": complete,
+        "fill_s": round(fill_s, 2),
+        "queued_messages": queued,
+        "row_json_mb": round(data_bytes / MB, 2),
+        "node_ready_s": round(t_ready - t_start, 2),
+        "drain_s": round(drain_s, 2),
+        "steady_batches_per_s": rnd(steady_batches, 1),
+        "steady_rows_per_s": rnd(steady_batches * rows if steady_batches else None, 0),
+        "steady_mb_per_s": rnd(
+            steady_batches * rows * bytes_per_row / MB if steady_batches else None, 2
+        ),
+        "mean_batches_per_s": round(done_rows / rows / drain_s, 1),
+        "mean_mb_per_s": round(mb / drain_s, 2),
+        "worker_cpu_s": round(cpu_end, 2),
+        "worker_cpu_at_ready_s": round(cpu_ready, 2),
+        "worker_cpu_per_batch_ms": rnd(1000 * cpu_end / max(1, done_rows / rows), 3),
+        "worker_cpu_per_batch_after_ready_ms": rnd(
+            1000 * (cpu_end - cpu_ready) / max(1, done_rows / rows), 3
+        ),
+        "worker_cpu_per_mb_ms": rnd(1000 * cpu_end / mb if mb else None, 2),
+        "worker_cpu_percent": round(100 * cpu_end / max(1e-9, t_seen - t_start), 1),
+        "exactly_once": once,
+        **cpu_json(meter),
+    }
+    if not noop:
+        res.update({
+            "appends": stats["appends"], "append_bytes": stats.get("append_bytes"),
+            "open_channels": stats["open_channels"], "errors": emulator_errors(stats),
+            **check.summary(),
+        })  # fmt: skip
+    unit = "tasks" if noop else "batches"
+    print(
+        f"  steady (10-90 %) {res['steady_batches_per_s']} {unit}/s = "
+        f"{res['steady_rows_per_s']} rows/s = {res['steady_mb_per_s']} MB/s; node start -> "
+        f"last {'task' if noop else 'commit'} {res['drain_s']} s (ready after "
+        f"{res['node_ready_s']} s){'' if complete else ', TIMED OUT'}"
+    )
+    print(
+        f"  worker CPU (process tree, node start -> end) {res['worker_cpu_s']} s "
+        f"({res['worker_cpu_at_ready_s']} s of it starting up) = "
+        f"{res['worker_cpu_per_batch_ms']} ms per batch, {res['worker_cpu_per_mb_ms']} ms per MB"
+    )
+    if not noop:
+        print(
+            f"  emulator: {res['appends']:,} appends on {res['open_channels']} channels, "
+            f"errors {res['errors'] or 'none'}"
+        )
+    print(f"  {check_text}")
+    print(f"  {saturation(meter.percents(), b.cores)}")
+    if not once and (complete or not noop):
+        b.failures.append(f"{phase}: not exactly once")
+    elif not complete:
+        b.failures.append(f"{phase}: timed out")
+    if spy is not None:
+        samples, top = spy.top(20)
+        res["profile"] = {"file": str(spy.out), "samples": samples,
+                          "top_own": [list(t) for t in top]}  # fmt: skip
+        print(f"  py-spy ({samples} samples holding the GIL, 100 Hz) -> {spy.out}")
+        print(f"  {'own %':>6} {'total %':>7}  function (file)")
+        for f, own, incl in top:
+            print(f"  {100 * own / max(1, samples):6.1f} {100 * incl / max(1, samples):7.1f}  {f}")
+    res["_meter"] = meter
+    return res
+
+
+@dataclass
+class Row:
+    """One line of the drain goals table."""
+
+    figure: str
+    goal: str
+    measured: str
+    met: bool | None
+    meter: CpuMeter | None = None
+
+
+def drain_goals(b: Bench) -> list[Row]:
+    d = b.results.get("drain") or {}
+    noop, d6, d1, d1000 = (d.get(p) for p in DRAIN_PHASES)
+    rows: list[Row] = []
+
+    def add(figure: str, goal: Goal, shown: str, meter: CpuMeter | None) -> None:
+        b.goals.append(goal)
+        op = "≥" if goal.higher_is_better else "≤"
+        rows.append(Row(figure, f"{op} {goal.target:g}{goal.unit}", shown, goal.met, meter))
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return rnd(x / y, 3) if x and y else None
+
+    m6 = d6 and d6["_meter"]
+    share = ratio(d6 and d6["steady_batches_per_s"], noop and noop["steady_batches_per_s"])
+    add("drain rate at 6 s commits ÷ plain Celery no-op's",
+        Goal("drain: steady batches/s at 6 s / no-op tasks/s", share, GOAL_DRAIN_SHARE, True,
+             TIMES),
+        f"{share:g}{TIMES} ({d6['steady_batches_per_s']} / {noop['steady_batches_per_s']} per s)"
+        if share else "n/a", m6)  # fmt: skip
+    cpu = ratio(d6 and d6["worker_cpu_per_batch_ms"], noop and noop["worker_cpu_per_batch_ms"])
+    add("CPU per 100-row batch ÷ the no-op's",
+        Goal("drain: worker CPU per batch at 6 s / no-op's", cpu, GOAL_DRAIN_CPU_RATIO, False,
+             TIMES),
+        f"{cpu:g}{TIMES} ({d6['worker_cpu_per_batch_ms']} / {noop['worker_cpu_per_batch_ms']} ms)"
+        if cpu else "n/a", m6)  # fmt: skip
+    dr = ratio(d6 and d6["steady_rows_per_s"], d1 and d1["steady_rows_per_s"])
+    add("committed at 6 s ÷ at 1 s (steady rates)",
+        Goal("drain: steady rows/s at 6 s / at 1 s", dr, GOAL_DRAIN_DELAY_RATIO, True),
+        f"{dr:g} ({d6['steady_rows_per_s']:,.0f} / {d1['steady_rows_per_s']:,.0f} rows/s)"
+        if dr else "n/a", m6)  # fmt: skip
+    m1000 = d1000 and d1000["_meter"]
+    mbs = d1000 and d1000["steady_mb_per_s"]
+    add("1000-row batches at 6 s: MB/s of row JSON by one node",
+        Goal("drain: 1000-row batches at 6 s, steady MB/s of row JSON", mbs,
+             GOAL_DRAIN_MB_PER_S, True, " MB/s"),
+        f"{mbs:g} MB/s ({d1000['steady_rows_per_s']:,.0f} rows/s)" if mbs else "n/a",
+        m1000)  # fmt: skip
+    per_mb = d1000 and d1000["worker_cpu_per_mb_ms"]
+    add("worker CPU per MB of row JSON",
+        Goal("drain: worker CPU per MB of row JSON (1000-row batches)", per_mb,
+             GOAL_DRAIN_CPU_PER_MB_MS, False, " ms"),
+        f"{per_mb:g} ms" if per_mb else "n/a", m1000)  # fmt: skip
+    ran = [(p, r) for p, r in d.items() if r]
+    bad = [p for p, r in ran if not r["exactly_once"]]
+    missing = [p for p in b.drain_phases if p not in d or not d[p]]
+    once = Goal("drain: exactly once in every phase", float(len(bad) + len(missing)), 0, False)
+    once_met = once.met if ran else None
+    b.goals.append(once)
+    rows.append(Row(
+        "exactly once in every phase", "always",
+        (f"{len(ran) - len(bad)}/{len(ran)} phases"
+         + (f" (NOT: {', '.join(bad)})" if bad else "")
+         + (f" ({', '.join(missing)} failed)" if missing else "")),
+        once_met and not missing,
+    ))  # fmt: skip
+    return rows
+
+
+def print_drain_table(b: Bench, rows: list[Row]) -> None:
+    header("drain goals (cost per row)")
+    verdict_of = {True: "met", False: "NOT MET", None: "not measured"}
+    w = max(len(r.figure) for r in rows)
+    print(f"  {'figure':<{w}}  {'goal':<10}  measured")
+    for r in rows:
+        print(f"  {r.figure:<{w}}  {r.goal:<10}  {r.measured} -> {verdict_of[r.met]}")
+    print(f"  ({MB_DEFINITION}; rates are steady rates, 10 % -> 90 % of the drain)")
+    for r in rows:
+        if r.met is False and r.meter is not None and r.meter.used:
+            print(f"  not met, {r.figure}: {saturation(r.meter.percents(), b.cores)}")
+    print("\n| figure | goal | measured |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r.figure} | {r.goal} | {r.measured} ({verdict_of[r.met]}) |")
+
+
+def run_drains(b: Bench) -> None:
+    a = b.args
+    specs = {
+        "drain-noop": {"app": "bench.noop_app", "delay": 6.0, "n": a.drain_batches, "rows": 100},
+        "drain-6s": {"app": "worker", "delay": 6.0, "n": a.drain_batches, "rows": 100},
+        "drain-1s": {"app": "worker", "delay": 1.0, "n": a.drain_batches, "rows": 100},
+        "drain-1000": {"app": "worker", "delay": 6.0, "n": a.drain_1000_batches, "rows": 1000},
+    }
+    out: dict[str, Any] = {}
+    b.results["drain"] = out
+    for name in b.drain_phases:
+        out[name] = b.phase(name, lambda name=name: run_drain(b, name, **specs[name]))
+    if a.profile:
+        r = b.phase(
+            "drain-6s-profiled",
+            lambda: run_drain(b, "drain-6s-profiled", profile=True, **specs["drain-6s"]),
+        )
+        if r is not None:
+            b.results["drain_profile"] = r
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of ~1-2 min")
-    p.add_argument("--only", default=",".join(PHASES), help=f"comma-separated of {PHASES}")
+    p.add_argument("--only", default=",".join(PHASES),
+                   help=f"comma-separated of {PHASES}; `drain` = every drain-* phase")  # fmt: skip
     p.add_argument("--broker", choices=("redis", "amqp"), default="redis")
-    p.add_argument("--concurrency", type=int, default=64, help="threads per worker")
+    p.add_argument("--concurrency", type=int, default=64, help="threads (processes) per worker")
+    p.add_argument("--pool", choices=("threads", "prefork"), default="threads",
+                   help="pool of the drain phases' nodes (no-op and worker alike)")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="also drain-6s once more under py-spy: a collapsed-stack file and the "
+                   "top functions by own time (py-spy on PATH or in .venv/bin)")  # fmt: skip
+    p.add_argument("--profile-dir", help="where the py-spy file goes (default: the work dir, "
+                   "deleted at the end unless --keep-logs)")  # fmt: skip
+    p.add_argument("--drain-batches", type=int, help="batches of 100 rows per drain phase")
+    p.add_argument("--drain-1000-batches", type=int, help="batches of 1000 rows (drain-1000)")
+    p.add_argument("--drain-timeout", type=float, help="longest drain of one phase (s)")
     p.add_argument("--rows", type=int, default=100, help="rows per batch")
     p.add_argument("--pipes", type=int, default=10, help="pipes of the single-node phases")
     p.add_argument("--commit-delay", type=float, nargs="+", default=[6.0, 1.0],
@@ -846,7 +1247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    only = [p for x in only for p in (DRAIN_PHASES if x == "drain" else (x,))]
+    args.only = [p for p in PHASES if p in only] + [x for x in only if x not in PHASES]
     unknown = [x for x in args.only if x not in PHASES]
     if unknown:
         p.error(f"--only: unknown phase(s) {unknown}; choose from {PHASES}")
@@ -867,16 +1270,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (quick)' if args.quick else ''}; worker code from {Path(worker.__file__).parent}"
     )
 
-    def phase(name: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 (one phase failing must not stop the others)
-            traceback.print_exc()
-            b.failures.append(f"{name}: {type(exc).__name__}: {exc}")
-            print(f"  PHASE {name} FAILED: {exc}")
-            return None
-
+    phase = b.phase
     try:
+        if b.drain_phases:
+            run_drains(b)
         if "ceiling" in args.only:
             b.results["ceiling"] = phase("ceiling", lambda: run_ceiling(b))
         if "ours" in args.only:
@@ -907,13 +1304,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {g.line()}")
     for f in b.failures:
         print(f"  FAILURE {f}")
-    for r in b.results.get("ours") or []:
-        r.pop("_meter", None)
+    if b.drain_phases:
+        print_drain_table(b, drain_goals(b))
+    for r in [*(b.results.get("ours") or []), *(b.results.get("drain") or {}).values(),
+              b.results.get("drain_profile")]:  # fmt: skip
+        if r:
+            r.pop("_meter", None)
     figures = {
         "benchmark": "throughput",
         "cpus": os.cpu_count(),
         "broker": args.broker,
-        "pool": "threads",
+        "pool": args.pool,
         "concurrency": args.concurrency,
         "rows_per_batch": args.rows,
         "quick": args.quick,
