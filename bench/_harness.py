@@ -267,14 +267,16 @@ def launch_node(
     name: str,
     concurrency: int,
     pool: str = "threads",
+    extra_args: Sequence[str] = (),
 ) -> CeleryProcess:
-    """`celery -A <app> worker --hostname <name>@bench`, waited for until ready (bounded)."""
+    """`celery -A <app> worker --hostname <name>@bench [extra_args]`, waited for until ready
+    (bounded)."""
     log_path = workdir / f"worker-{name}-{time.time_ns()}.log"
     cmd = [
         sys.executable, "-m", "celery", "-A", app, "worker",
         "--pool", pool, "--concurrency", str(concurrency),
         "--hostname", f"{name}@bench", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args,
     ]  # fmt: skip
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -331,10 +333,12 @@ class Rig:
         concurrency: int,
         pool: str = "threads",
         env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> CeleryProcess:
         node = launch_node(
-            env or self.env, self.workdir, app=app, name=name, concurrency=concurrency, pool=pool
-        )
+            env or self.env, self.workdir, app=app, name=name, concurrency=concurrency,
+            pool=pool, extra_args=extra_args,
+        )  # fmt: skip
         self.nodes.append(node)
         return node
 

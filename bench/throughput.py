@@ -1,7 +1,8 @@
 """Throughput of the delivery core against its goals, in one run, on loopback only.
 
-    PYTHONPATH=. .venv/bin/python bench/throughput.py [--quick] [--only ceiling,ours,...]
-        [--broker redis|amqp] [--concurrency 64] [--rows 100]
+    PYTHONPATH=. .venv/bin/python bench/throughput.py [--quick] [--only drain,ceiling,ours,...]
+        [--broker redis|amqp] [--concurrency 64] [--rows 100] [--pool threads|prefork]
+        [--profile] [--pump-process]
 
 The emulator runs with Snowflake's per-channel rate limit on (`--rate-limit 10`) and
 `--accept-any-pipe`; each phase gets its own emulator, its own claimed Redis DB (tests/support/
@@ -9,8 +10,34 @@ redis.py) and its own queue, all stopped, emptied and released afterwards. Every
 (~130 bytes of JSON each), published with the product's `Publisher` under batch ids `b<n>`;
 batch n holds row ids n*R .. n*R+R-1, so every committed row can be checked exactly once.
 
-Phases (`--only` picks some; the order is fixed):
+Phases (`--only` picks some, `drain` = the four drain-* phases; the order is fixed). The drain
+phases come first and their goals table ("cost per row") is the headline, printed last:
 
+drain-*   The queue is filled first (every batch published with the `Publisher`, no worker
+          running), then one node is started and its drain timed, so the publisher's speed does
+          not count. Steady rate = rate between 10 % and 90 % done, from a count sampled over time
+          (no-op: its Redis INCR counter; worker: the emulator's `rows_committed`); also node
+          start -> last task/commit. Worker CPU = the node's whole process tree (main process,
+          pool children, reaped children) from node start (startup included, also shown apart)
+          to the end. `--pool` and `--concurrency` apply to the no-op and the worker alike.
+  drain-noop  bench/noop_app.py (the baseline: plain Celery, one no-op task, acks late,
+              prefetch 1, same broker, task name and messages), 6,000 batches x 100 rows.
+  drain-6s    the worker, commit delay 6 s, 10 pipes, 6,000 batches x 100 rows.
+  drain-1s    the same at commit delay 1 s.
+  drain-1000  the worker at 6 s, 2,000 batches x 1,000 rows: rows/s, MB/s of row JSON committed
+              (MB = 1e6 bytes of the rows' compact JSON: sum of len(orjson.dumps(row)) + 1) and
+              worker CPU per MB.
+          (--quick: 1,500 and 300 batches.) Goals: drain rate at 6 s / no-op's >= 0.85; CPU per
+          100-row batch / no-op's <= 1.25; steady rate at 6 s / at 1 s >= 0.95; 1000-row batches
+          >= 40 MB/s; <= 25 ms worker CPU per MB; exactly once in every phase (worker: read back
+          from the emulator; no-op: task runs == messages, 1 s after the last).
+          --profile: drain-6s once more (not counted in the goals) with `py-spy record --gil
+          --subprocesses --nonblocking` on the node(s): a collapsed-stack file (speedscope.app or
+          flamegraph.pl) and the top 20 functions by own time. py-spy is looked for on PATH and
+          next to this Python (install: .venv/bin/pip install py-spy).
+          --pump-process: the worker phases run two nodes: one consuming with
+          SNOWPIPE_PUMP_ENABLED=false and one running the pumps that consumes no ingest queue
+          (`--exclude-queues`); CPU is both process trees.
 ceiling   A no-op Celery app (bench/noop_app.py: the product's Celery config, the ingest task's
           name, one Redis INCR per task) on the same broker, pool (threads) and concurrency, with
           the same messages: tasks/s (first publish -> last task) and worker CPU per task.
@@ -864,8 +891,9 @@ class PySpy:
     collapsed-stack file (`--format raw`: open it in speedscope.app or feed it to
     flamegraph.pl); stopped with SIGINT."""
 
-    def __init__(self, exe: str, pid: int, out: Path, rate: int = 100) -> None:
-        self.out = out
+    def __init__(self, exe: str, pid: int, out: Path, label: str, rate: int = 100) -> None:
+        self.out, self.label = out, label
+        out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
             exe, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
             "--rate", str(rate), "--gil", "--subprocesses", "--nonblocking",
@@ -887,6 +915,7 @@ class PySpy:
         """(samples, [(function (file), own samples, total samples)]) by own samples."""
         own: Counter[str] = Counter()
         incl: Counter[str] = Counter()
+        lines: Counter[str] = Counter()
         samples = 0
         if not self.out.exists():
             return 0, []
@@ -896,11 +925,19 @@ class PySpy:
                 continue
             k = int(count)
             samples += k
-            frames = [frame_name(f) for f in stack.split(";")]
+            raw = stack.split(";")
+            frames = [frame_name(f) for f in raw]
             own[frames[-1]] += k
+            lines[raw[-1]] += k
             for f in set(frames):
                 incl[f] += k
-        return samples, [(f, c, incl[f]) for f, c in own.most_common(n)]
+        hottest: dict[str, str] = {}
+        for frame, _ in lines.most_common():
+            hottest.setdefault(frame_name(frame), frame.rpartition(":")[2].rstrip(")"))
+        return samples, [
+            (f"{f[:-1]}:{hottest.get(f, '?')})" if f.endswith(")") else f, c, incl[f])
+            for f, c in own.most_common(n)
+        ]
 
 
 def frame_name(frame: str) -> str:
@@ -927,7 +964,9 @@ def run_drain(
     header(
         f"{phase}: {'plain Celery no-op task' if noop else 'the worker'}, {n:,} batches x "
         f"{rows} rows over {a.pipes} pipes queued first, then one node ({a.pool} x "
-        f"{a.concurrency})" + ("" if noop else f", commit delay {delay:g} s, rate limit 10/s")
+        f"{a.concurrency})"
+        + (" + a pump-only node" if a.pump_process and not noop else "")
+        + ("" if noop else f", commit delay {delay:g} s, rate limit 10/s")
         + (", PROFILED with py-spy" if profile else "")
     )  # fmt: skip
     source = LazyBatches(n, rows)
@@ -961,24 +1000,37 @@ def run_drain(
             def progress() -> int:
                 return int(http.get("/_emulator/stats").json()["rows_committed"])
 
-        spy: PySpy | None = None
+        spies: list[PySpy] = []
+        split = a.pump_process and not noop
         meter = CpuMeter([], r.emu, r.db.client).start()
         with CountSampler(progress, 0.05 if noop else 0.1) as sampler:
             t_start = time.time()
-            node = r.start_node(app=app, name=tag, concurrency=a.concurrency, pool=a.pool)
+            if split:
+                # The pumps in a node of their own: it consumes only the control queue.
+                pump = r.start_node(app=app, name=f"{tag}_pump", concurrency=1, pool="threads",
+                                    extra_args=["--exclude-queues", r.queue])  # fmt: skip
+                meter.workers.append(pump)
+            env = {**r.env, "SNOWPIPE_PUMP_ENABLED": "false"} if split else None
+            node = r.start_node(app=app, name=tag, concurrency=a.concurrency, pool=a.pool, env=env)
             meter.workers.append(node)
             t_ready = time.time()
-            cpu_ready = group_cpu(node.pid)
+            pids = [w.pid for w in meter.workers]
+            cpu_ready = sum(group_cpu(pid) for pid in pids)
             if profile:
                 exe = find_pyspy()
                 if exe is None:
-                    raise RuntimeError("py-spy not found (.venv/bin/pip install py-spy)")
-                spy = PySpy(exe, node.pid, b.profile_dir / f"{phase}.pyspy.txt")
+                    raise RuntimeError(
+                        "py-spy not found on PATH or next to this Python: "
+                        f"{Path(sys.executable).parent}/pip install py-spy"
+                    )
+                spies = [PySpy(exe, w.pid, b.profile_dir / f"{phase}-{w.name}.pyspy.txt", w.name)
+                         for w in meter.workers]  # fmt: skip
             complete = wait_for(lambda: sampler.latest() >= target, a.drain_timeout + delay)
-            cpu_end = group_cpu(node.pid)
+            cpus_end = {w.name: group_cpu(w.pid) for w in meter.workers}
+            cpu_end = sum(cpus_end.values())
             t_seen = time.time()
             meter.stop()
-            if spy is not None:
+            for spy in spies:
                 spy.stop()
             if noop:
                 time.sleep(1.0)  # a task run twice would show as a count above n
@@ -1032,7 +1084,9 @@ def run_drain(
         ),
         "mean_batches_per_s": round(done_rows / rows / drain_s, 1),
         "mean_mb_per_s": round(mb / drain_s, 2),
+        "nodes": [w.name for w in meter.workers],
         "worker_cpu_s": round(cpu_end, 2),
+        "worker_cpu_s_per_node": {k: round(v, 2) for k, v in cpus_end.items()},
         "worker_cpu_at_ready_s": round(cpu_ready, 2),
         "worker_cpu_per_batch_ms": rnd(1000 * cpu_end / max(1, done_rows / rows), 3),
         "worker_cpu_per_batch_after_ready_ms": rnd(
@@ -1061,6 +1115,9 @@ def run_drain(
         f"({res['worker_cpu_at_ready_s']} s of it starting up) = "
         f"{res['worker_cpu_per_batch_ms']} ms per batch, {res['worker_cpu_per_mb_ms']} ms per MB"
     )
+    if len(cpus_end) > 1:
+        print(f"  worker CPU per node: {res['worker_cpu_s_per_node']} s (pump node: consumes no "
+              "ingest queue; consumer node: SNOWPIPE_PUMP_ENABLED=false)")  # fmt: skip
     if not noop:
         print(
             f"  emulator: {res['appends']:,} appends on {res['open_channels']} channels, "
@@ -1072,12 +1129,17 @@ def run_drain(
         b.failures.append(f"{phase}: not exactly once")
     elif not complete:
         b.failures.append(f"{phase}: timed out")
-    if spy is not None:
+    for spy in spies:
         samples, top = spy.top(20)
-        res["profile"] = {"file": str(spy.out), "samples": samples,
-                          "top_own": [list(t) for t in top]}  # fmt: skip
-        print(f"  py-spy ({samples} samples holding the GIL, 100 Hz) -> {spy.out}")
-        print(f"  {'own %':>6} {'total %':>7}  function (file)")
+        res.setdefault("profile", []).append(
+            {"file": str(spy.out), "samples": samples, "top_own": [list(t) for t in top]}
+        )
+        print(
+            f"  py-spy of node {spy.label}: "
+            f"{samples} samples holding the GIL (100 Hz, over {t_seen - t_start:.1f} s) -> "
+            f"{spy.out}\n  top {len(top)} by own time (% of the samples; hottest line):"
+        )
+        print(f"  {'own %':>6} {'total %':>7}  function (file:line)")
         for f, own, incl in top:
             print(f"  {100 * own / max(1, samples):6.1f} {100 * incl / max(1, samples):7.1f}  {f}")
     res["_meter"] = meter
@@ -1208,6 +1270,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "top functions by own time (py-spy on PATH or in .venv/bin)")  # fmt: skip
     p.add_argument("--profile-dir", help="where the py-spy file goes (default: the work dir, "
                    "deleted at the end unless --keep-logs)")  # fmt: skip
+    p.add_argument("--pump-process", action="store_true",
+                   help="drain phases of the worker with two nodes: one consuming with "
+                   "SNOWPIPE_PUMP_ENABLED=false, one running the pumps and consuming no ingest "
+                   "queue (CPU is the sum of both process trees)")  # fmt: skip
     p.add_argument("--drain-batches", type=int, help="batches of 100 rows per drain phase")
     p.add_argument("--drain-1000-batches", type=int, help="batches of 1000 rows (drain-1000)")
     p.add_argument("--drain-timeout", type=float, help="longest drain of one phase (s)")
