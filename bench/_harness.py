@@ -208,6 +208,13 @@ def saturation(percents: dict[str, float], cores: int) -> str:
     for k, v in percents.items():
         if v >= 85 and k not in ("worker_children", "others"):
             verdict.append(f"{k} ({v:.0f}% ~ one core)")
+    others = percents.get("others", 0.0)
+    if not verdict and others >= 50 and total >= 0.75 * 100 * cores:
+        # Other users of the shared cores took a large share: the bench's processes were short
+        # of CPU without any one of them reaching a core.
+        verdict.append(
+            f"the machine, shared ({total:.0f}% of {100 * cores}%, others {others:.0f}%)"
+        )
     what = (
         ", ".join(verdict)
         if verdict
