@@ -31,9 +31,10 @@ drain-*   The queue is filled first (every batch published with the `Publisher`,
           100-row batch / no-op's <= 1.25; steady rate at 6 s / at 1 s >= 0.95; 1000-row batches
           >= 40 MB/s; <= 25 ms worker CPU per MB; exactly once in every phase (worker: read back
           from the emulator; no-op: task runs == messages, 1 s after the last).
-          --profile: drain-6s once more (not counted in the goals) with `py-spy record --gil
-          --subprocesses --nonblocking` on the node(s): a collapsed-stack file (speedscope.app or
-          flamegraph.pl) and the top 20 functions by own time. py-spy is looked for on PATH and
+          --profile [drain-6s,drain-1000]: drain-6s (or the phases named) once more, not
+          counted in the goals, with `py-spy record --gil --subprocesses --nonblocking` on the
+          node(s): a collapsed-stack file (speedscope.app or flamegraph.pl) and the top 20
+          functions by own time, with each one's hottest line. py-spy is looked for on PATH and
           next to this Python (install: .venv/bin/pip install py-spy).
           --pump-process: the worker phases run two nodes: one consuming with
           SNOWPIPE_PUMP_ENABLED=false and one running the pumps that consumes no ingest queue
@@ -1244,13 +1245,11 @@ def run_drains(b: Bench) -> None:
     b.results["drain"] = out
     for name in b.drain_phases:
         out[name] = b.phase(name, lambda name=name: run_drain(b, name, **specs[name]))
-    if a.profile:
-        r = b.phase(
-            "drain-6s-profiled",
-            lambda: run_drain(b, "drain-6s-profiled", profile=True, **specs["drain-6s"]),
-        )
+    for name in a.profile:
+        tag = f"{name}-profiled"
+        r = b.phase(tag, lambda tag=tag, name=name: run_drain(b, tag, profile=True, **specs[name]))
         if r is not None:
-            b.results["drain_profile"] = r
+            b.results.setdefault("drain_profile", {})[name] = r
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -1265,9 +1264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=64, help="threads (processes) per worker")
     p.add_argument("--pool", choices=("threads", "prefork"), default="threads",
                    help="pool of the drain phases' nodes (no-op and worker alike)")  # fmt: skip
-    p.add_argument("--profile", action="store_true",
-                   help="also drain-6s once more under py-spy: a collapsed-stack file and the "
-                   "top functions by own time (py-spy on PATH or in .venv/bin)")  # fmt: skip
+    p.add_argument("--profile", nargs="?", const="drain-6s", default="",
+                   help="run drain-6s (or the drain phases named, comma-separated) once more "
+                   "under py-spy: a collapsed-stack file and the top functions by own time "
+                   "(py-spy on PATH or in .venv/bin)")  # fmt: skip
     p.add_argument("--profile-dir", help="where the py-spy file goes (default: the work dir, "
                    "deleted at the end unless --keep-logs)")  # fmt: skip
     p.add_argument("--pump-process", action="store_true",
@@ -1320,6 +1320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--only: unknown phase(s) {unknown}; choose from {PHASES}")
     args.node_counts = [int(x) for x in str(args.nodes).split(",") if x.strip()]
+    args.profile = [x.strip() for x in args.profile.split(",") if x.strip()]
+    if any(x not in DRAIN_PHASES or x == "drain-noop" for x in args.profile):
+        p.error(f"--profile: choose from {DRAIN_PHASES[1:]}")
     return args
 
 
@@ -1373,7 +1376,7 @@ def main(argv: list[str] | None = None) -> int:
     if b.drain_phases:
         print_drain_table(b, drain_goals(b))
     for r in [*(b.results.get("ours") or []), *(b.results.get("drain") or {}).values(),
-              b.results.get("drain_profile")]:  # fmt: skip
+              *(b.results.get("drain_profile") or {}).values()]:  # fmt: skip
         if r:
             r.pop("_meter", None)
     figures = {
