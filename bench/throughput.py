@@ -1334,8 +1334,9 @@ def main(argv: list[str] | None = None) -> int:
     import worker
 
     print(
-        f"bench/throughput.py: {os.cpu_count()} cores, {args.broker} broker, threads x "
-        f"{args.concurrency}, {args.rows} rows per batch, phases {','.join(args.only)}"
+        f"bench/throughput.py: {os.cpu_count()} cores, {args.broker} broker, "
+        f"{args.pool if b.drain_phases else 'threads'} x {args.concurrency}, {args.rows} rows "
+        f"per batch, phases {','.join(args.only)}"
         f"{' (quick)' if args.quick else ''}; worker code from {Path(worker.__file__).parent}"
     )
 
