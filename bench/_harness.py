@@ -503,6 +503,11 @@ class CountSampler:
         """Wall-clock time of the first sample at or above `count`."""
         return next((t for t, n in self.samples if n >= count), None)
 
+    def window(self, total: int, lo: float = 0.1, hi: float = 0.9) -> float | None:
+        """Seconds between the first samples at lo and at hi of `total` (None if not reached)."""
+        a, z = self.reached(lo * total), self.reached(hi * total)
+        return None if a is None or z is None else z - a
+
     def steady_rate(self, total: int, lo: float = 0.1, hi: float = 0.9) -> float | None:
         """Count/s between the first samples at lo and at hi of `total` (the expected final count;
         None when hi was not reached)."""
