@@ -10,6 +10,7 @@ waits are bounded by the spacing of a test (at most 50 ms).
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from worker.delivery.log import (
     StateNotReplicatedError,
     StoreChanged,
 )
-from worker.delivery.offsets import recent_latency
+from worker.delivery.offsets import EXPECT_SHARE, recent_latency
 from worker.delivery.poller import CommitPoller
 from worker.delivery.pump import ChannelPump, OpenRefused, PumpConfig, RequestRefused
 from worker.snowpipe.errors import error_from_response
@@ -463,10 +464,12 @@ class Waiting:
     """What the poller sees of a pump."""
 
     def __init__(
-        self, ref: ChannelRef, *, committed: int = 0, wants: bool = True, expected_in: float = 0.0
-    ) -> None:
+        self, ref: ChannelRef, *, committed: int = 0, wants: bool = True, expected_in: float = 0.0,
+        latency: float = 0.0,
+    ) -> None:  # fmt: skip
         self.ref, self.committed, self.wants, self.epoch = ref, committed, wants, 7
         self.expected_in = expected_in
+        self.latency = latency
         self.got: list[tuple[Status, int]] = []
 
     def wants_status(self) -> bool:
@@ -474,6 +477,9 @@ class Waiting:
 
     def commit_expected_in(self) -> float:
         return self.expected_in
+
+    def commit_latency(self) -> float:
+        return self.latency
 
     def on_status(self, status: Status, epoch: int) -> None:
         self.got.append((status, epoch))
@@ -545,6 +551,28 @@ def test_an_unscheduled_poll_asks_at_once_and_a_failed_poll_is_only_logged(
     assert len(pumps[0].got) == 2
 
 
+def test_a_pipe_with_a_long_commit_latency_is_polled_by_a_tenth_of_it(clock: FakeClock) -> None:
+    """At a 6 s latency a pipe is polled every 0.6 s while commits advance (at 1 s, as without
+    a latency: every 1/8 s); while they do not, at most every second either way."""
+    for latency, moving, idle in ((6.0, 0.625, 1.0), (1.0, 0.125, 1.0)):
+        pumps, bulk = [Waiting(A, committed=5, latency=latency)], Bulk()
+        p = poller(pumps, bulk, clock)
+        polled_at = []
+        start = clock()
+        for _ in range(80):  # 10 s in steps of 1/8 s; a commit at every poll of the first 2 s
+            before = len(bulk.calls)
+            p.poll_once(scheduled=True)
+            if len(bulk.calls) > before:
+                polled_at.append(clock() - start)
+                pumps[0].committed = int(bulk.committed.get("snowpipe_0") or 5)  # confirmed
+                if clock() - start < 2.0:
+                    bulk.committed["snowpipe_0"] = str(pumps[0].committed + 1)
+            clock.advance(0.125)
+        gaps = [b - a for a, b in itertools.pairwise(polled_at)]
+        assert min(gaps) == pytest.approx(moving), latency
+        assert max(gaps) == pytest.approx(idle), latency
+
+
 def test_a_pipe_whose_channels_expect_no_commit_yet_is_not_polled(clock: FakeClock) -> None:
     early = [Waiting(A, expected_in=2.0), Waiting(B, expected_in=3.0)]
     due = [Waiting(C)]
@@ -573,17 +601,17 @@ def test_a_pump_expects_its_next_commit_after_most_of_the_latency_it_has_seen(ri
     assert rig.send()
     assert rig.pump.commit_expected_in() == 0.0  # no latency seen yet: any moment
     rig.clock.advance(6.0)
-    rig.pump.on_commit(rig.snowflake.commit(one.last))  # 6 s: the estimate rises to 0.6 s
+    rig.pump.on_commit(rig.snowflake.commit(one.last))  # 6 s: the first latency, as seen
     two = rig.batch("b2", 2)
     assert rig.send(later=0.0)
-    assert rig.pump.commit_expected_in() == pytest.approx(0.7 * 0.6)
-    rig.clock.advance(1.0)
+    assert rig.pump.commit_expected_in() == pytest.approx(EXPECT_SHARE * 6.0)
+    rig.clock.advance(EXPECT_SHARE * 6.0)
     assert rig.pump.commit_expected_in() == 0.0  # due: the poller asks
     rig.pump.on_commit(rig.snowflake.commit(two.last))
     assert rig.pump.commit_expected_in() == 0.0  # nothing in flight
 
 
 def test_the_recent_latency_falls_at_once_and_rises_by_a_tenth() -> None:
-    assert recent_latency(0.0, 6.0) == pytest.approx(0.6)
+    assert recent_latency(0.0, 6.0) == 6.0  # the first is taken as seen
     assert recent_latency(6.0, 5.0) == 5.0
     assert recent_latency(5.0, 15.0) == pytest.approx(6.0)
