@@ -615,3 +615,54 @@ def test_the_recent_latency_falls_at_once_and_rises_by_a_tenth() -> None:
     assert recent_latency(0.0, 6.0) == 6.0  # the first is taken as seen
     assert recent_latency(6.0, 5.0) == 5.0
     assert recent_latency(5.0, 15.0) == pytest.approx(6.0)
+
+
+# --- Round trips (issue 18) -------------------------------------------------------------------
+
+
+def test_a_pump_reads_the_log_only_when_it_builds_a_request(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No read before a rate wait (nothing to decide yet); the one before a request tops the
+    buffer up with what was logged meanwhile."""
+    rig.pump._config = config(requests_per_second=1.0)
+    rig.pump._open()
+    rig.batch("b1", 1)
+    assert rig.send()  # the first request
+    rig.batch("b2", 2)
+    rig.pump._wait_for_work()  # b2 read into the buffer
+    rig.batch("b3", 3)
+    reads: list[int] = []
+    real_read = rig.log.read
+    monkeypatch.setattr(rig.log, "read", lambda *a: reads.append(1) or real_read(*a))
+    monkeypatch.setattr(rig.pump._wake, "wait", lambda timeout=None: True)
+    assert rig.pump._send_some()  # held back by the rate: waits, reads nothing
+    assert reads == [] and len(rig.snowflake.appends) == 1
+    rig.clock.advance(1.0)
+    assert rig.pump._send_some()  # due: one read, and b2 and b3 go out together
+    assert reads == [1]
+    assert rig.snowflake.appends[-1][3] == 2
+
+
+def test_a_pump_waiting_for_a_commit_blocks_until_it_is_expected(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks: list[int] = []
+    monkeypatch.setattr(rig.log, "wait", lambda _r, _a, _c, block: blocks.append(block) or [])
+    rig.pump._open()
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.IDLE_BLOCK_MS  # nothing in flight: idle
+    rig.batch("b1", 1)
+    rig.pump._extend(rig.log.read(A, 0, 10))
+    assert rig.pump._send_some()  # in flight now
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.WAIT_BLOCK_MS  # no latency seen yet: a commit any moment
+    rig.pump.offsets.latency = 6.0  # commits take 6 s here: not expected for 5.4 s
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.IDLE_BLOCK_MS
+    rig.clock.advance(5.0)  # expected in 0.4 s
+    rig.pump._wait_for_work()
+    assert blocks[-1] == 400
+    rig.clock.advance(1.0)  # due
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.WAIT_BLOCK_MS
