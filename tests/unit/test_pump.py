@@ -232,9 +232,9 @@ def test_the_first_batch_lingers_for_others_to_join_its_request(make_rig: Any) -
     rig.pump._open()
     rig.pump._wait_for_work()
     rig.batch("b2", 2)
-    assert rig.send(later=0.0)  # still lingering: takes b2 into the buffer, sends nothing
+    assert rig.send(later=0.0)  # still lingering: sends nothing
     assert rig.snowflake.appends == []
-    assert rig.send(later=0.05)
+    assert rig.send(later=0.05)  # b2 joined meanwhile: read once, one request for both
     assert [a[3] for a in rig.snowflake.appends] == [2]
 
 
@@ -666,3 +666,24 @@ def test_a_pump_waiting_for_a_commit_blocks_until_it_is_expected(
     rig.clock.advance(1.0)  # due
     rig.pump._wait_for_work()
     assert blocks[-1] == pump_module.WAIT_BLOCK_MS
+
+
+def test_a_lingering_pump_reads_the_log_once_for_its_request(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig: Rig = make_rig(linger_seconds=1.0)
+    rig.pump._open()
+    rig.batch("b1", 1)
+    rig.pump._wait_for_work()  # b1 starts a request: it lingers
+    calls: list[str] = []
+    real_read, real_wait = rig.log.read, rig.log.wait
+    monkeypatch.setattr(rig.log, "read", lambda *a: calls.append("read") or real_read(*a))
+    monkeypatch.setattr(rig.log, "wait", lambda *a: calls.append("wait") or real_wait(*a))
+    monkeypatch.setattr(rig.pump._wake, "wait", lambda timeout=None: True)
+    for i in range(2, 6):  # four more batches join while it lingers
+        rig.batch(f"b{i}", i)
+        assert rig.send(later=0.2)
+    assert rig.snowflake.appends == [] and calls == []
+    assert rig.send(later=0.2)  # the linger is over: one read, one request of five
+    assert calls == ["read"]
+    assert [a[3] for a in rig.snowflake.appends] == [5]

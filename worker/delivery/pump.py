@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 # How long a pump blocks on the log waiting for entries before it looks at statuses again
-# (while commits are awaited), and when its channel is idle.
+# while a commit is due, and when its channel is idle or no commit is expected yet.
 WAIT_BLOCK_MS = 200
 IDLE_BLOCK_MS = 1000
 # Refused errors that are the batch's fault (anything else is retried after a reopen).
@@ -465,8 +465,8 @@ class ChannelPump:
         """Append the next request if there is one and the rate allows; whether one was sent.
 
         The buffer is topped up from the log only right before a request is built: while the
-        rate holds the request back there is nothing to decide, and a linger reads (and waits)
-        itself, so a read before either would be a round trip for nothing."""
+        rate or the linger holds the request back there is nothing to decide, so a read before
+        either would be a round trip for nothing."""
         offsets = self.offsets
         if not offsets.buffer:
             return False
@@ -479,10 +479,13 @@ class ChannelPump:
             now, self._config.linger_seconds, self._config.coalesce_max_bytes
         ):
             # Let a few more batches join this request (Snowflake commits every few seconds
-            # anyway; one request per batch would cost a request's CPU per batch). The wait
-            # returns at once when entries are already there (a backlog ends the linger).
-            wait_ms = max(1, int((offsets.buffered_at + self._config.linger_seconds - now) * 1000))
-            self._extend(self._log.wait(self.ref, offsets.read_upto, READ_COUNT, wait_ms))
+            # anyway; one request per batch would cost a request's CPU per batch). The pump
+            # sleeps out the linger and reads what joined once, when it builds the request: a
+            # read per batch that joins would cost a round trip each. A backlog already in the
+            # buffer (READ_COUNT entries, or the coalesce cap) never lingers; a status or a stop
+            # wakes the pump.
+            self._wake.clear()
+            self._wake.wait(offsets.buffered_at + self._config.linger_seconds - now)
             return True
         self._fill()
         entries = offsets.next_request(self._config.coalesce_max_bytes)
