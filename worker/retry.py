@@ -15,9 +15,11 @@ once. Numbers (defaults from the spec, knobs in `worker/settings.py`):
   successful call refills `retry_budget_refill_per_success`; when it is empty the call fails fast,
   so a failure storm cannot multiply the load on Snowflake.
 
-Tenacity does the looping. The policy holds one `Retrying` template and runs each call on a fresh
-`copy()` with per-call stop/wait hooks: a shared tenacity object keeps per-call state and corrupts
-it across threads.
+Tenacity does the looping. The policy holds one `Retrying` template and runs each retried call on
+a fresh `copy()` with per-call stop/wait hooks: a shared tenacity object keeps per-call state and
+corrupts it across threads. The first attempt runs directly (the hot path: most calls succeed at
+once and then cost no tenacity objects); a failure the policy retries enters tenacity's loop as its
+first attempt, so attempts, budget, deadline, Retry-After and events are as if tenacity had run it.
 
 Exactly one retry layer: a `call()` made while another `call()` is running on the same thread (a
 token fetch inside an append's attempt) runs its function once; the outer call owns the retries.
@@ -341,9 +343,34 @@ class RetryPolicy:
         outer = getattr(_nesting, "depth", 0)
         if outer and not own_layer:
             return fn()
+        started = self._clock()
+        _nesting.depth = outer + 1
+        try:
+            # The fast path: the first attempt runs directly. Only a failure the policy retries
+            # builds tenacity's loop, whose first attempt replays it (attempt 1 of `attempts`).
+            first: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as exc:
+                if not is_retryable(exc):
+                    raise  # what tenacity does with an error `_should_retry` refuses
+                first = exc
+            if first is not None:  # outside the except: later errors do not chain onto it
+                result = self._retry(fn, first, op, started, deadline)
+        finally:
+            _nesting.depth = outer
+        if self.budget is not None:
+            self.budget.record_success()
+        return result
+
+    def _retry(
+        self, fn: Callable[[], T], first: BaseException, op: str, started: float,
+        deadline: float | None,
+    ) -> T:  # fmt: skip
+        """Tenacity's loop over `fn`, whose first attempt already failed with `first`."""
         state = _CallState(
             op=op,
-            started=self._clock(),
+            started=started,
             deadline=self.deadline if deadline is None else deadline,
         )
         retrying = self._template.copy(
@@ -351,18 +378,21 @@ class RetryPolicy:
             stop=lambda rs: self._stop(rs, state),
             before_sleep=lambda rs: self._scheduled(rs, state),
         )
-        _nesting.depth = outer + 1
+        replayed = False
+
+        def attempt() -> T:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                raise first
+            return fn()
+
         try:
-            result = retrying(fn)
+            return retrying(attempt)
         except BaseException as exc:
             if state.reason is not None:
                 self._exhausted(exc, state)
             raise
-        finally:
-            _nesting.depth = outer
-        if self.budget is not None:
-            self.budget.record_success()
-        return result
 
     # -- tenacity hooks (each call has its own _CallState) ---------------------------------------
 

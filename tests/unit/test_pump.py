@@ -10,6 +10,7 @@ waits are bounded by the spacing of a test (at most 50 ms).
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from worker.delivery.log import (
     StateNotReplicatedError,
     StoreChanged,
 )
-from worker.delivery.offsets import recent_latency
+from worker.delivery.offsets import EXPECT_SHARE, recent_latency
 from worker.delivery.poller import CommitPoller
 from worker.delivery.pump import ChannelPump, OpenRefused, PumpConfig, RequestRefused
 from worker.snowpipe.errors import error_from_response
@@ -231,9 +232,9 @@ def test_the_first_batch_lingers_for_others_to_join_its_request(make_rig: Any) -
     rig.pump._open()
     rig.pump._wait_for_work()
     rig.batch("b2", 2)
-    assert rig.send(later=0.0)  # still lingering: takes b2 into the buffer, sends nothing
+    assert rig.send(later=0.0)  # still lingering: sends nothing
     assert rig.snowflake.appends == []
-    assert rig.send(later=0.05)
+    assert rig.send(later=0.05)  # b2 joined meanwhile: read once, one request for both
     assert [a[3] for a in rig.snowflake.appends] == [2]
 
 
@@ -463,10 +464,12 @@ class Waiting:
     """What the poller sees of a pump."""
 
     def __init__(
-        self, ref: ChannelRef, *, committed: int = 0, wants: bool = True, expected_in: float = 0.0
-    ) -> None:
+        self, ref: ChannelRef, *, committed: int = 0, wants: bool = True, expected_in: float = 0.0,
+        latency: float = 0.0,
+    ) -> None:  # fmt: skip
         self.ref, self.committed, self.wants, self.epoch = ref, committed, wants, 7
         self.expected_in = expected_in
+        self.latency = latency
         self.got: list[tuple[Status, int]] = []
 
     def wants_status(self) -> bool:
@@ -474,6 +477,9 @@ class Waiting:
 
     def commit_expected_in(self) -> float:
         return self.expected_in
+
+    def commit_latency(self) -> float:
+        return self.latency
 
     def on_status(self, status: Status, epoch: int) -> None:
         self.got.append((status, epoch))
@@ -545,6 +551,28 @@ def test_an_unscheduled_poll_asks_at_once_and_a_failed_poll_is_only_logged(
     assert len(pumps[0].got) == 2
 
 
+def test_a_pipe_with_a_long_commit_latency_is_polled_by_a_tenth_of_it(clock: FakeClock) -> None:
+    """At a 6 s latency a pipe is polled every 0.6 s while commits advance (at 1 s, as without
+    a latency: every 1/8 s); while they do not, at most every second either way."""
+    for latency, moving, idle in ((6.0, 0.625, 1.0), (1.0, 0.125, 1.0)):
+        pumps, bulk = [Waiting(A, committed=5, latency=latency)], Bulk()
+        p = poller(pumps, bulk, clock)
+        polled_at = []
+        start = clock()
+        for _ in range(80):  # 10 s in steps of 1/8 s; a commit at every poll of the first 2 s
+            before = len(bulk.calls)
+            p.poll_once(scheduled=True)
+            if len(bulk.calls) > before:
+                polled_at.append(clock() - start)
+                pumps[0].committed = int(bulk.committed.get("snowpipe_0") or 5)  # confirmed
+                if clock() - start < 2.0:
+                    bulk.committed["snowpipe_0"] = str(pumps[0].committed + 1)
+            clock.advance(0.125)
+        gaps = [b - a for a, b in itertools.pairwise(polled_at)]
+        assert min(gaps) == pytest.approx(moving), latency
+        assert max(gaps) == pytest.approx(idle), latency
+
+
 def test_a_pipe_whose_channels_expect_no_commit_yet_is_not_polled(clock: FakeClock) -> None:
     early = [Waiting(A, expected_in=2.0), Waiting(B, expected_in=3.0)]
     due = [Waiting(C)]
@@ -573,17 +601,89 @@ def test_a_pump_expects_its_next_commit_after_most_of_the_latency_it_has_seen(ri
     assert rig.send()
     assert rig.pump.commit_expected_in() == 0.0  # no latency seen yet: any moment
     rig.clock.advance(6.0)
-    rig.pump.on_commit(rig.snowflake.commit(one.last))  # 6 s: the estimate rises to 0.6 s
+    rig.pump.on_commit(rig.snowflake.commit(one.last))  # 6 s: the first latency, as seen
     two = rig.batch("b2", 2)
     assert rig.send(later=0.0)
-    assert rig.pump.commit_expected_in() == pytest.approx(0.7 * 0.6)
-    rig.clock.advance(1.0)
+    assert rig.pump.commit_expected_in() == pytest.approx(EXPECT_SHARE * 6.0)
+    rig.clock.advance(EXPECT_SHARE * 6.0)
     assert rig.pump.commit_expected_in() == 0.0  # due: the poller asks
     rig.pump.on_commit(rig.snowflake.commit(two.last))
     assert rig.pump.commit_expected_in() == 0.0  # nothing in flight
 
 
 def test_the_recent_latency_falls_at_once_and_rises_by_a_tenth() -> None:
-    assert recent_latency(0.0, 6.0) == pytest.approx(0.6)
+    assert recent_latency(0.0, 6.0) == 6.0  # the first is taken as seen
     assert recent_latency(6.0, 5.0) == 5.0
     assert recent_latency(5.0, 15.0) == pytest.approx(6.0)
+
+
+# --- Round trips (issue 18) -------------------------------------------------------------------
+
+
+def test_a_pump_reads_the_log_only_when_it_builds_a_request(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No read before a rate wait (nothing to decide yet); the one before a request tops the
+    buffer up with what was logged meanwhile."""
+    rig.pump._config = config(requests_per_second=1.0)
+    rig.pump._open()
+    rig.batch("b1", 1)
+    assert rig.send()  # the first request
+    rig.batch("b2", 2)
+    rig.pump._wait_for_work()  # b2 read into the buffer
+    rig.batch("b3", 3)
+    reads: list[int] = []
+    real_read = rig.log.read
+    monkeypatch.setattr(rig.log, "read", lambda *a: reads.append(1) or real_read(*a))
+    monkeypatch.setattr(rig.pump._wake, "wait", lambda timeout=None: True)
+    assert rig.pump._send_some()  # held back by the rate: waits, reads nothing
+    assert reads == [] and len(rig.snowflake.appends) == 1
+    rig.clock.advance(1.0)
+    assert rig.pump._send_some()  # due: one read, and b2 and b3 go out together
+    assert reads == [1]
+    assert rig.snowflake.appends[-1][3] == 2
+
+
+def test_a_pump_waiting_for_a_commit_blocks_until_it_is_expected(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks: list[int] = []
+    monkeypatch.setattr(rig.log, "wait", lambda _r, _a, _c, block: blocks.append(block) or [])
+    rig.pump._open()
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.IDLE_BLOCK_MS  # nothing in flight: idle
+    rig.batch("b1", 1)
+    rig.pump._extend(rig.log.read(A, 0, 10))
+    assert rig.pump._send_some()  # in flight now
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.WAIT_BLOCK_MS  # no latency seen yet: a commit any moment
+    rig.pump.offsets.latency = 6.0  # commits take 6 s here: not expected for 5.4 s
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.IDLE_BLOCK_MS
+    rig.clock.advance(5.0)  # expected in 0.4 s
+    rig.pump._wait_for_work()
+    assert blocks[-1] == 400
+    rig.clock.advance(1.0)  # due
+    rig.pump._wait_for_work()
+    assert blocks[-1] == pump_module.WAIT_BLOCK_MS
+
+
+def test_a_lingering_pump_reads_the_log_once_for_its_request(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig: Rig = make_rig(linger_seconds=1.0)
+    rig.pump._open()
+    rig.batch("b1", 1)
+    rig.pump._wait_for_work()  # b1 starts a request: it lingers
+    calls: list[str] = []
+    real_read, real_wait = rig.log.read, rig.log.wait
+    monkeypatch.setattr(rig.log, "read", lambda *a: calls.append("read") or real_read(*a))
+    monkeypatch.setattr(rig.log, "wait", lambda *a: calls.append("wait") or real_wait(*a))
+    monkeypatch.setattr(rig.pump._wake, "wait", lambda timeout=None: True)
+    for i in range(2, 6):  # four more batches join while it lingers
+        rig.batch(f"b{i}", i)
+        assert rig.send(later=0.2)
+    assert rig.snowflake.appends == [] and calls == []
+    assert rig.send(later=0.2)  # the linger is over: one read, one request of five
+    assert calls == ["read"]
+    assert [a[3] for a in rig.snowflake.appends] == [5]

@@ -385,3 +385,136 @@ def test_retries_and_give_ups_are_counted_in_metrics(fake: FakeClock) -> None:
         policy(fake).call(fn, op="metrics-op")
     assert value(RETRIES, op="metrics-op", error_type="ServerError") - before == 3
     assert value(RETRIES_EXHAUSTED, op="metrics-op", reason="attempts") - exhausted == 1
+
+
+# --- the fast path (issue 18): identical to tenacity's loop from the first attempt -------------
+
+
+class _TenacityFromTheStart(RetryPolicy):
+    """The policy as it was before the fast path: every call runs in a tenacity copy."""
+
+    def call(
+        self, fn: Any, *, op: str, deadline: float | None = None, own_layer: bool = False
+    ) -> Any:
+        from worker.retry import _CallState
+
+        state = _CallState(
+            op=op, started=self._clock(), deadline=self.deadline if deadline is None else deadline
+        )
+        retrying = self._template.copy(
+            wait=lambda rs: self._wait(rs, state),
+            stop=lambda rs: self._stop(rs, state),
+            before_sleep=lambda rs: self._scheduled(rs, state),
+        )
+        try:
+            result = retrying(fn)
+        except BaseException as exc:
+            if state.reason is not None:
+                self._exhausted(exc, state)
+            raise
+        if self.budget is not None:
+            self.budget.record_success()
+        return result
+
+
+def _scenario_errors(kind: str) -> list[BaseException | None]:
+    """A sequence of outcomes per attempt (None: success)."""
+    throttled = lambda s: e.RateLimitedError("slow down", retry_after=s)  # noqa: E731
+    return {
+        "ok": [None],
+        "one_503": [status_error(503), None],
+        "three_503": [status_error(503)] * 3 + [None],
+        "always_503": [status_error(503)] * 9,
+        "permanent": [status_error(400)],
+        "503_then_permanent": [status_error(503), status_error(400)],
+        "retry_after": [throttled(2.0), None],
+        "retry_after_far": [throttled(100.0), None],
+        "transport": [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), None],
+        "keyerror": [KeyError("bug")],
+    }[kind]
+
+
+def _run(policy_cls: type[RetryPolicy], kind: str, attempts: int, deadline: float,
+         capacity: float, rng: float) -> dict[str, Any]:  # fmt: skip
+    fake = FakeClock(1000.0)
+    budget = RetryBudget(capacity, cost=1.0, refill=0.5)
+    budget._tokens = capacity - 1.5  # not full: successes refill it
+    p = policy_cls(sleep=fake.sleep, clock=fake, rng=lambda: rng, attempts=attempts,
+                   deadline=deadline, budget=budget)  # fmt: skip
+    outcomes = iter(_scenario_errors(kind))
+    calls = [0]
+
+    def fn() -> str:
+        calls[0] += 1
+        fake.advance(0.7)  # attempts take time: the deadline counts it
+        err = next(outcomes, None)
+        if err is not None:
+            raise err
+        return "ok"
+
+    out: dict[str, Any] = {}
+    with capture_logs() as logs:
+        try:
+            out["result"] = p.call(fn, op="op")
+        except BaseException as exc:
+            out["raised"] = (type(exc).__name__, str(exc), list(getattr(exc, "__notes__", [])))
+    out.update(calls=calls[0], sleeps=fake.sleeps, now=fake.now, tokens=budget.tokens,
+               logs=[dict(x) for x in logs])  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["ok", "one_503", "three_503", "always_503", "permanent", "503_then_permanent",
+     "retry_after", "retry_after_far", "transport", "keyerror"],
+)  # fmt: skip
+@pytest.mark.parametrize(("attempts", "deadline", "capacity"),
+                         [(4, 30.0, 100.0), (1, 30.0, 100.0), (6, 3.0, 100.0), (5, 30.0, 2.0)])
+@pytest.mark.parametrize("rng", [0.0, 0.6, 1.0])
+def test_the_fast_path_behaves_as_tenacity_from_the_first_attempt(
+    kind: str, attempts: int, deadline: float, capacity: float, rng: float
+) -> None:
+    """Attempts (the first counted), sleeps, deadline, Retry-After, budget, the error raised and
+    its note, and every event: the same as running every call in tenacity's loop."""
+    assert _run(RetryPolicy, kind, attempts, deadline, capacity, rng) == _run(
+        _TenacityFromTheStart, kind, attempts, deadline, capacity, rng
+    )
+
+
+def test_a_first_attempt_that_succeeds_builds_no_tenacity_objects(
+    fake: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tenacity
+
+    made: list[str] = []
+    real_copy, real_state = tenacity.Retrying.copy, tenacity.RetryCallState.__init__
+
+    def copy(self: Any, *a: Any, **kw: Any) -> Any:
+        made.append("Retrying")
+        return real_copy(self, *a, **kw)
+
+    def state(self: Any, *a: Any, **kw: Any) -> None:
+        made.append("RetryCallState")
+        real_state(self, *a, **kw)
+
+    monkeypatch.setattr(tenacity.Retrying, "copy", copy)
+    monkeypatch.setattr(tenacity.RetryCallState, "__init__", state)
+    p = policy(fake)
+    assert p.call(lambda: "ok", op="t") == "ok"
+    fn, _ = failing(status_error(400))
+    with pytest.raises(e.SnowpipeError):
+        p.call(fn, op="t")  # a permanent error: raised at once, no loop either
+    assert made == []
+    fn, calls = failing(status_error(503))
+    assert p.call(fn, op="t") == "ok"  # a retried failure enters tenacity's loop
+    assert calls[0] == 2
+    assert made.count("Retrying") == 1
+
+
+def test_a_retried_error_does_not_chain_onto_the_first_attempts(fake: FakeClock) -> None:
+    first, last = status_error(503), status_error(502)
+    fn, _ = failing(first, last, last, last)
+    with pytest.raises(e.ServerError) as info:
+        policy(fake).call(fn, op="t")
+    assert info.value is last
+    assert info.value.__context__ is None

@@ -13,7 +13,7 @@ what was sent and what was committed.
     inflight       requests accepted and not yet seen committed, in order
     isolate_until  entries up to this offset go one per request (finding a refused batch)
     refusal        a batch Snowflake refused, to dead-letter after the next settle
-    latency        the recent commit latency (falls at once, rises by a tenth)
+    latency        the recent commit latency (the first as seen; falls at once, rises by a tenth)
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ from worker.delivery.log import Entry
 # entries read ahead (a backlog goes out at once rather than lingering).
 READ_COUNT = 256
 # The poller waits for this share of a channel's recent commit latency after its oldest append
-# before polling for it (never longer than the cap).
-EXPECT_SHARE = 0.7
-EXPECT_MAX_SECONDS = 5.0
+# before polling for it (never longer than the cap). The latency is learnt from commits seen, so
+# it errs long by up to a poll interval and falls at once to a faster commit: 90 % then costs
+# about one poll per commit whether commits take 1 s or 6 s (70 % with a 5 s cap cost three or
+# four at 6 s, most of them too early).
+EXPECT_SHARE = 0.9
+EXPECT_MAX_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +59,12 @@ class Refusal:
 
 
 def recent_latency(recent: float, observed: float) -> float:
-    """The channel's recent commit latency after one more observation: it falls to a faster
-    commit at once and rises by a tenth of the way to a slower one (so polls start early rather
-    than late)."""
+    """The channel's recent commit latency after one more observation: the first is taken as
+    it is (`recent` 0: none yet), then it falls to a faster commit at once and rises by a tenth
+    of the way to a slower one (so polls start early rather than late). Rising from nothing by
+    tenths took some twenty commits to learn a 6 s latency, polling early all along."""
+    if recent <= 0.0:
+        return observed
     return observed if observed < recent else recent + (observed - recent) / 10
 
 

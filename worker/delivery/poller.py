@@ -18,8 +18,13 @@ if TYPE_CHECKING:
     from worker.snowpipe.client import ChannelStatus
 
 SUCCESS = "SUCCESS"
-# The longest a pipe waiting for a commit goes without a status poll.
+# The longest a pipe waiting for a commit goes without a status poll (unless its commits take
+# long enough that a tenth of their latency is longer).
 MAX_POLL_SECONDS = 1.0
+# A pipe is polled no more often than this share of the commit latency recently seen on it: a
+# commit seen a tenth of its latency late costs little, and at a 6 s latency the polls of one
+# pipe then confirm the commits of several of its channels at once instead of one each.
+LATENCY_POLL_SHARE = 0.1
 
 _log = get_logger("worker.delivery.poller")
 
@@ -48,6 +53,8 @@ class Polled(Protocol):
 
     def commit_expected_in(self) -> float: ...
 
+    def commit_latency(self) -> float: ...
+
     def on_status(self, status: ChannelStatus, epoch: int) -> None: ...
 
 
@@ -67,10 +74,12 @@ class CommitPoller:
 
     A pipe is polled every `poll_seconds` while its commits advance; while they do not (a
     commit takes Snowflake seconds), its interval doubles up to `max_poll_seconds`, so a commit
-    is seen at most that late and a pipe waiting for one costs a few polls, not dozens. Nor is a
-    pipe polled before the first of its waiting channels expects a commit
-    (`ChannelPump.commit_expected_in`: most of the commit latency recently seen there, after its
-    oldest append in flight).
+    is seen at most that late and a pipe waiting for one costs a few polls, not dozens. Both are
+    raised to a tenth of the commit latency recently seen on the pipe (the shortest of its
+    waiting channels', `ChannelPump.commit_latency`), so that a pipe whose commits take 6 s is
+    not polled more often per commit than one whose commits take 1 s. Nor is a pipe polled
+    before the first of its waiting channels expects a commit (`ChannelPump.commit_expected_in`:
+    most of the commit latency recently seen there, after its oldest append in flight).
     """
 
     def __init__(
@@ -121,8 +130,11 @@ class CommitPoller:
         for target, waiting in by_pipe.items():
             if scheduled and now < self._due.get(target, 0.0):
                 continue
+            latencies = [pump.commit_latency() for pump, _, _ in waiting]
+            known = [latency for latency in latencies if latency > 0.0]
+            base = max(self._poll, LATENCY_POLL_SHARE * min(known)) if known else self._poll
             if scheduled and min(pump.commit_expected_in() for pump, _, _ in waiting) > 0.0:
-                self._interval[target] = self._poll / 2  # poll briskly once a commit is due
+                self._interval[target] = base / 2  # poll briskly once a commit is due
                 continue
             names = [pump.ref.channel for pump, _, _ in waiting]
             try:
@@ -138,9 +150,9 @@ class CommitPoller:
                     moved = moved or status.channel_status_code != SUCCESS
                     pump.on_status(status, epoch)
             interval = (
-                self._poll
+                base
                 if moved
-                else min(self._max_poll, 2 * self._interval.get(target, self._poll / 2))
+                else min(max(self._max_poll, base), 2 * self._interval.get(target, base / 2))
             )
             self._interval[target] = interval
             self._due[target] = now + interval

@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 # How long a pump blocks on the log waiting for entries before it looks at statuses again
-# (while commits are awaited), and when its channel is idle.
+# while a commit is due, and when its channel is idle or no commit is expected yet.
 WAIT_BLOCK_MS = 200
 IDLE_BLOCK_MS = 1000
 # Refused errors that are the batch's fault (anything else is retried after a reopen).
@@ -249,6 +249,11 @@ class ChannelPump:
         """Seconds until the oldest append in flight is likely committed (0: any moment now),
         from the latencies seen on this channel; the poller does not poll for it before."""
         return self.offsets.expected_in(self._clock())
+
+    def commit_latency(self) -> float:
+        """The commit latency recently seen on this channel (0: none seen yet); the poller
+        spaces its polls by it."""
+        return self.offsets.latency
 
     def on_status(self, status: ChannelStatus, epoch: int) -> None:
         """A status the poller fetched for this channel during open epoch `epoch`."""
@@ -457,8 +462,11 @@ class ChannelPump:
         self.offsets.extend(entries, self._clock())
 
     def _send_some(self) -> bool:
-        """Append the next request if there is one and the rate allows; whether one was sent."""
-        self._fill()
+        """Append the next request if there is one and the rate allows; whether one was sent.
+
+        The buffer is topped up from the log only right before a request is built: while the
+        rate or the linger holds the request back there is nothing to decide, so a read before
+        either would be a round trip for nothing."""
         offsets = self.offsets
         if not offsets.buffer:
             return False
@@ -471,10 +479,15 @@ class ChannelPump:
             now, self._config.linger_seconds, self._config.coalesce_max_bytes
         ):
             # Let a few more batches join this request (Snowflake commits every few seconds
-            # anyway; one request per batch would cost a request's CPU per batch).
-            wait_ms = max(1, int((offsets.buffered_at + self._config.linger_seconds - now) * 1000))
-            self._extend(self._log.wait(self.ref, offsets.read_upto, READ_COUNT, wait_ms))
+            # anyway; one request per batch would cost a request's CPU per batch). The pump
+            # sleeps out the linger and reads what joined once, when it builds the request: a
+            # read per batch that joins would cost a round trip each. A backlog already in the
+            # buffer (READ_COUNT entries, or the coalesce cap) never lingers; a status or a stop
+            # wakes the pump.
+            self._wake.clear()
+            self._wake.wait(offsets.buffered_at + self._config.linger_seconds - now)
             return True
+        self._fill()
         entries = offsets.next_request(self._config.coalesce_max_bytes)
         payload = self._encode(entries)
         while payload.wire_bytes > self._config.max_request_bytes and len(entries) > 1:
@@ -528,9 +541,14 @@ class ChannelPump:
         return encode_request(data, sum(e.rows for e in entries), self._config.compression)
 
     def _wait_for_work(self) -> None:
-        """Block on the log for new entries: briefly while commits are awaited (a status may
-        arrive meanwhile), longer when the channel is idle. One Redis call either way."""
-        block = WAIT_BLOCK_MS if self.offsets.waits_for_commit else IDLE_BLOCK_MS
+        """Block on the log for new entries: briefly while a commit is due (a status may arrive
+        meanwhile), longer when the channel is idle or its oldest append in flight is not
+        expected to commit yet (at a long commit latency a pump would otherwise wake five times
+        a second for nothing). One Redis call either way."""
+        block = IDLE_BLOCK_MS
+        if self.offsets.waits_for_commit:
+            expected_ms = int(self.offsets.expected_in(self._clock()) * 1000)
+            block = min(IDLE_BLOCK_MS, max(WAIT_BLOCK_MS, expected_ms))
         self._extend(self._log.wait(self.ref, self.offsets.read_upto, READ_COUNT, block))
 
     # --- Commits --------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ locks themselves.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -74,6 +76,9 @@ if TYPE_CHECKING:
 __all__ = ["ChannelStatus", "OffsetTokenForm", "OpenChannelResult", "SnowpipeClient"]
 
 log = get_logger("worker.snowpipe.client")
+# The stdlib logger under `log` (structlog's filter_by_level asks it too): a request's debug
+# event is built only when it would be written, not on every call of the hot path.
+_stdlib_log = logging.getLogger("worker.snowpipe.client")
 
 _OAUTH: Final = {TOKEN_TYPE_HEADER: "OAUTH"}
 _OAUTH_JSON: Final = {TOKEN_TYPE_HEADER: "OAUTH", "Content-Type": "application/json"}
@@ -84,6 +89,36 @@ def _seg(value: str, what: str) -> str:
         raise ValueError(f"{what} name is empty")
     # Every path segment encoded: default pipe names like "T-STREAMING" may carry quotes/spaces.
     return quote(value, safe="")
+
+
+# The paths of the hot endpoints, built once per channel (or pipe), not on every call.
+_PATHS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_PATHS_CACHED)
+def _channel_path(database: str, schema: str, pipe: str, channel: str) -> str:
+    return (
+        f"/v2/streaming/databases/{_seg(database, 'database')}"
+        f"/schemas/{_seg(schema, 'schema')}/pipes/{_seg(pipe, 'pipe')}"
+        f"/channels/{_seg(channel, 'channel')}"
+    )
+
+
+@functools.lru_cache(maxsize=_PATHS_CACHED)
+def _rows_path(database: str, schema: str, pipe: str, channel: str) -> str:
+    return (
+        f"/v2/streaming/data/databases/{_seg(database, 'database')}"
+        f"/schemas/{_seg(schema, 'schema')}/pipes/{_seg(pipe, 'pipe')}"
+        f"/channels/{_seg(channel, 'channel')}/rows"
+    )
+
+
+@functools.lru_cache(maxsize=_PATHS_CACHED)
+def _status_path(database: str, schema: str, pipe: str) -> str:
+    return (
+        f"/v2/streaming/databases/{_seg(database, 'database')}"
+        f"/schemas/{_seg(schema, 'schema')}/pipes/{_seg(pipe, 'pipe')}:bulk-channel-status"
+    )
 
 
 class SnowpipeClient:
@@ -127,6 +162,7 @@ class SnowpipeClient:
             self.tokens.scoped, on_failover=self.tokens.forget_ingest_host
         )
         self._sql: SqlApi | None = None
+        self._ingest_base: tuple[str, str] | None = None  # (host, its base URL)
 
     @classmethod
     def from_settings(
@@ -200,7 +236,11 @@ class SnowpipeClient:
         tokens = self.tokens
         if tokens.known_host is None:
             tokens.scoped.get()
-        return ingest_base_url(self.account_url, tokens.ingest_host())
+        host = tokens.ingest_host()
+        cached = self._ingest_base
+        if cached is None or cached[0] != host:  # the first call, or a failover moved the host
+            cached = self._ingest_base = (host, ingest_base_url(self.account_url, host))
+        return cached[1]
 
     def open_channel(
         self,
@@ -255,15 +295,10 @@ class SnowpipeClient:
                 params["startOffsetToken"] = start_offset_token
             params["endOffsetToken"] = end_offset_token
         params["continuationToken"] = continuation_token
-        path = (
-            f"/v2/streaming/data/databases/{_seg(database, 'database')}"
-            f"/schemas/{_seg(schema, 'schema')}/pipes/{_seg(pipe, 'pipe')}"
-            f"/channels/{_seg(channel, 'channel')}/rows"
-        )
         data = self._json_call(
             "append_rows",
             "POST",
-            path,
+            _rows_path(database, schema, pipe, channel),
             params=params,
             content=payload.body,
             headers={**payload.headers(), TOKEN_TYPE_HEADER: "OAUTH"},
@@ -286,14 +321,11 @@ class SnowpipeClient:
         """Status of each named channel that exists (names are case-sensitive here)."""
         if isinstance(channel_names, str):
             raise TypeError("channel_names must be a sequence of names, not one string")
-        path = (
-            f"/v2/streaming/databases/{_seg(database, 'database')}"
-            f"/schemas/{_seg(schema, 'schema')}/pipes/{_seg(pipe, 'pipe')}:bulk-channel-status"
-        )
         body = orjson.dumps({"channel_names": list(channel_names)})
         data = self._json_call(
-            "bulk_channel_status", "POST", path, content=body, headers=_OAUTH_JSON
-        )
+            "bulk_channel_status", "POST", _status_path(database, schema, pipe), content=body,
+            headers=_OAUTH_JSON,
+        )  # fmt: skip
         statuses = data.get("channel_statuses")
         if statuses is None:
             return {}
@@ -377,11 +409,7 @@ class SnowpipeClient:
 
     @staticmethod
     def _channel_path(database: str, schema: str, pipe: str, channel: str) -> str:
-        return (
-            f"/v2/streaming/databases/{_seg(database, 'database')}"
-            f"/schemas/{_seg(schema, 'schema')}/pipes/{_seg(pipe, 'pipe')}"
-            f"/channels/{_seg(channel, 'channel')}"
-        )
+        return _channel_path(database, schema, pipe, channel)
 
     def _json_call(
         self,
@@ -443,14 +471,15 @@ class SnowpipeClient:
                 ) from None
             except TokenUnavailableError as exc:
                 raise error_from_token(exc, op=op) from exc
-            log.debug(
-                "snowpipe.request",
-                op=op,
-                method=method,
-                status=response.status_code,
-                elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
-                request_id=request_id,
-            )
+            if _stdlib_log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "snowpipe.request",
+                    op=op,
+                    method=method,
+                    status=response.status_code,
+                    elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
+                    request_id=request_id,
+                )
             if response.is_success:
                 return response
             raise self._status_error(op, auth, response, request_id)
