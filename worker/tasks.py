@@ -29,6 +29,8 @@ acknowledged and a rejection deletes the message); every ending is explicit:
   with the arguments as its raw body;
 - a batch for a pipe outside `SNOWPIPE_PIPES` (when set): dead letter of kind `failed` whose
   reason names the setting (requeue it once the setting lists the pipe);
+- a batch in the NDJSON form whose lines are not all non-empty JSON objects within the request
+  cap (worker/batchbytes.py): dead letter of kind `malformed` naming the line, as above;
 - rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter, then
   `DeadLettered` is raised so that Flower and `celery events` show the task as FAILURE; the
   task's request class (`IngestRequest`) acknowledges that message instead of rejecting it (on
@@ -38,6 +40,7 @@ acknowledged and a rejection deletes the message); every ending is explicit:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -54,6 +57,7 @@ from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
 from worker import runtime
+from worker.batchbytes import NdjsonBatchError, ndjson_pieces, parse_rows, rows_pieces
 from worker.celery_app import INGEST_TASK, MALFORMED_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import (
@@ -74,6 +78,7 @@ from worker.errors import InvalidBatchError, PipeNotServedError
 from worker.identifiers import pipe_label
 from worker.messages import IngestMessage
 from worker.observability import OTHER_PIPE, get_logger, record_dead_letter, record_ingest
+from worker.snowpipe.encoding import Compression
 from worker.tokenstore import advisory_window, beat_refresh
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
@@ -138,21 +143,30 @@ def ingest_batch(
     database: str,
     schema: str,
     pipe: str,
-    rows: list[dict[str, Any]],
+    rows: list[dict[str, Any]] | None = None,
+    ndjson: str | None = None,
+    row_count: int | None = None,
     attempt: int = 0,
     outage_since: float | None = None,
     requeue_of: str | None = None,
 ) -> dict[str, Any]:
-    """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary.
+    """Log `rows` (or the lines of `ndjson`) for `database.schema.pipe` once (see the module
+    docstring); a small summary.
 
     `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
     first failed this batch, carried across re-publications of an outage; `requeue_of` names the
     dead letter the batch was requeued from. Names are logged in their canonical spelling
     (worker/identifiers.py)."""
-    arguments = {
+    arguments: dict[str, Any] = {
         "batch_id": batch_id, "database": database, "schema": schema, "pipe": pipe,
-        "rows": rows, "attempt": attempt, "outage_since": outage_since, "requeue_of": requeue_of,
+        "attempt": attempt, "outage_since": outage_since, "requeue_of": requeue_of,
     }  # fmt: skip
+    if ndjson is not None:
+        arguments["ndjson"] = ndjson
+        if row_count is not None:
+            arguments["row_count"] = row_count
+    if rows is not None or ndjson is None:
+        arguments["rows"] = rows
     try:
         batch = IngestMessage.from_kwargs(arguments)
     except InvalidBatchError as exc:
@@ -160,6 +174,8 @@ def ingest_batch(
     label = pipe_label(batch.database, batch.schema, batch.pipe)
     try:
         result = _ingest(self, batch)
+    except NdjsonBatchError as exc:
+        return _malformed_call(self, arguments, str(exc), {"ndjson_line": exc.line})
     except SoftTimeLimitExceeded as exc:
         # Wherever it struck (a retry's countdown, a publish), the batch may not be logged:
         # keep the message. A raised exception would be acknowledged on Redis.
@@ -173,20 +189,32 @@ def ingest_batch(
         raise
     reason = result.get("reason")
     outcome = str(reason) if reason in ("backpressure", "unsettled") else str(result["outcome"])
-    record_ingest(label, outcome, len(batch.rows) if outcome == "logged" else 0)
+    record_ingest(label, outcome, batch.size if outcome == "logged" else 0)
     return result
 
 
-def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
-    from worker.snowpipe.encoding import encode_pieces
+def batch_pieces(
+    batch: IngestMessage, compression: Compression, max_request_bytes: int
+) -> list[Piece]:
+    """The batch's log pieces: its rows encoded as NDJSON with one orjson call, or its `ndjson`
+    lines checked and kept as they are (worker/batchbytes.py). EmptyBatchError, EncodingError /
+    RowTooLargeError naming the row (`rows`), NdjsonBatchError naming the line (`ndjson`)."""
+    if batch.ndjson is not None:
+        parts = ndjson_pieces(
+            batch.ndjson, row_count=batch.row_count, compression=compression,
+            max_request_bytes=max_request_bytes,
+        )  # fmt: skip
+    else:
+        if not batch.rows:
+            raise EmptyBatchError("the batch has no rows: publish at least one row per batch")
+        parts = rows_pieces(
+            batch.rows, compression=compression, max_request_bytes=max_request_bytes
+        )
+    return [Piece(n, data) for n, data in parts]
 
-    batch_id, database, schema, pipe, rows = (
-        batch.batch_id,
-        batch.database,
-        batch.schema,
-        batch.pipe,
-        batch.rows,
-    )
+
+def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
+    batch_id, database, schema, pipe = batch.batch_id, batch.database, batch.schema, batch.pipe
     rt = runtime.current()
     s = rt.settings
     try:
@@ -197,14 +225,9 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
                 f"(SNOWPIPE_PIPES={s.pipes}): add it to SNOWPIPE_PIPES on every worker node and "
                 "requeue the dead letter, or publish to a listed pipe"
             )
-        if not rows:
-            raise EmptyBatchError("the batch has no rows: publish at least one row per batch")
-        pieces = [
-            Piece(n, data)
-            for n, data in encode_pieces(
-                rows, compression=s.compression, max_request_bytes=s.max_request_bytes
-            )
-        ]
+        pieces = batch_pieces(batch, s.compression, s.max_request_bytes)
+    except NdjsonBatchError:
+        raise  # malformed: ingest_batch dead-letters the message as it came
     except InvalidBatchError as exc:  # a pipe not served, no rows, a row that cannot be encoded
         requeued = _dead_letter(rt, self, batch, str(exc))
         if requeued is not None:
@@ -294,7 +317,7 @@ def _dead_letter(
     # requeues: the batch's dedup record still names that letter, so requeuing this one logs
     # it. Under a fresh id its requeue would be answered "already dead-lettered" and dropped.
     letter = DeadLetter.of(
-        batch, reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
+        _with_rows(batch), reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
     )
 
     def add() -> None:
@@ -310,6 +333,15 @@ def _dead_letter(
     rt.count("dead_letter")
     record_dead_letter("failed")
     return None
+
+
+def _with_rows(batch: IngestMessage) -> IngestMessage:
+    """The batch with its rows as objects (a dead letter keeps rows): an `ndjson` batch's lines
+    parsed with exact numbers (integers as int, fractions as Decimal; it was checked first)."""
+    if batch.ndjson is None:
+        return batch
+    rows = parse_rows(batch.ndjson)
+    return dataclasses.replace(batch, rows=rows, ndjson=None, row_count=None)
 
 
 def _add_letter(rt: runtime.Runtime, letter: DeadLetter) -> None:
@@ -464,7 +496,9 @@ def dead_letter_message(
     return {"outcome": "dead_letter", "kind": "malformed", "letter_id": letter_id}
 
 
-def _malformed_call(task: Task, arguments: dict[str, Any], reason: str) -> dict[str, Any]:
+def _malformed_call(
+    task: Task, arguments: dict[str, Any], reason: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """ingest_batch called with arguments that are not a valid batch (a direct call: the
     consumer diverts such messages before they reach the task): dead letter, DeadLettered."""
     from kombu.utils import json as kombu_json
@@ -478,7 +512,8 @@ def _malformed_call(task: Task, arguments: dict[str, Any], reason: str) -> dict[
     letter = DeadLetter(
         fields.get("batch_id", ""), fields.get("database", ""), fields.get("schema", ""),
         fields.get("pipe", ""), reason, [], kind="malformed", task_id=task.request.id,
-        detail={"task": INGEST_TASK, **note}, letter_id=uuid.uuid4().hex, raw=raw,
+        detail={"task": INGEST_TASK, **note, **(extra or {})}, letter_id=uuid.uuid4().hex,
+        raw=raw,
     )  # fmt: skip
     _store_malformed(letter)
     record_ingest(OTHER_PIPE, "dead_letter")
