@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from worker.errors import MalformedMessageError, RowTooLargeError
+from worker.errors import NdjsonBatchError, RowTooLargeError
 from worker.snowpipe.encoding import (
     Compression,
     _check_fits,  # (private helpers of the row contract, reused as they are)
@@ -56,14 +56,6 @@ __all__ = [
 _NEWLINE = orjson.Fragment(b"\n")
 _SEPARATOR = b",\n,"
 _FIX = "send one non-empty JSON object per line, each line ending in \\n (docs/message-format.md)"
-
-
-class NdjsonBatchError(MalformedMessageError):
-    """An `ndjson` batch that cannot be sent as it is: the message names the line (from 1)."""
-
-    def __init__(self, message: str, *, line: int) -> None:
-        super().__init__(message)
-        self.line = line
 
 
 # --- the rows form -------------------------------------------------------------------------------
@@ -236,8 +228,20 @@ def _kind(value: Any) -> str:
 
 
 def parse_rows(text: str | bytes) -> list[dict[str, Any]]:
-    """The rows of a checked `ndjson` batch as objects, numbers exact (integers beyond 64 bits
-    as int, fractions with many digits as Decimal): for a dead letter of the batch, which keeps
-    rows, never on the way to Snowflake."""
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    return [json.loads(line, parse_float=Decimal) for line in data.split(b"\n") if line.strip()]
+    """The rows of an `ndjson` batch as objects, numbers exact (integers beyond 64 bits as int,
+    fractions as Decimal, digit for digit): for a dead letter of the batch, which keeps rows,
+    never on the way to Snowflake. ValueError for a line that is not a JSON object."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line, parse_float=Decimal, parse_constant=_no_constant)
+        if type(row) is not dict:
+            raise ValueError(f"ndjson line {number} is {_kind(row)}, not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
