@@ -197,7 +197,7 @@ def _first_bad_line(lines: list[bytes]) -> NdjsonBatchError:
             try:
                 value = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                problem = f"is not JSON ({_detail(exc, line)})"
+                problem = _not_json(exc, line)
             else:
                 if type(value) is not dict:
                     problem = f"is {_kind(value)}, not a JSON object"
@@ -209,12 +209,12 @@ def _first_bad_line(lines: list[bytes]) -> NdjsonBatchError:
     return NdjsonBatchError(f"ndjson cannot be read: {_FIX}", line=1)  # (not reached)
 
 
-def _detail(exc: orjson.JSONDecodeError, line: bytes) -> str:
+def _not_json(exc: orjson.JSONDecodeError, line: bytes) -> str:
     try:
         line.decode("utf-8")
     except UnicodeDecodeError as bad:
-        return f"invalid UTF-8 at byte {bad.start + 1} of the line"
-    return str(exc).split(": line ", 1)[0]
+        return f"is not valid UTF-8 (byte {bad.start + 1} of the line)"
+    return f"is not JSON ({str(exc).split(': line ', 1)[0]})"
 
 
 def _kind(value: Any) -> str:

@@ -217,6 +217,10 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
     batch_id, database, schema, pipe = batch.batch_id, batch.database, batch.schema, batch.pipe
     rt = runtime.current()
     s = rt.settings
+    # An ndjson batch's lines are checked first: NdjsonBatchError (malformed) goes up to
+    # ingest_batch, which dead-letters the message as it came; any letter made below can hold
+    # its rows.
+    pieces = batch_pieces(batch, s.compression, s.max_request_bytes) if batch.ndjson else []
     try:
         served = s.served_pipes()
         if served is not None and (database, schema, pipe) not in served:
@@ -225,9 +229,8 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
                 f"(SNOWPIPE_PIPES={s.pipes}): add it to SNOWPIPE_PIPES on every worker node and "
                 "requeue the dead letter, or publish to a listed pipe"
             )
-        pieces = batch_pieces(batch, s.compression, s.max_request_bytes)
-    except NdjsonBatchError:
-        raise  # malformed: ingest_batch dead-letters the message as it came
+        if not pieces:
+            pieces = batch_pieces(batch, s.compression, s.max_request_bytes)
     except InvalidBatchError as exc:  # a pipe not served, no rows, a row that cannot be encoded
         requeued = _dead_letter(rt, self, batch, str(exc))
         if requeued is not None:
@@ -340,7 +343,11 @@ def _with_rows(batch: IngestMessage) -> IngestMessage:
     parsed with exact numbers (integers as int, fractions as Decimal; it was checked first)."""
     if batch.ndjson is None:
         return batch
-    rows = parse_rows(batch.ndjson)
+    try:
+        rows = parse_rows(batch.ndjson)
+    except ValueError as exc:  # (not after the check; never lose the letter over it)
+        _log.error("ingest.letter_rows_unreadable", batch_id=batch.batch_id, error=str(exc))
+        rows = []
     return dataclasses.replace(batch, rows=rows, ndjson=None, row_count=None)
 
 
