@@ -107,7 +107,28 @@ def _on_shutting_down(**_: Any) -> None:
 
 class IngestRequest(Request):  # type: ignore[misc]
     """ingest_batch's request: a `DeadLettered` failure is acknowledged (the batch is stored in
-    the dead letters) and announced as task-failed; every other failure as Celery decides."""
+    the dead letters) and announced as task-failed; every other failure as Celery decides.
+
+    A batch in the NDJSON form is decoded once: the consumer's check (worker/intake.py) decoded
+    the body already, and Celery would decode it again in the pool. Its arguments are a few
+    strings, as cheap to hand to a prefork child as the body itself, so the request carries them
+    decoded. (The rows form keeps Celery's way: under prefork, pickling the rows in the node's
+    main process would cost it about what the child saves.)"""
+
+    def __init__(
+        self, message: Any, *args: Any, body: Any = None, decoded: bool = False, **kwargs: Any
+    ) -> None:
+        payload = getattr(message, "_decoded_cache", None)
+        if (
+            not decoded
+            and (body is None or body is getattr(message, "body", None))
+            and isinstance(payload, list | tuple)
+            and len(payload) == 3
+            and isinstance(payload[1], dict)
+            and "ndjson" in payload[1]
+        ):
+            body, decoded = tuple(payload), True
+        super().__init__(message, *args, body=body, decoded=decoded, **kwargs)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False

@@ -42,9 +42,16 @@ EXACT_LINES = (
 BAD_LINES = '{"id": 2000}\n[2001]\n{"id": 2002}\n'
 
 
-@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.mark.parametrize(
+    ("broker", "pool"),
+    [
+        ("redis", "threads"),
+        ("redis", "prefork"),  # the request carries the decoded arguments to a child process
+        pytest.param("rabbitmq", "threads", marks=pytest.mark.rabbitmq),
+    ],
+)
 def test_ndjson_batches_are_committed_exactly_once_with_exact_numbers(
-    db: RedisDB, tmp_path: Path, broker: str
+    db: RedisDB, tmp_path: Path, broker: str, pool: str
 ) -> None:
     with start_emulator("--commit-delay", "0.2", "--rate-limit", "0", "--accept-any-pipe",
                         workdir=tmp_path / "emu") as emu:  # fmt: skip
@@ -56,8 +63,8 @@ def test_ndjson_batches_are_committed_exactly_once_with_exact_numbers(
             state_url=db.url, publish_form="ndjson",
         )  # fmt: skip
         publisher = Publisher(load_settings(**settings_overrides(env)))
-        worker = launch_worker(env, tmp_path, name=f"ndjson{broker}", pool="threads",
-                               concurrency=4)  # fmt: skip
+        worker = launch_worker(env, tmp_path, name=f"ndjson{broker}{pool}", pool=pool,
+                               concurrency=4 if pool == "threads" else 2)  # fmt: skip
         pipe, exact_pipe = "EVENTS", "NUMBERS"
         total = 450
         try:
