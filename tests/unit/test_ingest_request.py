@@ -63,3 +63,17 @@ def test_a_rows_batch_is_decoded_by_celery_as_before(tasks: Any) -> None:
     assert req.content_type == "application/json"
     assert isinstance(req.body, bytes)
     assert req.kwargs == kwargs
+
+
+def test_a_dead_letter_of_an_ndjson_batch_keeps_its_rows_with_exact_numbers(tasks: Any) -> None:
+    from worker.deadletter import DeadLetter
+    from worker.messages import IngestMessage
+
+    ndjson = '{"id":1,"big":1180591620717411303425}\n{"id":2,"p":1.10,"t":-1.000E-30}\n'
+    batch = IngestMessage.from_kwargs({**NAMES, "ndjson": ndjson, "row_count": 2})
+    letter = DeadLetter.of(tasks._with_rows(batch), "pipe not served")
+    assert letter.rows[0]["big"] == 2**70 + 1
+    stored = letter.dumps()
+    assert b'"big":1180591620717411303425' in stored
+    assert b'"p":1.10' in stored and b'"t":-1.000E-30' in stored
+    assert tasks._with_rows(batch).kwargs()["rows"] == letter.rows  # requeued as rows
