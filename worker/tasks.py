@@ -52,7 +52,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_shutting_down
+from celery.signals import worker_init, worker_shutting_down
 from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
@@ -105,15 +105,36 @@ def _on_shutting_down(**_: Any) -> None:
     _shutting_down.set()
 
 
+# Set when this node's pool runs tasks in the consumer's process (threads, solo): a request can
+# hand the task the arguments the consumer decoded, whatever their size (IngestRequest).
+_pool_in_process = threading.Event()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _note_pool(sender: Any = None, **_: Any) -> None:
+    from celery import concurrency
+
+    pool = getattr(sender, "pool_cls", None)
+    try:  # a name ("threads") or the class itself, at this point of the worker's start
+        module = getattr(concurrency.get_implementation(pool), "__module__", "")
+    except Exception:  # noqa: BLE001 (unknown: Celery's own way, decoding in the pool)
+        module = ""
+    if module in ("celery.concurrency.thread", "celery.concurrency.solo"):
+        _pool_in_process.set()
+    else:
+        _pool_in_process.clear()
+
+
 class IngestRequest(Request):  # type: ignore[misc]
     """ingest_batch's request: a `DeadLettered` failure is acknowledged (the batch is stored in
     the dead letters) and announced as task-failed; every other failure as Celery decides.
 
-    A batch in the NDJSON form is decoded once: the consumer's check (worker/intake.py) decoded
-    the body already, and Celery would decode it again in the pool. Its arguments are a few
-    strings, as cheap to hand to a prefork child as the body itself, so the request carries them
-    decoded. (The rows form keeps Celery's way: under prefork, pickling the rows in the node's
-    main process would cost it about what the child saves.)"""
+    A batch's body is decoded once: the consumer's check (worker/intake.py) decoded it already,
+    and Celery would decode it again in the pool. The request carries the decoded arguments
+    instead when the pool runs tasks in this process (threads, solo), and under prefork for a
+    batch in the NDJSON form, whose arguments are a few strings, as cheap to hand to a child
+    process as the body itself. (Under prefork the rows form keeps Celery's way: pickling the
+    rows in the node's main process would cost it about what the child saves.)"""
 
     def __init__(
         self, message: Any, *args: Any, body: Any = None, decoded: bool = False, **kwargs: Any
@@ -125,7 +146,7 @@ class IngestRequest(Request):  # type: ignore[misc]
             and isinstance(payload, list | tuple)
             and len(payload) == 3
             and isinstance(payload[1], dict)
-            and "ndjson" in payload[1]
+            and (_pool_in_process.is_set() or "ndjson" in payload[1])
         ):
             body, decoded = tuple(payload), True
         super().__init__(message, *args, body=body, decoded=decoded, **kwargs)

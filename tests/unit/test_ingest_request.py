@@ -77,3 +77,28 @@ def test_a_dead_letter_of_an_ndjson_batch_keeps_its_rows_with_exact_numbers(task
     assert b'"big":1180591620717411303425' in stored
     assert b'"p":1.10' in stored and b'"t":-1.000E-30' in stored
     assert tasks._with_rows(batch).kwargs()["rows"] == letter.rows  # requeued as rows
+
+
+@pytest.mark.parametrize(
+    ("pool", "in_process"), [("threads", True), ("solo", True), ("prefork", False)]
+)
+def test_a_rows_batch_reaches_an_in_process_pool_decoded(
+    tasks: Any, pool: str, in_process: bool
+) -> None:
+    from celery import concurrency
+
+    class Worker:
+        pool_cls: Any = pool
+
+    try:
+        tasks._note_pool(sender=Worker())
+        assert tasks._pool_in_process.is_set() is in_process
+        Worker.pool_cls = concurrency.get_implementation(pool)  # the class, as well
+        tasks._note_pool(sender=Worker())
+        assert tasks._pool_in_process.is_set() is in_process
+        kwargs = {**NAMES, "rows": [{"id": 1}]}
+        req = request(tasks, kwargs)
+        assert (req.content_type is None) is in_process
+        assert req.kwargs == kwargs
+    finally:
+        tasks._pool_in_process.clear()
