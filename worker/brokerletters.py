@@ -51,6 +51,14 @@ def _broker_letter(message: Any) -> BrokerDeadLetter:
     if isinstance(body, list | tuple) and len(body) >= 2 and isinstance(body[1], dict):
         kwargs = body[1]
     rows = kwargs.get("rows")
+    ndjson = kwargs.get("ndjson")
+    if rows is None and isinstance(ndjson, str):  # a batch in the NDJSON form: its rows, exact
+        from worker.batchbytes import parse_rows
+
+        try:
+            rows = parse_rows(ndjson)
+        except ValueError:  # lines that are not JSON: listed without rows, kept in the queue
+            rows = None
     return BrokerDeadLetter(
         batch_id=str(kwargs.get("batch_id") or headers.get("id") or "?"),
         database=str(kwargs.get("database") or "?"),

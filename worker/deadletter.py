@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-import orjson
 import redis
 
 from worker.delivery.channels import KEY_PREFIX
@@ -124,7 +123,9 @@ class DeadLetter:
     def loads(cls, raw: bytes | str) -> DeadLetter:
         """The entry stored as `raw` (letters stored before letter ids get one from their
         batch id)."""
-        data = orjson.loads(raw)
+        from worker.snowpipe.encoding import decode_exact
+
+        data = decode_exact(raw.encode() if isinstance(raw, str) else raw)
         if not isinstance(data, dict):
             raise ValueError("a stored dead letter is not a JSON object")
         known = set(cls.__dataclass_fields__)

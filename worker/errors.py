@@ -18,6 +18,9 @@ The tree (the module that raises it, or re-exports it for its callers, in bracke
     │   ├── MalformedMessageError       a message on the queue that is not a valid batch: its
     │   │                               dead letter (kind malformed) keeps the raw body
     │   │                               [worker.messages, worker.intake]
+    │   │   └── NdjsonBatchError        a batch in the NDJSON form with a line that is not a
+    │   │                               non-empty JSON object within the cap; `line` names it
+    │   │                               [worker.batchbytes, worker.tasks]
     │   ├── PipeNotServedError          a batch for a pipe outside SNOWPIPE_PIPES: list the
     │   │                               pipe, then requeue its dead letter [worker.tasks]
     │   └── EncodingError               a row that cannot be encoded (see `SnowpipeError` below:
@@ -223,6 +226,16 @@ class MalformedMessageError(InvalidBatchError):
     """A message on the queue that the worker cannot turn into a valid batch (not Celery's
     message shape, not JSON, wrong or missing keyword arguments, wrong types, an unknown task):
     it becomes a dead letter of kind "malformed" with its raw body (docs/message-format.md)."""
+
+
+class NdjsonBatchError(MalformedMessageError):
+    """A batch in the NDJSON form that cannot be sent as it is (a line that is not a non-empty
+    JSON object, not UTF-8, over the request cap; a wrong row_count): `line` is the first bad
+    line, from 1 (worker/batchbytes.py)."""
+
+    def __init__(self, message: str, *, line: int) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class DeadLettered(SnowpipeWorkerError):

@@ -22,18 +22,15 @@ fractions as `Decimal`, which the worker writes back digit for digit; other line
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import IO, Any
 
-import orjson
-
 from worker.errors import EncodingError, NdjsonError
 from worker.settings import Settings
-from worker.snowpipe.encoding import encode_row
+from worker.snowpipe.encoding import decode_exact, encode_row
 
 __all__ = [
     "MAX_LISTED_LINES",
@@ -51,20 +48,12 @@ ID_SCHEME = b"snowpipe-worker publish v1"
 ID_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Bad lines named after the first one, at most.
 MAX_LISTED_LINES = 10
-_LONG_NUMBER = re.compile(rb"\d{16}")
-
-
-def _constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def parse_line(line: bytes, number: int) -> dict[str, Any]:
     """The JSON object on line `number` (NdjsonError if it is not one); numbers exact."""
     try:
-        if _LONG_NUMBER.search(line):
-            row = json.loads(line, parse_float=Decimal, parse_constant=_constant)
-        else:
-            row = orjson.loads(line)
+        row = decode_exact(line)
     except ValueError as exc:  # orjson's and json's decode errors, invalid UTF-8
         raise NdjsonError(f"line {number}: not JSON ({_first_line(exc)})") from None
     if not isinstance(row, dict):

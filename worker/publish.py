@@ -16,6 +16,13 @@ names the row and the fix, instead of becoming a dead letter later:
 
 The batch id (32 hex digits, a random UUID's, unless given) is the dedup key of the whole
 pipeline: publishing the same batch id twice commits its rows once.
+
+Two forms of message carry the rows (docs/message-format.md): `rows`, an array of JSON objects
+(the default, `SNOWPIPE_PUBLISH_FORM=rows`), or `ndjson`, the rows as one string of NDJSON
+lines, encoded here once (one orjson call for the batch, the row contract's own encoding) and
+stored by the worker as sent, which saves the worker decoding and encoding every row
+(`form="ndjson"`, or `SNOWPIPE_PUBLISH_FORM=ndjson`). Only workers that know the NDJSON form read
+it: switch once every worker node runs such a version.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import amqp.exceptions
 import kombu.exceptions
@@ -35,7 +42,10 @@ from worker.errors import InvalidBatchError as InvalidBatchError  # noqa: PLC041
 from worker.identifiers import check_name
 from worker.messages import IngestMessage
 from worker.settings import Settings
-from worker.snowpipe.encoding import encode_row
+from worker.snowpipe.encoding import encode_row, piece_limit
+
+Form = Literal["rows", "ndjson"]
+FORMS: tuple[Form, ...] = ("rows", "ndjson")
 
 
 def check_names(*, database: str, schema: str, pipe: str) -> None:
@@ -49,6 +59,20 @@ def check_batch(
     rows: object, *, database: str, schema: str, pipe: str, settings: Settings
 ) -> list[dict[str, Any]]:
     """The rows as a list, after every check of the module docstring (or InvalidBatchError)."""
+    encode_batch(rows, database=database, schema=schema, pipe=pipe, settings=settings)
+    return [dict(row) for row in cast("Sequence[Mapping[str, Any]]", rows)]
+
+
+def encode_batch(
+    rows: object, *, database: str, schema: str, pipe: str, settings: Settings
+) -> tuple[bytes, int]:
+    """The rows as NDJSON (one line each, as the worker would write them) and their count,
+    after every check of the module docstring (or InvalidBatchError naming the row).
+
+    One orjson call encodes the whole batch (worker/batchbytes.py); a batch it cannot vouch for
+    is encoded row by row with the row contract, `encode_row`, which names the bad row."""
+    from worker.batchbytes import rows_ndjson
+
     check_names(database=database, schema=schema, pipe=pipe)
     if isinstance(rows, str | bytes | Mapping) or not isinstance(rows, Sequence):
         raise InvalidBatchError(
@@ -56,14 +80,15 @@ def check_batch(
         )
     if not rows:
         raise InvalidBatchError("the batch is empty: publish at least one row")
-    for index, row in enumerate(rows):
-        encode_row(
-            row,
-            index,
-            compression=settings.compression,
-            max_request_bytes=settings.max_request_bytes,
+    compression, cap = settings.compression, settings.max_request_bytes
+    data = rows_ndjson(rows if type(rows) is list else list(rows))
+    if data is None or len(data) > piece_limit(compression, cap):
+        # A row the bulk path cannot vouch for, or one that may be over the cap: row by row.
+        data = b"".join(
+            encode_row(row, index, compression=compression, max_request_bytes=cap)
+            for index, row in enumerate(rows)
         )
-    return [dict(row) for row in rows]
+    return data, len(rows)
 
 
 class Publisher:
@@ -104,13 +129,27 @@ class Publisher:
         batch_id: str | None = None,
         attempt: int = 0,
         requeue_of: str | None = None,
+        form: Form | None = None,
     ) -> str:
         """Check and publish one batch; its batch id (see `publish_batch`). `requeue_of`: the
-        dead letter this publication requeues (`dead-letters requeue`)."""
+        dead letter this publication requeues (`dead-letters requeue`); `form`: "rows" or
+        "ndjson" (default: `SNOWPIPE_PUBLISH_FORM`)."""
         from worker.celery_config import INGEST_TASK
 
         s = self.settings
-        checked = check_batch(rows, database=database, schema=schema, pipe=pipe, settings=s)
+        form = s.publish_form if form is None else form
+        if form not in FORMS:
+            raise ValueError(f"form must be 'rows' or 'ndjson', got {form!r}")
+        checked: list[dict[str, Any]] = []
+        ndjson: str | None = None
+        count: int | None = None
+        if form == "ndjson":
+            data, count = encode_batch(
+                rows, database=database, schema=schema, pipe=pipe, settings=s
+            )
+            ndjson = data.decode("utf-8")
+        else:
+            checked = check_batch(rows, database=database, schema=schema, pipe=pipe, settings=s)
         if batch_id is None:
             batch_id = uuid.uuid4().hex
         elif (
@@ -120,8 +159,9 @@ class Publisher:
         ):
             raise InvalidBatchError(f"batch_id {batch_id!r} must be non-empty, without spaces")
         message = IngestMessage(
-            batch_id, database, schema, pipe, checked, attempt, requeue_of=requeue_of
-        )
+            batch_id, database, schema, pipe, checked, attempt, requeue_of=requeue_of,
+            ndjson=ndjson, row_count=count,
+        )  # fmt: skip
         task_id = batch_id if not attempt else f"{batch_id}:{attempt}"
         if requeue_of is not None:
             task_id = f"{batch_id}:requeue:{requeue_of}"
@@ -174,8 +214,13 @@ def publish_batch(
     schema: str,
     pipe: str,
     batch_id: str | None = None,
+    form: Form | None = None,
 ) -> str:
     """Check and publish one batch of rows for `database.schema.pipe`; its batch id.
+
+    `form`: how the message carries the rows, "rows" (an array of objects) or "ndjson" (one
+    string of NDJSON lines, encoded here once; the worker stores it as sent); default
+    `SNOWPIPE_PUBLISH_FORM` ("rows"). Only workers that know the NDJSON form read it.
 
     Needs only the broker settings (SNOWPIPE_BROKER_URL), no Snowflake ones. Raises
     InvalidBatchError for bad input, and `worker.connectivity.BrokerUnavailableError` (a
@@ -183,5 +228,5 @@ def publish_batch(
     (then nothing was published; publishing again with the same batch id is safe).
     """
     return default_publisher().publish(
-        rows, database=database, schema=schema, pipe=pipe, batch_id=batch_id
+        rows, database=database, schema=schema, pipe=pipe, batch_id=batch_id, form=form
     )

@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import orjson
-
 from worker.deadletter import DeadLetter
 from worker.errors import (
     ErrorTableUnavailableError,
@@ -53,6 +51,7 @@ from worker.errors import (
 )
 from worker.messages import IngestMessage
 from worker.observability import get_logger
+from worker.snowpipe.encoding import decode_exact
 from worker.snowpipe.errortable import ErrorRow, ErrorTableReader, TableLocator, TableName
 
 if TYPE_CHECKING:
@@ -323,8 +322,8 @@ def rejected_letters(ref: ChannelRef, resolution: Resolution) -> list[DeadLetter
         for r in rejections:
             about = {"row": r.row, "message": r.message, "code": r.code, "column": r.column}
             try:
-                value = orjson.loads(r.line)
-            except orjson.JSONDecodeError:
+                value = decode_exact(r.line)
+            except ValueError:
                 value = None
             if isinstance(value, dict):
                 rows.append(value)

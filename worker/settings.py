@@ -198,6 +198,11 @@ class Settings(BaseSettings):
     state_outage_seconds: float = Field(DEFAULT_STATE_OUTAGE_SECONDS, gt=0)
     pump_enabled: bool = True  # False: this node only takes batches off the queue
     queue_name: str = Field(DEFAULT_QUEUE_NAME, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # How producers (publish_batch, `snowpipe-worker publish`, requeues) send a batch's rows: as
+    # an array of JSON objects, or as one string of NDJSON lines, checked and encoded once by
+    # the producer and stored by the worker as sent (docs/message-format.md). "rows" keeps
+    # workers older than the NDJSON form able to read every message.
+    publish_form: Literal["rows", "ndjson"] = "rows"
     # Prometheus metrics on this port of every worker node (0: no metrics endpoint), bound to
     # this address: loopback unless an operator opens it (0.0.0.0, or the pod's address).
     metrics_port: int = Field(0, ge=0, le=65535)

@@ -29,6 +29,8 @@ acknowledged and a rejection deletes the message); every ending is explicit:
   with the arguments as its raw body;
 - a batch for a pipe outside `SNOWPIPE_PIPES` (when set): dead letter of kind `failed` whose
   reason names the setting (requeue it once the setting lists the pipe);
+- a batch in the NDJSON form whose lines are not all non-empty JSON objects within the request
+  cap (worker/batchbytes.py): dead letter of kind `malformed` naming the line, as above;
 - rows that can never be sent (not JSON, a row over the request cap, no rows): dead letter, then
   `DeadLettered` is raised so that Flower and `celery events` show the task as FAILURE; the
   task's request class (`IngestRequest`) acknowledges that message instead of rejecting it (on
@@ -38,6 +40,7 @@ acknowledged and a rejection deletes the message); every ending is explicit:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -49,11 +52,12 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_shutting_down
+from celery.signals import worker_init, worker_shutting_down
 from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
 
 from worker import runtime
+from worker.batchbytes import NdjsonBatchError, ndjson_pieces, parse_rows, rows_pieces
 from worker.celery_app import INGEST_TASK, MALFORMED_TASK, REFRESH_TASK, app
 from worker.deadletter import DeadLetter
 from worker.delivery.log import (
@@ -74,6 +78,7 @@ from worker.errors import InvalidBatchError, PipeNotServedError
 from worker.identifiers import pipe_label
 from worker.messages import IngestMessage
 from worker.observability import OTHER_PIPE, get_logger, record_dead_letter, record_ingest
+from worker.snowpipe.encoding import Compression
 from worker.tokenstore import advisory_window, beat_refresh
 
 # Riding out a state-store outage: retries every 0.5 s, doubling to at most this (with jitter).
@@ -100,9 +105,51 @@ def _on_shutting_down(**_: Any) -> None:
     _shutting_down.set()
 
 
+# Set when this node's pool runs tasks in the consumer's process (threads, solo): a request can
+# hand the task the arguments the consumer decoded, whatever their size (IngestRequest).
+_pool_in_process = threading.Event()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _note_pool(sender: Any = None, **_: Any) -> None:
+    from celery import concurrency
+
+    pool = getattr(sender, "pool_cls", None)
+    try:  # a name ("threads") or the class itself, at this point of the worker's start
+        module = getattr(concurrency.get_implementation(pool), "__module__", "")
+    except Exception:  # noqa: BLE001 (unknown: Celery's own way, decoding in the pool)
+        module = ""
+    if module in ("celery.concurrency.thread", "celery.concurrency.solo"):
+        _pool_in_process.set()
+    else:
+        _pool_in_process.clear()
+
+
 class IngestRequest(Request):  # type: ignore[misc]
     """ingest_batch's request: a `DeadLettered` failure is acknowledged (the batch is stored in
-    the dead letters) and announced as task-failed; every other failure as Celery decides."""
+    the dead letters) and announced as task-failed; every other failure as Celery decides.
+
+    A batch's body is decoded once: the consumer's check (worker/intake.py) decoded it already,
+    and Celery would decode it again in the pool. The request carries the decoded arguments
+    instead when the pool runs tasks in this process (threads, solo), and under prefork for a
+    batch in the NDJSON form, whose arguments are a few strings, as cheap to hand to a child
+    process as the body itself. (Under prefork the rows form keeps Celery's way: pickling the
+    rows in the node's main process would cost it about what the child saves.)"""
+
+    def __init__(
+        self, message: Any, *args: Any, body: Any = None, decoded: bool = False, **kwargs: Any
+    ) -> None:
+        payload = getattr(message, "_decoded_cache", None)
+        if (
+            not decoded
+            and (body is None or body is getattr(message, "body", None))
+            and isinstance(payload, list | tuple)
+            and len(payload) == 3
+            and isinstance(payload[1], dict)
+            and (_pool_in_process.is_set() or "ndjson" in payload[1])
+        ):
+            body, decoded = tuple(payload), True
+        super().__init__(message, *args, body=body, decoded=decoded, **kwargs)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -138,21 +185,30 @@ def ingest_batch(
     database: str,
     schema: str,
     pipe: str,
-    rows: list[dict[str, Any]],
+    rows: list[dict[str, Any]] | None = None,
+    ndjson: str | None = None,
+    row_count: int | None = None,
     attempt: int = 0,
     outage_since: float | None = None,
     requeue_of: str | None = None,
 ) -> dict[str, Any]:
-    """Log `rows` for `database.schema.pipe` once (see the module docstring); a small summary.
+    """Log `rows` (or the lines of `ndjson`) for `database.schema.pipe` once (see the module
+    docstring); a small summary.
 
     `attempt` counts re-publications; `outage_since` (epoch seconds) is when the state store
     first failed this batch, carried across re-publications of an outage; `requeue_of` names the
     dead letter the batch was requeued from. Names are logged in their canonical spelling
     (worker/identifiers.py)."""
-    arguments = {
+    arguments: dict[str, Any] = {
         "batch_id": batch_id, "database": database, "schema": schema, "pipe": pipe,
-        "rows": rows, "attempt": attempt, "outage_since": outage_since, "requeue_of": requeue_of,
+        "attempt": attempt, "outage_since": outage_since, "requeue_of": requeue_of,
     }  # fmt: skip
+    if ndjson is not None:
+        arguments["ndjson"] = ndjson
+        if row_count is not None:
+            arguments["row_count"] = row_count
+    if rows is not None or ndjson is None:
+        arguments["rows"] = rows
     try:
         batch = IngestMessage.from_kwargs(arguments)
     except InvalidBatchError as exc:
@@ -160,6 +216,8 @@ def ingest_batch(
     label = pipe_label(batch.database, batch.schema, batch.pipe)
     try:
         result = _ingest(self, batch)
+    except NdjsonBatchError as exc:
+        return _malformed_call(self, arguments, str(exc), {"ndjson_line": exc.line})
     except SoftTimeLimitExceeded as exc:
         # Wherever it struck (a retry's countdown, a publish), the batch may not be logged:
         # keep the message. A raised exception would be acknowledged on Redis.
@@ -173,22 +231,38 @@ def ingest_batch(
         raise
     reason = result.get("reason")
     outcome = str(reason) if reason in ("backpressure", "unsettled") else str(result["outcome"])
-    record_ingest(label, outcome, len(batch.rows) if outcome == "logged" else 0)
+    record_ingest(label, outcome, batch.size if outcome == "logged" else 0)
     return result
 
 
-def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
-    from worker.snowpipe.encoding import encode_pieces
+def batch_pieces(
+    batch: IngestMessage, compression: Compression, max_request_bytes: int
+) -> list[Piece]:
+    """The batch's log pieces: its rows encoded as NDJSON with one orjson call, or its `ndjson`
+    lines checked and kept as they are (worker/batchbytes.py). EmptyBatchError, EncodingError /
+    RowTooLargeError naming the row (`rows`), NdjsonBatchError naming the line (`ndjson`)."""
+    if batch.ndjson is not None:
+        parts = ndjson_pieces(
+            batch.ndjson, row_count=batch.row_count, compression=compression,
+            max_request_bytes=max_request_bytes,
+        )  # fmt: skip
+    else:
+        if not batch.rows:
+            raise EmptyBatchError("the batch has no rows: publish at least one row per batch")
+        parts = rows_pieces(
+            batch.rows, compression=compression, max_request_bytes=max_request_bytes
+        )
+    return [Piece(n, data) for n, data in parts]
 
-    batch_id, database, schema, pipe, rows = (
-        batch.batch_id,
-        batch.database,
-        batch.schema,
-        batch.pipe,
-        batch.rows,
-    )
+
+def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
+    batch_id, database, schema, pipe = batch.batch_id, batch.database, batch.schema, batch.pipe
     rt = runtime.current()
     s = rt.settings
+    # An ndjson batch's lines are checked first: NdjsonBatchError (malformed) goes up to
+    # ingest_batch, which dead-letters the message as it came; any letter made below can hold
+    # its rows.
+    pieces = batch_pieces(batch, s.compression, s.max_request_bytes) if batch.ndjson else []
     try:
         served = s.served_pipes()
         if served is not None and (database, schema, pipe) not in served:
@@ -197,14 +271,8 @@ def _ingest(self: Task, batch: IngestMessage) -> dict[str, Any]:
                 f"(SNOWPIPE_PIPES={s.pipes}): add it to SNOWPIPE_PIPES on every worker node and "
                 "requeue the dead letter, or publish to a listed pipe"
             )
-        if not rows:
-            raise EmptyBatchError("the batch has no rows: publish at least one row per batch")
-        pieces = [
-            Piece(n, data)
-            for n, data in encode_pieces(
-                rows, compression=s.compression, max_request_bytes=s.max_request_bytes
-            )
-        ]
+        if not pieces:
+            pieces = batch_pieces(batch, s.compression, s.max_request_bytes)
     except InvalidBatchError as exc:  # a pipe not served, no rows, a row that cannot be encoded
         requeued = _dead_letter(rt, self, batch, str(exc))
         if requeued is not None:
@@ -294,7 +362,7 @@ def _dead_letter(
     # requeues: the batch's dedup record still names that letter, so requeuing this one logs
     # it. Under a fresh id its requeue would be answered "already dead-lettered" and dropped.
     letter = DeadLetter.of(
-        batch, reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
+        _with_rows(batch), reason, task_id=task.request.id, letter_id=batch.requeue_of or ""
     )
 
     def add() -> None:
@@ -310,6 +378,19 @@ def _dead_letter(
     rt.count("dead_letter")
     record_dead_letter("failed")
     return None
+
+
+def _with_rows(batch: IngestMessage) -> IngestMessage:
+    """The batch with its rows as objects (a dead letter keeps rows): an `ndjson` batch's lines
+    parsed with exact numbers (integers as int, fractions as Decimal; it was checked first)."""
+    if batch.ndjson is None:
+        return batch
+    try:
+        rows = parse_rows(batch.ndjson)
+    except ValueError as exc:  # (not after the check; never lose the letter over it)
+        _log.error("ingest.letter_rows_unreadable", batch_id=batch.batch_id, error=str(exc))
+        rows = []
+    return dataclasses.replace(batch, rows=rows, ndjson=None, row_count=None)
 
 
 def _add_letter(rt: runtime.Runtime, letter: DeadLetter) -> None:
@@ -464,7 +545,9 @@ def dead_letter_message(
     return {"outcome": "dead_letter", "kind": "malformed", "letter_id": letter_id}
 
 
-def _malformed_call(task: Task, arguments: dict[str, Any], reason: str) -> dict[str, Any]:
+def _malformed_call(
+    task: Task, arguments: dict[str, Any], reason: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """ingest_batch called with arguments that are not a valid batch (a direct call: the
     consumer diverts such messages before they reach the task): dead letter, DeadLettered."""
     from kombu.utils import json as kombu_json
@@ -478,7 +561,8 @@ def _malformed_call(task: Task, arguments: dict[str, Any], reason: str) -> dict[
     letter = DeadLetter(
         fields.get("batch_id", ""), fields.get("database", ""), fields.get("schema", ""),
         fields.get("pipe", ""), reason, [], kind="malformed", task_id=task.request.id,
-        detail={"task": INGEST_TASK, **note}, letter_id=uuid.uuid4().hex, raw=raw,
+        detail={"task": INGEST_TASK, **note, **(extra or {})}, letter_id=uuid.uuid4().hex,
+        raw=raw,
     )  # fmt: skip
     _store_malformed(letter)
     record_ingest(OTHER_PIPE, "dead_letter")

@@ -78,11 +78,11 @@ def node_producer() -> Path:
 
 
 def run_node(script: Path, broker_url: str, queue: str, pipe: str, rows: Path,
-             prefix: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+             prefix: str, *extra: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
     return subprocess.run(
         ["node", str(script), "--broker", broker_url, "--queue", queue, "--database", DATABASE,
          "--schema", SCHEMA, "--pipe", pipe, "--id-prefix", prefix, "--batch-rows", "40",
-         str(rows)],
+         *extra, str(rows)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -129,9 +129,31 @@ def test_published_batches_on_redis_match_the_documented_envelope_and_schema(
     rows.write_text("".join(json.dumps(r) + "\n" for r in make_rows(3, 50)))
     done = run_node(node_producer, db.url, queue, '"Mixed Case"', rows, "js")
     assert done.returncode == 0, done.stderr
+    done = run_node(node_producer, db.url, queue, "P", rows, "jsnd", "--form", "ndjson")
+    assert done.returncode == 0, done.stderr
     kwargs = redis_messages(db, queue)
-    assert sorted(k["batch_id"] for k in kwargs) == ["js-0", "js-1", "py-0"]
-    assert sum(len(k["rows"]) for k in kwargs) == 53
+    assert sorted(k["batch_id"] for k in kwargs) == ["js-0", "js-1", "jsnd-0", "jsnd-1", "py-0"]
+    assert sum(len(k["rows"]) for k in kwargs if "rows" in k) == 53
+    ndjson = [k for k in kwargs if "ndjson" in k]
+    assert [k["row_count"] for k in sorted(ndjson, key=lambda k: k["batch_id"])] == [40, 10]
+    assert "".join(k["ndjson"] for k in sorted(ndjson, key=lambda k: k["batch_id"])) == (
+        rows.read_text()  # the file's lines as they are
+    )
+
+
+def test_a_batch_published_in_the_ndjson_form_matches_the_schema(db: RedisDB) -> None:
+    queue = unique_queue("format-nd")
+    settings = load_settings(require_identity=False, broker_url=db.url, queue_name=queue)
+    publisher = Publisher(settings)
+    try:
+        publisher.publish([*make_rows(0, 3), {"id": 3, "big": 2**70}], database=DATABASE,
+                          schema=SCHEMA, pipe="P", batch_id="nd-0", form="ndjson")  # fmt: skip
+    finally:
+        publisher.close()
+    [kwargs] = redis_messages(db, queue)
+    assert "rows" not in kwargs and kwargs["row_count"] == 4
+    assert kwargs["ndjson"].endswith('{"id":3,"big":1180591620717411303424}\n')
+    assert kwargs["ndjson"].count("\n") == 4
 
 
 @pytest.mark.rabbitmq

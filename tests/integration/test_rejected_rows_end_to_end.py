@@ -26,7 +26,7 @@ from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.keys import key_pair
 from tests.support.redis import RedisDB
 from worker.deadletter import DeadLetters
-from worker.publish import Publisher
+from worker.publish import Form, Publisher
 from worker.settings import load_settings
 
 DB, SCHEMA = "DEMO", "PUBLIC"
@@ -56,10 +56,13 @@ def rows_of(batch: int) -> list[dict[str, object]]:
     ]
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+@pytest.mark.parametrize(
+    ("broker", "form"), [("redis", "rows"), ("rabbitmq", "rows"), ("redis", "ndjson")]
+)
 def test_exactly_the_rejected_rows_are_dead_lettered_with_snowflakes_message(
-    emu: RunningEmulator, db: RedisDB, tmp_path: Path, broker: str
+    emu: RunningEmulator, db: RedisDB, tmp_path: Path, broker: str, form: Form
 ) -> None:
+    # The NDJSON form (lines stored as sent) maps rejected rows to the same row numbers.
     queue = unique_queue("rejected")
     env = worker_env(
         emu, db.url if broker == "redis" else RABBIT, key_pair("celery").write_private(
@@ -73,7 +76,7 @@ def test_exactly_the_rejected_rows_are_dead_lettered_with_snowflakes_message(
             pipe = f"{LOGGED}-STREAMING"
             for b in range(BATCHES):
                 publisher.publish(rows_of(b), database=DB, schema=SCHEMA, pipe=pipe,
-                                  batch_id=f"b{b:02}")  # fmt: skip
+                                  batch_id=f"b{b:02}", form=form)  # fmt: skip
             dead = DeadLetters(db.client)
             wait_until(lambda: dead.count() >= len(BAD), timeout=90,
                        what="the row_errors letters", logs=[worker])  # fmt: skip

@@ -58,3 +58,30 @@ def test_integers_beyond_64_bits_keep_every_digit(value: int) -> None:
     for data in (text, text.encode()):
         got = serialization.loads(data)["rows"][0]["id"]
         assert type(got) is int and got == value
+
+
+@pytest.mark.parametrize("value", [-(2**63) - 1, -(2**64), 2**64, -(10**19)])
+def test_integers_just_beyond_64_bits_keep_every_digit(value: int) -> None:
+    # -2**63 - 1 has 19 digits only: orjson made it -9.223372036854776e+18.
+    rows = [{"id": i, "token": "ab" * 10} for i in range(500)] + [{"id": value}]
+    for document in ({"x": value}, {"rows": rows}):
+        text: str = kombu_json.dumps(document)  # type: ignore[no-untyped-call]
+        assert serialization.loads(text) == document
+        assert serialization.loads(text.encode()) == document
+
+
+def test_digit_runs_in_strings_keep_the_fast_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An ndjson batch's big integers, or digests, are in strings: orjson's values are exact,
+    # and Python's reader is not asked (it decodes some five times slower).
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise AssertionError("decoded again")
+
+    ndjson = '{"big":123456789012345678901234567890}\n' * 3
+    many = [{"id": i, "hex": f"{i:04d}1234567890123456789012abc"} for i in range(2000)]
+    documents = [[[], {"ndjson": ndjson}, {}], {"rows": many}, {"x": 1e300}]
+    texts = [kombu_json.dumps(d) for d in documents]  # type: ignore[no-untyped-call]
+    monkeypatch.setattr(serialization.json, "loads", refuse)
+    for document, text in zip(documents[:2], texts[:2], strict=True):
+        assert serialization.loads(text) == document
+    with pytest.raises(AssertionError, match="decoded again"):
+        serialization.loads(texts[2])  # a float of 2**63 or more: read again to be sure

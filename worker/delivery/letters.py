@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
 from worker.deadletter import DeadLetter, Kind
 from worker.delivery.channels import ChannelRef
 from worker.delivery.log import Entry
 from worker.messages import IngestMessage
+from worker.snowpipe.encoding import decode_exact
 
 
 def rows_of(parts: Sequence[Entry]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -26,8 +25,8 @@ def rows_of(parts: Sequence[Entry]) -> tuple[list[dict[str, Any]], list[str]]:
             if not line.strip():
                 continue
             try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                row = decode_exact(line)
+            except ValueError:
                 row = None
             if isinstance(row, dict):
                 rows.append(row)
