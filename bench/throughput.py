@@ -10,7 +10,7 @@ redis.py) and its own queue, all stopped, emptied and released afterwards. Every
 (~130 bytes of JSON each), published with the product's `Publisher` under batch ids `b<n>`;
 batch n holds row ids n*R .. n*R+R-1, so every committed row can be checked exactly once.
 
-Phases (`--only` picks some, `drain` = the four drain-* phases; the order is fixed). The drain
+Phases (`--only` picks some, `drain` = the six drain-* phases; the order is fixed). The drain
 phases come first and their goals table ("cost per row") is the headline, printed last:
 
 drain-*   The queue is filled first (every batch published with the `Publisher`, no worker
@@ -27,6 +27,8 @@ drain-*   The queue is filled first (every batch published with the `Publisher`,
   drain-1000  the worker at 6 s, 2,000 batches x 1,000 rows: rows/s, MB/s of row JSON committed
               (MB = 1e6 bytes of the rows' compact JSON: sum of len(orjson.dumps(row)) + 1) and
               worker CPU per MB.
+  drain-6s-ndjson, drain-1000-ndjson  drain-6s and drain-1000 with the batches published in
+              the NDJSON form (`form="ndjson"`: the rows travel as one NDJSON string).
           (--quick: 1,500 and 300 batches.) --drain-rounds N runs them N times interleaved
           and the goals use each figure's median (the machine's load changes). Goals: drain
           rate at 6 s / no-op's >= 0.85; CPU per 100-row batch / no-op's <= 1.25; steady rate at
@@ -123,7 +125,7 @@ from bench._harness import (
 from tests.support.keys import key_pair
 
 PHASES = (
-    "drain-noop", "drain-6s", "drain-1s", "drain-1000",
+    "drain-noop", "drain-6s", "drain-1s", "drain-1000", "drain-6s-ndjson", "drain-1000-ndjson",
     "ceiling", "ours", "latency", "backlog", "naive", "nodes",
 )  # fmt: skip
 NOOP_DONE_KEY = "bench:noop:done"  # bench/noop_app.py
@@ -866,7 +868,9 @@ def run_nodes(b: Bench, k: int) -> dict[str, Any]:
 
 # -- drain ---------------------------------------------------------------------------------------
 
-DRAIN_PHASES = ("drain-noop", "drain-6s", "drain-1s", "drain-1000")
+DRAIN_PHASES = (
+    "drain-noop", "drain-6s", "drain-1s", "drain-1000", "drain-6s-ndjson", "drain-1000-ndjson",
+)  # fmt: skip
 GOAL_DRAIN_SHARE = 0.85
 GOAL_DRAIN_CPU_RATIO = 1.25
 GOAL_DRAIN_DELAY_RATIO = 0.95
@@ -965,6 +969,7 @@ def run_drain(
     rows: int,
     profile: bool = False,
     round_no: int = 0,
+    form: str = "rows",
 ) -> dict[str, Any]:
     """Fill the queue with `n` batches (no worker running), then start one node and time its
     drain: steady rate between 10 % and 90 % done, node start -> last commit (or last task), and
@@ -979,6 +984,7 @@ def run_drain(
         f"{a.concurrency})"
         + (" + a pump-only node" if a.pump_process and not noop else "")
         + ("" if noop else f", commit delay {delay:g} s, rate limit 10/s")
+        + (f", published in the {form} form" if form != "rows" else "")
         + (", PROFILED with py-spy" if profile else "")
     )  # fmt: skip
     source = LazyBatches(n, rows)
@@ -992,7 +998,8 @@ def run_drain(
             batch = source[bi]
             data_bytes += row_json_bytes(batch)
             pub.publish(batch, database=DATABASE, schema=SCHEMA,
-                        pipe=pipe_names[bi % len(pipe_names)], batch_id=f"b{bi}")  # fmt: skip
+                        pipe=pipe_names[bi % len(pipe_names)], batch_id=f"b{bi}",
+                        form=form)  # type: ignore[arg-type]  # fmt: skip
         fill_s = time.time() - t_fill
         queued = int(r.db.client.llen(r.queue)) if a.broker == "redis" else None
         print(
@@ -1179,7 +1186,7 @@ class Row:
 
 def drain_goals(b: Bench) -> list[Row]:
     d = b.results.get("drain") or {}
-    noop, d6, d1, d1000 = (d.get(p) for p in DRAIN_PHASES)
+    noop, d6, d1, d1000, d6n, d1000n = (d.get(p) for p in DRAIN_PHASES)
     rows: list[Row] = []
 
     def add(figure: str, goal: Goal, shown: str, meter: CpuMeter | None) -> None:
@@ -1220,6 +1227,31 @@ def drain_goals(b: Bench) -> list[Row]:
         Goal("drain: worker CPU per MB of row JSON (1000-row batches)", per_mb,
              GOAL_DRAIN_CPU_PER_MB_MS, False, " ms"),
         f"{per_mb:g} ms" if per_mb else "n/a", m1000)  # fmt: skip
+    # The same figures for batches published in the NDJSON form (`form="ndjson"`).
+    share_n = ratio(d6n and d6n["steady_batches_per_s"], noop and noop["steady_batches_per_s"])
+    add("NDJSON form: drain rate at 6 s ÷ the no-op's",
+        Goal("drain, ndjson form: steady batches/s at 6 s / no-op tasks/s", share_n,
+             GOAL_DRAIN_SHARE, True, TIMES),
+        f"{share_n:g}{TIMES} ({d6n['steady_batches_per_s']} / {noop['steady_batches_per_s']} "
+        "per s)" if share_n else "n/a", d6n and d6n["_meter"])  # fmt: skip
+    cpu_n = ratio(d6n and d6n["worker_cpu_per_batch_ms"], noop and noop["worker_cpu_per_batch_ms"])
+    add("NDJSON form: CPU per 100-row batch ÷ the no-op's",
+        Goal("drain, ndjson form: worker CPU per batch at 6 s / no-op's", cpu_n,
+             GOAL_DRAIN_CPU_RATIO, False, TIMES),
+        f"{cpu_n:g}{TIMES} ({d6n['worker_cpu_per_batch_ms']} / "
+        f"{noop['worker_cpu_per_batch_ms']} ms)" if cpu_n else "n/a",
+        d6n and d6n["_meter"])  # fmt: skip
+    mbs_n = d1000n and d1000n["steady_mb_per_s"]
+    add("NDJSON form: 1000-row batches at 6 s, MB/s of row JSON",
+        Goal("drain, ndjson form: 1000-row batches at 6 s, steady MB/s of row JSON", mbs_n,
+             GOAL_DRAIN_MB_PER_S, True, " MB/s"),
+        f"{mbs_n:g} MB/s ({d1000n['steady_rows_per_s']:,.0f} rows/s)" if mbs_n else "n/a",
+        d1000n and d1000n["_meter"])  # fmt: skip
+    per_mb_n = d1000n and d1000n["worker_cpu_per_mb_ms"]
+    add("NDJSON form: worker CPU per MB of row JSON",
+        Goal("drain, ndjson form: worker CPU per MB of row JSON (1000-row batches)", per_mb_n,
+             GOAL_DRAIN_CPU_PER_MB_MS, False, " ms"),
+        f"{per_mb_n:g} ms" if per_mb_n else "n/a", d1000n and d1000n["_meter"])  # fmt: skip
     ran = [(p, r) for p, r in d.items() if r]
     bad = [p for p, r in ran if not r["exactly_once"]]
     missing = [p for p in b.drain_phases if not d.get(p) or d[p].get("rounds_failed")]
@@ -1291,7 +1323,11 @@ def run_drains(b: Bench) -> None:
         "drain-6s": {"app": "worker", "delay": 6.0, "n": a.drain_batches, "rows": 100},
         "drain-1s": {"app": "worker", "delay": 1.0, "n": a.drain_batches, "rows": 100},
         "drain-1000": {"app": "worker", "delay": 6.0, "n": a.drain_1000_batches, "rows": 1000},
-    }
+        "drain-6s-ndjson": {"app": "worker", "delay": 6.0, "n": a.drain_batches, "rows": 100,
+                            "form": "ndjson"},
+        "drain-1000-ndjson": {"app": "worker", "delay": 6.0, "n": a.drain_1000_batches,
+                              "rows": 1000, "form": "ndjson"},
+    }  # fmt: skip
     out: dict[str, Any] = {}
     b.results["drain"] = out
     n = a.drain_rounds
