@@ -218,7 +218,10 @@ def saturation(percents: dict[str, float], cores: int) -> str:
     what = (
         ", ".join(verdict)
         if verdict
-        else f"no process (busiest: {busiest}): the limit is waiting (commits, rate limit), not CPU"
+        else (
+            f"no process (busiest: {busiest}): the limit is a wait, not a full core (commits, "
+            "the rate limit, or a serial path inside one process: round trips, GIL hand-offs)"
+        )
     )
     return (
         f"CPU% {', '.join(parts)} (redis is shared; others = the rest of the machine) "
