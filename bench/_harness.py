@@ -429,51 +429,6 @@ def publish(
 # -- committed rows ---------------------------------------------------------------------------
 
 
-class CommitSampler:
-    """A thread sampling the emulator's `rows_committed` every `interval` seconds."""
-
-    def __init__(self, emu: RunningEmulator, interval: float = 0.2) -> None:
-        self._url = emu.url
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._interval = interval
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self._url, timeout=5.0) as http:
-            while not self._stop.is_set():
-                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                    n = int(http.get("/_emulator/stats").json()["rows_committed"])
-                    self.samples.append((time.time(), n))
-                self._stop.wait(self._interval)
-
-    def __enter__(self) -> CommitSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def latest(self) -> int:
-        return self.samples[-1][1] if self.samples else 0
-
-    def steady_rows_per_s(self, lo: float = 0.2, hi: float = 0.8) -> float | None:
-        """Rows/s between the moments the count first reached lo and hi of its final value."""
-        if not self.samples:
-            return None
-        final = self.samples[-1][1]
-        if final <= 0:
-            return None
-        t_lo = next((s for s in self.samples if s[1] >= lo * final), None)
-        t_hi = next((s for s in self.samples if s[1] >= hi * final), None)
-        if t_lo is None or t_hi is None or t_hi[0] <= t_lo[0]:
-            return None
-        return (t_hi[1] - t_lo[1]) / (t_hi[0] - t_lo[0])
-
-
 class CountSampler:
     """A thread sampling a count (`read()`, e.g. tasks done or rows committed) every `interval`
     seconds: (wall-clock time, count) pairs."""
@@ -519,6 +474,28 @@ class CountSampler:
         if a is None or z is None or z[0] <= a[0]:
             return None
         return (z[1] - a[1]) / (z[0] - a[0])
+
+
+class CommitSampler(CountSampler):
+    """A thread sampling the emulator's `rows_committed` every `interval` seconds."""
+
+    def __init__(self, emu: RunningEmulator, interval: float = 0.2) -> None:
+        import httpx
+
+        self._http = httpx.Client(base_url=emu.url, timeout=5.0)
+        super().__init__(self._rows_committed, interval)
+
+    def _rows_committed(self) -> int:
+        return int(self._http.get("/_emulator/stats").json()["rows_committed"])
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._http.close()
+
+    def steady_rows_per_s(self, lo: float = 0.2, hi: float = 0.8) -> float | None:
+        """Rows/s between the moments the count first reached lo and hi of its final value."""
+        final = self.latest()
+        return self.steady_rate(final, lo, hi) if final > 0 else None
 
 
 @dataclass
