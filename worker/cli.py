@@ -473,14 +473,16 @@ def _letter_json(stored: Any) -> dict[str, Any]:
 
 def _print_rows(state: list[Any], from_broker: list[Any]) -> None:
     """The rows of each dead letter (a malformed message's raw body) after the list."""
+    from worker.snowpipe.encoding import to_json
+
     for stored in state:
         for row in stored.letter.rows:
-            out.print_json(orjson.dumps(row).decode())
+            out.print_json(to_json(row).decode())
         if stored.letter.raw is not None:  # a malformed message: its body as received
             sys.stdout.write(stored.letter.raw + "\n")
     for b in from_broker:
         for row in b.rows:
-            out.print_json(orjson.dumps(row).decode())
+            out.print_json(to_json(row).decode())
 
 
 @dead_app.command("list")
@@ -501,7 +503,10 @@ def dead_list(
     if as_json:
         entries = [_letter_json(stored) for stored in state]
         entries += [letter.as_json() for letter in from_broker]
-        sys.stdout.write(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
+        from worker.snowpipe.encoding import to_json
+
+        # Rows keep their numbers exactly (integers beyond 64 bits, long fractions).
+        sys.stdout.write(to_json(entries, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     listed: list[tuple[str, str, str, str, str, str]] = []
     for stored in state:

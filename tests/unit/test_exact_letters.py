@@ -47,3 +47,20 @@ def test_a_stored_letter_reads_back_with_its_numbers() -> None:
     again = DeadLetter.loads(letter.dumps())
     assert again.rows == letter.rows
     assert DeadLetter.loads(letter.dumps().decode()).rows == letter.rows
+
+
+def test_a_letter_with_a_long_digit_run_outside_its_rows_keeps_its_times_as_floats() -> None:
+    """A malformed message's raw body may hold any digits: only the rows are read exactly."""
+    letter = DeadLetter("b1", "DB", "S", "P", "why", [], kind="malformed",
+                        raw="12345678901234567890 and 1.5")  # fmt: skip
+    again = DeadLetter.loads(letter.dumps())
+    assert isinstance(again.failed_at, float) and again.raw == letter.raw
+
+
+def test_dead_letters_list_json_writes_exact_rows() -> None:
+    """`dead-letters list --json` writes the rows' numbers as stored (to_json, not orjson)."""
+    from worker.snowpipe.encoding import to_json
+
+    letter = DeadLetter("b1", "DB", "S", "P", "why", [{"n": BIG, "f": Decimal(LONG_FRACTION)}])
+    text = to_json([{"rows": DeadLetter.loads(letter.dumps()).rows}], option=orjson.OPT_INDENT_2)
+    assert str(BIG).encode() in text and LONG_FRACTION.encode() in text

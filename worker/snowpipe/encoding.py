@@ -259,15 +259,16 @@ def decode_exact(data: bytes) -> Any:
     return json.loads(data, parse_float=decimal.Decimal, parse_constant=_refuse_constant)
 
 
-def to_json(value: Any) -> bytes:
+def to_json(value: Any, option: int = 0) -> bytes:
     """`value` as JSON with row values written as `encode_line` writes them (Decimal as an exact
-    number, integers beyond 64 bits exactly); for records that hold rows (dead letters)."""
+    number, integers beyond 64 bits exactly); for records that hold rows (dead letters).
+    `option`: orjson's options (`orjson.OPT_INDENT_2` for a listing)."""
     try:
-        return orjson.dumps(value, default=_default)
+        return orjson.dumps(value, default=_default, option=option)
     except TypeError as exc:
         if "64-bit" not in str(exc):
             raise
-        return orjson.dumps(_exact_big_ints(value), default=_default)
+        return orjson.dumps(_exact_big_ints(value), default=_default, option=option)
 
 
 # --- compression ---------------------------------------------------------------------------------
