@@ -25,9 +25,7 @@ except a line over the piece limit, to see whether it fits a request at all.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -38,6 +36,7 @@ from worker.snowpipe.encoding import (
     _check_fits,  # (private helpers of the row contract, reused as they are)
     _default,
     _non_finite_path,
+    decode_exact,
     encode_pieces,
     piece_limit,
 )
@@ -236,12 +235,9 @@ def parse_rows(text: str | bytes) -> list[dict[str, Any]]:
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
-        row = json.loads(line, parse_float=Decimal, parse_constant=_no_constant)
+        row = decode_exact(line, decimal_fractions=True)
         if type(row) is not dict:
             raise ValueError(f"ndjson line {number} is {_kind(row)}, not a JSON object")
         rows.append(row)
     return rows
 
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

@@ -248,13 +248,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode_exact(data: bytes) -> Any:
+def decode_exact(data: bytes, *, decimal_fractions: bool = False) -> Any:
     """JSON text (a row, a stored letter) decoded with every number as written: an integer of
-    any size stays an int and, in text with a long number, a fraction becomes a `Decimal`,
-    which `encode_line` and `to_json` write back digit for digit (orjson alone would round both
-    through a double). Raises ValueError (orjson's or json's decode error) for text that is not
-    JSON, NaN and Infinity included."""
-    if _LONG_NUMBER.search(data) is None:
+    any size stays an int and, in text with a long number (or always, with
+    `decimal_fractions`), a fraction becomes a `Decimal`, which `encode_line` and `to_json`
+    write back digit for digit (orjson alone would round both through a double). Raises
+    ValueError (orjson's or json's decode error) for text that is not JSON, NaN and Infinity
+    included."""
+    if not decimal_fractions and _LONG_NUMBER.search(data) is None:
         return orjson.loads(data)
     return json.loads(data, parse_float=decimal.Decimal, parse_constant=_refuse_constant)
 
